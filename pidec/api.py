@@ -1,0 +1,270 @@
+"""The Python API: `pidec.load(...)` returns a `Model` that takes text and gives text.
+
+    model = pidec.load("path/or/hub-id", device="cpu", dtype=torch.float32)
+    answers = model.generate(document, prompts, max_new_tokens=32, layout="pid")
+    batch = model.generate_batch([(document, prompts), ...])
+    enc = model.encode(document)            # reusable across calls
+    answers = model.generate(enc, prompts)  # decodes against it without re-encoding
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import checkpoint, layouts
+from .generate import DecodeStats, Row, decode, encode
+from .layouts import InputError, Truncation
+from .model import T5, CrossCache
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+@dataclass
+class EncodedDocument:
+    """A document's cross-attention cache, computed once; pass it to `Model.generate` in place
+    of the text to decode new prompts without encoding again (pid layout)."""
+
+    cross: CrossCache
+    tokens: int
+    truncation: Truncation | None = None
+    encode_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    outputs: list[list[str]]  # per example, one answer per prompt
+    usage: dict = field(default_factory=dict)  # document_tokens, prompt_tokens, output_tokens
+    timings: dict = field(default_factory=dict)  # tokenize_ms, encode_ms, decode_ms, total_ms
+    truncations: list[Truncation] = field(default_factory=list)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+    def to_dict(self) -> dict:
+        return {
+            "outputs": self.outputs,
+            "usage": self.usage,
+            "timings": self.timings,
+            "truncations": [asdict(t) for t in self.truncations],
+        }
+
+
+class Model:
+    """A T5 with its tokenizer, decoding decomposed tasks in the seq, pie or pid layout."""
+
+    def __init__(self, model: T5, tokenizer, max_batch_tokens: int = 16384):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch_tokens = max_batch_tokens  # encoder tokens encoded together in generate_batch
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        checkpoint.save(self.model, folder, tokenizer=self.tokenizer)
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode(self, document: str, truncate: str | None = None) -> EncodedDocument:
+        if not isinstance(document, str) or not document.strip():
+            raise InputError("document is empty" if isinstance(document, str) else "document must be a string")
+        ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
+        full = len(ids) + 1
+        ids, cut = layouts.fit(ids, self.config.max_input_length, truncate, "document", [self.tokenizer.eos_token_id])
+        t0 = time.perf_counter()
+        cross = encode(self.model, [ids])
+        return EncodedDocument(cross, len(ids), Truncation(0, None, truncate, full, len(ids)) if cut else None,
+                               time.perf_counter() - t0)
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        document: str | EncodedDocument,
+        prompts: list[str],
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        layout: str = "pid",
+        truncate: str | None = None,
+        return_details: bool = False,
+        **kwargs,
+    ) -> list[str] | GenerationResult:
+        """Answer every prompt about one document; outputs in prompt order."""
+        if isinstance(document, EncodedDocument):
+            result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, **kwargs)
+        else:
+            result = self.run([(document, prompts)], max_new_tokens, num_beams, layout, truncate, **kwargs)
+        return result if return_details else result.outputs[0]
+
+    def generate_batch(
+        self,
+        examples: list[tuple[str, list[str]]],
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        layout: str = "pid",
+        truncate: str | None = None,
+        return_details: bool = False,
+        **kwargs,
+    ) -> list[list[str]] | GenerationResult:
+        """Many documents, each with its own prompts, decoded together."""
+        result = self.run(examples, max_new_tokens, num_beams, layout, truncate, **kwargs)
+        return result if return_details else result.outputs
+
+    def run(
+        self,
+        examples: list[tuple[str, list[str]]],
+        max_new_tokens: int = 32,
+        num_beams: int = 1,
+        layout: str = "pid",
+        truncate: str | None = None,
+        compaction: bool = True,
+        length_penalty: float = 1.0,
+        seq_instruction: str | None = None,
+    ) -> GenerationResult:
+        _check_decoding(max_new_tokens, num_beams)
+        examples = _check_examples(examples)
+        t0 = time.perf_counter()
+        plan = layouts.build(self.tokenizer, examples, layout, max_new_tokens, self.config.max_input_length,
+                             self.config.decoder_start_token_id, truncate, seq_instruction)
+        t_tok = time.perf_counter() - t0
+        stats = DecodeStats()
+        tokens: list[list[int]] = [[] for _ in plan.rows]
+        for doc_lo, doc_hi in _chunks([len(d) for d in plan.docs], self.max_batch_tokens):
+            t1 = time.perf_counter()
+            cross = encode(self.model, plan.docs[doc_lo:doc_hi])
+            _sync(self.device)
+            enc_s = time.perf_counter() - t1
+            index = [k for k, r in enumerate(plan.rows) if doc_lo <= r.doc < doc_hi]
+            rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
+            out = decode(self.model, cross, rows, num_beams=num_beams, compaction=compaction,
+                         length_penalty=length_penalty)
+            out.stats.encode_s = enc_s
+            stats.add(out.stats)
+            for k, toks in zip(index, out.tokens):
+                tokens[k] = toks
+            del cross
+        t2 = time.perf_counter()
+        outputs = layouts.collect(plan, tokens, self.tokenizer)
+        t_detok = time.perf_counter() - t2
+        return GenerationResult(
+            outputs,
+            usage={
+                "document_tokens": sum(len(d) for d in plan.docs),
+                "prompt_tokens": plan.prompt_tokens,
+                "output_tokens": sum(len(t) for t in tokens),
+            },
+            timings=_timings(t_tok + t_detok, stats, time.perf_counter() - t0),
+            truncations=plan.truncations,
+            stats=stats,
+        )
+
+    def _generate_encoded(self, enc: EncodedDocument, prompts, max_new_tokens, num_beams, layout, **kwargs):
+        if layout != "pid":
+            raise InputError(f"an encoded document decodes in the pid layout only (got layout={layout!r}): "
+                             "pie puts each prompt in the encoder, seq needs its own encoder input")
+        _check_decoding(max_new_tokens, num_beams)
+        t0 = time.perf_counter()
+        prompts = layouts.check_prompts(prompts)
+        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        start = self.config.decoder_start_token_id
+        rows = [Row(0, [start] + p, max_new_tokens) for p in prompt_ids]
+        t_tok = time.perf_counter() - t0
+        out = decode(self.model, enc.cross, rows, num_beams=num_beams,
+                     compaction=kwargs.get("compaction", True), length_penalty=kwargs.get("length_penalty", 1.0))
+        texts = [t.strip() for t in self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)]
+        return GenerationResult(
+            [texts],
+            usage={"document_tokens": enc.tokens, "prompt_tokens": sum(len(p) for p in prompt_ids),
+                   "output_tokens": sum(len(t) for t in out.tokens)},
+            timings=_timings(t_tok, out.stats, time.perf_counter() - t0),
+            stats=out.stats,
+        )
+
+
+def _check_decoding(max_new_tokens, num_beams) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise InputError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+
+
+def _check_examples(examples) -> list[tuple[str, list[str]]]:
+    if isinstance(examples, tuple) and len(examples) == 2 and isinstance(examples[0], str):
+        raise InputError("generate_batch takes a list of (document, prompts) pairs; use generate for one")
+    out = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, (tuple, list)) or len(ex) != 2:
+            raise InputError(f"example {i}: expected a (document, prompts) pair")
+        if isinstance(ex[0], EncodedDocument):
+            raise InputError(f"example {i}: encoded documents go to generate(), one at a time")
+        out.append((ex[0], ex[1]))
+    return out
+
+
+def _chunks(lengths: list[int], budget: int):
+    """Consecutive document ranges whose padded size (docs x longest) stays within budget."""
+    lo = 0
+    while lo < len(lengths):
+        hi, longest = lo, 0
+        while hi < len(lengths):
+            longest_next = max(longest, lengths[hi])
+            if hi > lo and longest_next * (hi - lo + 1) > budget:
+                break
+            longest, hi = longest_next, hi + 1
+        yield lo, hi
+        lo = hi
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:
+    return {
+        "tokenize_ms": round(text_s * 1e3, 3),
+        "encode_ms": round(stats.encode_s * 1e3, 3),
+        "decode_ms": round(stats.decode_s * 1e3, 3),
+        "total_ms": round(total_s * 1e3, 3),
+    }
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: str | os.PathLike | None = None,
+    max_input_length: int | None = None,
+) -> Model:
+    """Load a Hugging Face T5 checkpoint folder (or hub id) and its tokenizer.
+
+    tokenizer: a folder to take the tokenizer from when the checkpoint has none.
+    max_input_length: the longest document accepted without truncation (default: config.json's
+    n_positions, else 512)."""
+    overrides = {} if max_input_length is None else {"max_input_length": int(max_input_length)}
+    folder = checkpoint.resolve(path)
+    model = checkpoint.load_model(folder, device=device, dtype=parse_dtype(dtype), **overrides)
+    tok_source = tokenizer if tokenizer is not None else folder
+    if tokenizer is None and not any((folder / f).exists() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+        raise checkpoint.CheckpointError(
+            f"{folder}: no tokenizer files (tokenizer.json, spiece.model); pass tokenizer=FOLDER"
+        )
+    tok = checkpoint.load_tokenizer(tok_source)
+    if len(tok) > model.config.vocab_size:
+        raise checkpoint.CheckpointError(
+            f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}"
+        )
+    return Model(model, tok)

@@ -1,0 +1,378 @@
+"""The decoding engine: encode each document once, decode all of its rows over one shared
+cross-attention cache, greedy or beam search, ragged rows, compaction.
+
+Works on token ids only; `layouts` turns text into `Row`s and back. The shape of one step:
+
+    rows alive R (sorted by document), cache position p (the same for every row, since prompts
+    are left-padded to end together), tokens [R, 1] -> logits [R, vocab]
+
+A row that has finished is dropped from every per-row tensor before the next step
+(compaction), so a step costs what the rows still alive cost; a document with no row left
+is dropped from the cross-attention cache once enough of them have gone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from .model import T5, CrossCache, KVCache, RowGroups
+
+
+@dataclass
+class Row:
+    """One decoder sequence: the tokens it starts from (decoder start token, then the prompt in
+    the pid layout) and how many tokens it may add. `doc` indexes the encoded documents."""
+
+    doc: int
+    prefix: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class DecodeStats:
+    encode_s: float = 0.0
+    decode_s: float = 0.0
+    steps: int = 0  # decoding steps after the prompt prefill
+    row_steps: int = 0  # sum over steps of the rows computed (what compaction saves)
+    output_tokens: int = 0
+    prefill_tokens: int = 0
+    document_tokens: int = 0
+    cross_cache_bytes: int = 0
+    self_cache_bytes: int = 0  # at allocation (the largest it gets)
+
+    def add(self, other: DecodeStats) -> None:
+        for name in self.__dataclass_fields__:
+            if name.endswith("_bytes"):
+                setattr(self, name, max(getattr(self, name), getattr(other, name)))
+            else:
+                setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+@dataclass
+class Decoded:
+    tokens: list[list[int]]  # generated tokens per row, EOS not included
+    scores: list[float] | None = None  # beam search: the length-normalised score of each row
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def encode(model: T5, docs: list[list[int]], pad_token_id: int | None = None) -> CrossCache:
+    """Token lists -> the documents' cross-attention cache (right-padded, masked)."""
+    if not docs:
+        raise ValueError("no documents to encode")
+    pad = model.config.pad_token_id if pad_token_id is None else pad_token_id
+    S = max(len(d) for d in docs)
+    if S == 0:
+        raise ValueError("cannot encode an empty document")
+    ids = torch.full((len(docs), S), pad, dtype=torch.long)
+    keep = torch.zeros((len(docs), S), dtype=torch.bool)
+    for i, d in enumerate(docs):
+        ids[i, : len(d)] = torch.tensor(d, dtype=torch.long)
+        keep[i, : len(d)] = True
+    ids, keep = ids.to(model.device), keep.to(model.device)
+    enc = model.encode(ids, keep)
+    return model.cross_cache(enc, keep)
+
+
+class _Rows:
+    """The per-row state of one decoding run, kept aligned under compaction and reordering."""
+
+    def __init__(self, doc: Tensor, key_keep: Tensor, origin: Tensor):
+        self.doc = doc  # [R] document of each row
+        self.key_keep = key_keep  # [R, capacity] False on left padding
+        self.origin = origin  # [R] index into the caller's rows (beam rows: group index)
+
+    def select(self, index: Tensor) -> None:
+        self.doc = self.doc.index_select(0, index)
+        self.key_keep = self.key_keep.index_select(0, index)
+        self.origin = self.origin.index_select(0, index)
+
+
+@torch.inference_mode()
+def decode(
+    model: T5,
+    cross: CrossCache,
+    rows: list[Row],
+    num_beams: int = 1,
+    eos_token_id: int | None = -1,
+    pad_token_id: int | None = None,
+    compaction: bool = True,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
+) -> Decoded:
+    """Decode `rows` against `cross` (one entry per document). eos_token_id=-1 means the model's;
+    None means rows run to their max_new_tokens (the benchmark's fixed-length workloads)."""
+    cfg = model.config
+    device = model.device
+    eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if not rows:
+        return Decoded([], None if num_beams == 1 else [])
+    for i, r in enumerate(rows):
+        if r.max_new_tokens < 1:
+            raise ValueError(f"row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        if not r.prefix:
+            raise ValueError(f"row {i}: empty prefix (it needs at least the decoder start token)")
+        if not 0 <= r.doc < cross.docs:
+            raise ValueError(f"row {i}: document {r.doc} out of range ({cross.docs} encoded)")
+    order = sorted(range(len(rows)), key=lambda i: rows[i].doc)
+    if order != list(range(len(rows))):
+        result = decode(model, cross, [rows[i] for i in order], num_beams, eos_token_id, pad_token_id,
+                        compaction, length_penalty, early_stopping)
+        back = [0] * len(rows)
+        for new, old in enumerate(order):
+            back[old] = new
+        result.tokens = [result.tokens[back[i]] for i in range(len(rows))]
+        if result.scores is not None:
+            result.scores = [result.scores[back[i]] for i in range(len(rows))]
+        return result
+
+    _sync(device)
+    t0 = time.perf_counter()
+    stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=int(cross.lengths.sum()))
+    G = len(rows)
+    P = max(len(r.prefix) for r in rows)
+    max_new = torch.tensor([r.max_new_tokens for r in rows], device=device)
+    capacity = P + int(max_new.max())
+
+    # Left-pad every prefix to P so that all rows write at the same cache position.
+    tokens = torch.full((G, P), pad, dtype=torch.long)
+    key_keep = torch.ones((G, capacity), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        tokens[i, P - len(r.prefix) :] = torch.tensor(r.prefix, dtype=torch.long)
+        key_keep[i, : P - len(r.prefix)] = False
+    tokens, key_keep = tokens.to(device), key_keep.to(device)
+    padded = not bool(key_keep.all())
+    doc = torch.tensor([r.doc for r in rows], device=device)
+    state = _Rows(doc, key_keep, torch.arange(G, device=device))
+
+    cache = KVCache(len(model.decoder.layers), G, cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
+    pos = torch.arange(capacity, device=device)
+    bias = model.decoder.rel_bias(pos, pos).unsqueeze(0).to(model.dtype)  # [1, heads, C, C]
+
+    # Prefill: the whole prefix of every row in one pass.
+    mask = model.self_attention_mask(pos[:P], pos[:P], key_keep[:, :P] if padded else None)
+    groups = RowGroups.from_doc(state.doc, cross.docs)
+    hidden = model.decode(tokens, cross, groups, mask, cache)
+    logits = model.logits(hidden[:, -1])  # [G, vocab]
+    stats.prefill_tokens = sum(len(r.prefix) for r in rows)
+    stats.self_cache_bytes = cache.nbytes() * num_beams
+
+    beam = _BeamState(G, num_beams, int(max_new.max()), device, length_penalty, early_stopping) if num_beams > 1 else None
+    if beam is not None:
+        cache.repeat_rows(num_beams)
+        state.select(torch.arange(G, device=device).repeat_interleave(num_beams))
+        logits = logits.repeat_interleave(num_beams, dim=0)
+
+    out = torch.full((G, int(max_new.max())), pad, dtype=torch.long, device=device)
+    lengths = torch.zeros(G, dtype=torch.long, device=device)
+    done = torch.zeros(G, dtype=torch.bool, device=device)
+    live_docs = cross
+    step = 0
+    while True:
+        limit = max_new.index_select(0, state.origin)  # [R]
+        if beam is None:
+            nxt = logits.argmax(-1)  # [R]
+            finished = nxt == eos if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
+            finished = finished | (step + 1 >= limit)
+            if not compaction:
+                finished = finished | done.index_select(0, state.origin)
+                active = ~done.index_select(0, state.origin)
+                origin = state.origin[active]
+                out[origin, step] = nxt[active]
+                lengths[origin] += 1
+                done[state.origin] = finished
+                stats.output_tokens += int(active.sum())
+            else:
+                out[state.origin, step] = nxt
+                lengths[state.origin] += 1
+                done[state.origin] = finished
+                stats.output_tokens += nxt.numel()
+            if bool(done.all()):
+                break
+            keep_index = None
+            if compaction and bool(finished.any()):
+                keep_index = (~finished).nonzero().squeeze(1)
+            feed = torch.where(done.index_select(0, state.origin), pad, nxt)
+            if keep_index is not None:
+                feed = feed.index_select(0, keep_index)
+        else:
+            # beam rows are reordered every step (each new beam continues one parent), and the
+            # rows of finished groups are left out of the same index when compacting
+            feed, keep_index = beam.step(logits, state.origin, limit, step, eos, compaction)
+            done = beam.done
+            if bool(done.all()):
+                break
+        if keep_index is not None:
+            cache.select(keep_index)
+            state.select(keep_index)
+            live_docs, state.doc = _drop_empty_docs(live_docs, state.doc)
+        step += 1
+        p = cache.pos
+        if padded:
+            mask = bias[:, :, p : p + 1, : p + 1].masked_fill(
+                ~state.key_keep[:, None, None, : p + 1], torch.finfo(model.dtype).min
+            )
+        else:
+            mask = bias[:, :, p : p + 1, : p + 1]
+        groups = RowGroups.from_doc(state.doc, live_docs.docs)
+        hidden = model.decode(feed[:, None], live_docs, groups, mask, cache)
+        logits = model.logits(hidden[:, -1])
+        stats.steps += 1
+        stats.row_steps += feed.numel()
+
+    _sync(device)
+    stats.decode_s = time.perf_counter() - t0
+    if beam is not None:
+        toks, scores = beam.results(eos)
+        stats.output_tokens = sum(len(t) for t in toks)
+        return Decoded(toks, scores, stats)
+    out_cpu, len_cpu = out.cpu(), lengths.cpu()
+    result = []
+    for i in range(G):
+        seq = out_cpu[i, : int(len_cpu[i])].tolist()
+        if seq and eos is not None and seq[-1] == eos:
+            seq.pop()
+        result.append(seq)
+    return Decoded(result, None, stats)
+
+
+def _drop_empty_docs(cross: CrossCache, doc: Tensor) -> tuple[CrossCache, Tensor]:
+    """Drop documents with no row left from the cross cache once a quarter of them are empty
+    (each drop copies the remaining documents' cache, so it is not done for every row)."""
+    docs = cross.docs
+    if docs <= 1:
+        return cross, doc
+    present = torch.zeros(docs, dtype=torch.bool, device=doc.device)
+    present[doc] = True
+    empty = docs - int(present.sum())
+    if empty == 0 or empty * 4 < docs:
+        return cross, doc
+    kept = present.nonzero().squeeze(1)
+    remap = torch.full((docs,), -1, dtype=torch.long, device=doc.device)
+    remap[kept] = torch.arange(kept.numel(), device=doc.device)
+    return cross.select(kept), remap[doc]
+
+
+class _BeamState:
+    """Beam search over G groups (one per row) of `nb` beams, with transformers' scoring:
+    cumulative log-probabilities, 2*nb candidates a step, finished hypotheses scored by
+    sum_logprobs / generated_len**length_penalty, and its stopping heuristic. Beams of a row
+    are consecutive rows of the batch and share the document's cross-attention cache."""
+
+    NEG = -1.0e9
+
+    def __init__(self, G: int, nb: int, max_len: int, device, length_penalty: float, early_stopping: bool):
+        self.G, self.nb = G, nb
+        self.lp, self.early = length_penalty, early_stopping
+        self.running_scores = torch.zeros((G, nb), device=device)
+        self.running_scores[:, 1:] = self.NEG
+        self.running_seqs = torch.zeros((G, nb, max_len), dtype=torch.long, device=device)
+        self.fin_scores = torch.full((G, nb), self.NEG, device=device)
+        self.fin_seqs = torch.zeros((G, nb, max_len), dtype=torch.long, device=device)
+        self.fin_lens = torch.zeros((G, nb), dtype=torch.long, device=device)
+        self.fin_flag = torch.zeros((G, nb), dtype=torch.bool, device=device)
+        self.improvable = torch.ones(G, dtype=torch.bool, device=device)
+        self.alive = torch.arange(G, device=device)  # groups still in the batch, in batch order
+        self.top_mask = torch.zeros(2 * nb, dtype=torch.bool, device=device)
+        self.top_mask[:nb] = True
+        self.done = torch.zeros(G, dtype=torch.bool, device=device)
+
+    def step(self, logits: Tensor, origin: Tensor, limit: Tensor, step: int, eos, compaction: bool):
+        """logits [A*nb, V] for the alive groups (or all groups without compaction).
+        Returns the tokens to feed, the row index to keep (reorder + compaction) and the groups
+        that finished at this step."""
+        nb = self.nb
+        groups = origin.view(-1, nb)[:, 0]  # [A]
+        A = groups.numel()
+        V = logits.shape[-1]
+        logp = torch.log_softmax(logits.float(), dim=-1).view(A, nb, V)
+        logp = logp + self.running_scores[groups][:, :, None]
+        top_lp, top_idx = torch.topk(logp.view(A, nb * V), k=2 * nb)  # [A, 2nb]
+        src = top_idx // V
+        tok = top_idx % V
+        glimit = limit.view(-1, nb)[:, 0]
+        hits = (step + 1 >= glimit)[:, None].expand(A, 2 * nb)
+        if eos is not None:
+            hits = hits | (tok == eos)
+        prev = self.running_seqs[groups]  # [A, nb, L]
+        cand_seqs = torch.gather(prev, 1, src[:, :, None].expand(A, 2 * nb, prev.shape[-1])).clone()
+        cand_seqs[:, :, step] = tok
+
+        # next running beams: best nb candidates that did not stop
+        run_lp = top_lp + hits.float() * self.NEG
+        nxt = torch.topk(run_lp, k=nb).indices  # [A, nb]
+        new_scores = torch.gather(run_lp, 1, nxt)
+        new_src = torch.gather(src, 1, nxt)
+        new_tok = torch.gather(tok, 1, nxt)
+        new_seqs = torch.gather(cand_seqs, 1, nxt[:, :, None].expand(A, nb, cand_seqs.shape[-1]))
+
+        # finished hypotheses: only among the top nb candidates
+        improvable = self.improvable[groups]
+        fin_flag = self.fin_flag[groups]
+        fin_cand = top_lp / ((step + 1) ** self.lp)
+        full = fin_flag.all(-1, keepdim=True) & self.early
+        fin_cand = fin_cand + full.float() * self.NEG
+        fin_cand = fin_cand + (~improvable)[:, None].float() * self.NEG
+        just = hits & self.top_mask[None, :]
+        fin_cand = fin_cand + (~just).float() * self.NEG
+        m_scores = torch.cat([self.fin_scores[groups], fin_cand], 1)
+        m_seqs = torch.cat([self.fin_seqs[groups], cand_seqs], 1)
+        m_lens = torch.cat([self.fin_lens[groups], torch.full_like(fin_cand, step + 1, dtype=torch.long)], 1)
+        m_flag = torch.cat([fin_flag, just], 1)
+        pick = torch.topk(m_scores, k=nb).indices
+        fin_scores = torch.gather(m_scores, 1, pick)
+        fin_flag = torch.gather(m_flag, 1, pick)
+
+        # stopping heuristic (transformers' early_stopping=False): can the best running beam
+        # still beat the worst finished one?
+        best = new_scores[:, :1] / ((step + 1) ** self.lp)
+        worst = torch.where(fin_flag, fin_scores.min(-1, keepdim=True).values, torch.full_like(best, self.NEG))
+        improvable = improvable & (best > worst).any(-1)
+        finished = ~improvable | hits.all(-1)
+        if self.early:
+            finished = finished | fin_flag.all(-1)
+
+        # groups that had already finished (kept in the batch when not compacting) stay as they were
+        upd = ~self.done[groups]
+        g = groups[upd]
+        self.fin_scores[g] = fin_scores[upd]
+        self.fin_flag[g] = fin_flag[upd]
+        self.fin_seqs[g] = torch.gather(m_seqs, 1, pick[:, :, None].expand(A, nb, m_seqs.shape[-1]))[upd]
+        self.fin_lens[g] = torch.gather(m_lens, 1, pick)[upd]
+        self.running_scores[g] = new_scores[upd]
+        self.running_seqs[g] = new_seqs[upd]
+        self.improvable[g] = improvable[upd]
+        self.done[g] = finished[upd]
+
+        reorder = (torch.arange(A, device=logits.device)[:, None] * nb + new_src).view(-1)
+        feed = new_tok.reshape(-1)
+        if compaction:
+            alive = ~self.done[groups]
+            if bool(alive.all()):
+                return feed, reorder
+            return feed.view(A, nb)[alive].reshape(-1), reorder.view(A, nb)[alive].reshape(-1)
+        return feed, reorder
+
+    def results(self, eos) -> tuple[list[list[int]], list[float]]:
+        seqs = self.fin_seqs[:, 0].cpu()
+        lens = self.fin_lens[:, 0].cpu()
+        scores = self.fin_scores[:, 0].cpu().tolist()
+        out = []
+        for g in range(self.G):
+            s = seqs[g, : int(lens[g])].tolist()
+            if s and eos is not None and s[-1] == eos:
+                s.pop()
+            out.append(s)
+        return out, scores

@@ -1,0 +1,208 @@
+"""seq / pie / pid: how one example (a document and its subtask prompts) becomes model rows.
+
+- `pid`: the document is encoded once (document tokens + EOS); each subtask is one decoder row
+  `[decoder_start] + prompt tokens`, and its answer is what the row generates after the prompt.
+- `pie`: K encoder rows `tokenizer(prompt + " " + document)`, each decoded from `[decoder_start]`.
+- `seq`: one encoder row (the document, after an optional instruction) and one decoder row whose
+  output holds every answer as `prompt1: answer1; prompt2: answer2; ...` (SEQ_FORMAT), parsed
+  back by `parse_seq`.
+
+A layout is data (`Plan`) handed to the one decoding engine, not a separate path through the
+model. Training (a later issue) builds the same rows with targets appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .generate import Row
+
+LAYOUTS = ("pid", "pie", "seq")
+TRUNCATE = (None, "left", "right")
+SEQ_SEPARATOR = "; "
+SEQ_FORMAT = "prompt1: answer1; prompt2: answer2; ..."
+
+
+class InputError(ValueError):
+    """Bad input from the caller: names the field and the limit."""
+
+
+@dataclass
+class Truncation:
+    example: int
+    subtask: int | None  # pie: the row whose prompt + document was cut; else None
+    side: str
+    original_tokens: int
+    kept_tokens: int
+
+
+@dataclass
+class Plan:
+    layout: str
+    docs: list[list[int]]  # encoder rows
+    rows: list[Row]  # decoder rows, ordered by document
+    owner: list[tuple[int, int]]  # per row: (example, subtask); seq rows: (example, -1)
+    prompts: list[list[str]]  # per example, for parsing seq output
+    truncations: list[Truncation] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def check_prompts(prompts, example: int = 0) -> list[str]:
+    if isinstance(prompts, str):
+        raise InputError(f"example {example}: prompts must be a list of strings, got one string")
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError(f"example {example}: empty prompt list (give at least one prompt)")
+    for j, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InputError(f"example {example}: prompt {j} is {type(p).__name__}, expected a string")
+        if not p.strip():
+            raise InputError(f"example {example}: prompt {j} is empty or whitespace")
+    return prompts
+
+
+def fit(ids: list[int], limit: int, truncate: str | None, what: str, keep_end: list[int]) -> tuple[list[int], bool]:
+    """Make `ids + keep_end` fit in `limit` tokens: cut `ids` on one side only when asked."""
+    if truncate not in TRUNCATE:
+        raise InputError(f"truncate={truncate!r}: expected None, 'left' or 'right'")
+    total = len(ids) + len(keep_end)
+    if total <= limit:
+        return ids + keep_end, False
+    if truncate is None:
+        raise InputError(
+            f"{what} is {total} tokens, longer than the model's limit of {limit} (max_input_length); "
+            "pass truncate='left' or 'right' to cut it, or raise max_input_length"
+        )
+    room = limit - len(keep_end)
+    if room < 1:
+        raise InputError(f"{what}: nothing of the document fits in {limit} tokens after {len(keep_end)} fixed tokens")
+    kept = ids[:room] if truncate == "right" else ids[len(ids) - room :]
+    return kept + keep_end, True
+
+
+def build(
+    tokenizer,
+    examples: list[tuple[str, list[str]]],
+    layout: str,
+    max_new_tokens: int,
+    max_input_length: int,
+    decoder_start_token_id: int,
+    truncate: str | None = None,
+    seq_instruction: str | None = None,
+) -> Plan:
+    """Tokenize examples into encoder rows and decoder rows for `layout`."""
+    check_layout(layout)
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if not examples:
+        raise InputError("no examples given")
+    eos = tokenizer.eos_token_id
+    plan = Plan(layout, [], [], [], [])
+    for i, (document, prompts) in enumerate(examples):
+        if not isinstance(document, str):
+            raise InputError(f"example {i}: document is {type(document).__name__}, expected a string")
+        if not document.strip():
+            raise InputError(f"example {i}: document is empty")
+        prompts = check_prompts(prompts, i)
+        plan.prompts.append(prompts)
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        plan.prompt_tokens += sum(len(p) for p in prompt_ids)
+        if layout == "pie":
+            _pie(plan, tokenizer, i, document, prompts, prompt_ids, max_new_tokens, max_input_length,
+                 decoder_start_token_id, truncate, eos)
+            continue
+        text = document if layout == "pid" or not seq_instruction else f"{seq_instruction} {document}"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids, cut = fit(ids, max_input_length, truncate, f"example {i}: document", [eos])
+        if cut:
+            plan.truncations.append(Truncation(i, None, truncate, len(tokenizer(text)["input_ids"]), len(ids)))
+        d = len(plan.docs)
+        plan.docs.append(ids)
+        if layout == "pid":
+            for j, p in enumerate(prompt_ids):
+                plan.rows.append(Row(d, [decoder_start_token_id] + p, max_new_tokens))
+                plan.owner.append((i, j))
+        else:  # seq: room for "prompt: answer; " per subtask
+            budget = sum(len(p) + max_new_tokens + 2 for p in prompt_ids)
+            plan.rows.append(Row(d, [decoder_start_token_id], budget))
+            plan.owner.append((i, -1))
+    return plan
+
+
+def _pie(plan, tokenizer, i, document, prompts, prompt_ids, max_new_tokens, limit, start, truncate, eos):
+    texts = [f"{p} {document}" for p in prompts]
+    rows = tokenizer(texts)["input_ids"]
+    for j, ids in enumerate(rows):
+        if len(ids) > limit:
+            if truncate is None:
+                fit(ids[:-1], limit, None, f"example {i}: prompt {j} + document", [eos])
+            # cut the document, never the prompt
+            doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+            room = limit - len(prompt_ids[j]) - 1
+            if room < 1:
+                raise InputError(f"example {i}: prompt {j} alone is {len(prompt_ids[j])} tokens, over the limit {limit}")
+            kept = doc_ids[:room] if truncate == "right" else doc_ids[len(doc_ids) - room :]
+            plan.truncations.append(Truncation(i, j, truncate, len(ids), len(prompt_ids[j]) + len(kept) + 1))
+            ids = prompt_ids[j] + kept + [eos]
+        d = len(plan.docs)
+        plan.docs.append(ids)
+        plan.rows.append(Row(d, [start], max_new_tokens))
+        plan.owner.append((i, j))
+
+
+def parse_seq(text: str, prompts: list[str]) -> list[str]:
+    """Split `prompt1: answer1; prompt2: answer2` back into one answer per prompt.
+
+    Each prompt's answer runs from its `prompt:` marker to the next known marker, so answers may
+    contain ';' or ':' themselves. A prompt missing from the text gets "". Markers are matched
+    in order first, then anywhere (a model may reorder them)."""
+    markers = []
+    lowered = text.lower()
+    for j, p in enumerate(prompts):
+        key = f"{p.strip().lower()}:"
+        start = 0
+        found = -1
+        while True:
+            k = lowered.find(key, start)
+            if k < 0:
+                break
+            if k == 0 or lowered[k - 1] in " ;\n":
+                found = k
+                break
+            start = k + 1
+        if found >= 0:
+            markers.append((found, found + len(key), j))
+    markers.sort()
+    answers = [""] * len(prompts)
+    for n, (_, end, j) in enumerate(markers):
+        stop = markers[n + 1][0] if n + 1 < len(markers) else len(text)
+        if answers[j]:
+            continue  # the first occurrence of a prompt wins
+        answer = text[end:stop].strip()
+        if answer.endswith(SEQ_SEPARATOR.strip()):
+            answer = answer[: -len(SEQ_SEPARATOR.strip())].rstrip()
+        answers[j] = answer
+    return answers
+
+
+def format_seq(prompts: list[str], answers: list[str]) -> str:
+    """The seq layout's target text (used for training and by tests)."""
+    return SEQ_SEPARATOR.join(f"{p}: {a}" for p, a in zip(prompts, answers))
+
+
+def collect(plan: Plan, tokens: list[list[int]], tokenizer) -> list[list[str]]:
+    """Generated tokens per row -> answers per example, in prompt order."""
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    out = [[""] * len(p) for p in plan.prompts]
+    for (i, j), text in zip(plan.owner, texts):
+        if j < 0:
+            out[i] = parse_seq(text, plan.prompts[i])
+        else:
+            out[i][j] = text.strip()
+    return out
