@@ -159,36 +159,27 @@ def _pie(plan, tokenizer, i, document, prompts, prompt_ids, max_new_tokens, limi
 def parse_seq(text: str, prompts: list[str]) -> list[str]:
     """Split `prompt1: answer1; prompt2: answer2` back into one answer per prompt.
 
-    Each prompt's answer runs from its `prompt:` marker to the next known marker, so answers may
-    contain ';' or ':' themselves. A prompt missing from the text gets "". Markers are matched
-    in order first, then anywhere (a model may reorder them)."""
-    markers = []
+    A marker `prompt:` counts where it starts the text or follows a ';'. Every marker ends the
+    answer before it, so answers may contain ';' or ':' themselves; markers may come in any order;
+    the first occurrence of a prompt gives its answer; a prompt with no marker gets ""."""
     lowered = text.lower()
+    markers = []  # (start, end, prompt index)
     for j, p in enumerate(prompts):
         key = f"{p.strip().lower()}:"
-        start = 0
-        found = -1
-        while True:
-            k = lowered.find(key, start)
-            if k < 0:
-                break
-            if k == 0 or lowered[k - 1] in " ;\n":
-                found = k
-                break
-            start = k + 1
-        if found >= 0:
-            markers.append((found, found + len(key), j))
+        k = lowered.find(key)
+        while k >= 0:
+            before = lowered[:k].rstrip()
+            if not before or before.endswith(";"):
+                markers.append((k, k + len(key), j))
+            k = lowered.find(key, k + 1)
     markers.sort()
-    answers = [""] * len(prompts)
+    answers: list[str | None] = [None] * len(prompts)
     for n, (_, end, j) in enumerate(markers):
+        if answers[j] is not None:
+            continue
         stop = markers[n + 1][0] if n + 1 < len(markers) else len(text)
-        if answers[j]:
-            continue  # the first occurrence of a prompt wins
-        answer = text[end:stop].strip()
-        if answer.endswith(SEQ_SEPARATOR.strip()):
-            answer = answer[: -len(SEQ_SEPARATOR.strip())].rstrip()
-        answers[j] = answer
-    return answers
+        answers[j] = text[end:stop].strip().removesuffix(";").rstrip()
+    return [a or "" for a in answers]
 
 
 def format_seq(prompts: list[str], answers: list[str]) -> str:
