@@ -111,8 +111,11 @@ def config_from_hf(d: dict, source: str = "config.json") -> T5Config:
     if "n_positions" in d and "max_input_length" not in d:
         kwargs["max_input_length"] = int(d["n_positions"])
     kwargs.setdefault("tie_word_embeddings", True)
-    # transformers >= 5 writes scale_decoder_outputs; older configs signal it through tie_word_embeddings
-    kwargs["scale_decoder_outputs"] = d.get("scale_decoder_outputs", kwargs["tie_word_embeddings"])
+    # transformers >= 5 writes scale_decoder_outputs for T5; older T5 configs signal it through
+    # tie_word_embeddings. mT5 never scales in transformers 5 (its configs say tie=True all the same),
+    # and Google's mT5 configs are untied, so mT5 without the key is unscaled.
+    default_scale = kwargs["tie_word_embeddings"] and model_type != "mt5"
+    kwargs["scale_decoder_outputs"] = d.get("scale_decoder_outputs", default_scale)
     kwargs.setdefault("decoder_start_token_id", kwargs.get("pad_token_id", 0))
     extra = {k: v for k, v in d.items() if k not in known}
     try:

@@ -54,7 +54,7 @@ class T5Config:
                 f"feed_forward_proj={self.feed_forward_proj!r}: expected 'ACT' or 'gated-ACT', e.g. 'relu' or 'gated-gelu'"
             )
         _activation(parts[-1])  # validates the name
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads"):
+        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
 
@@ -337,8 +337,9 @@ class KVCache:
 
     def __init__(self, layers: int, rows: int, heads: int, capacity: int, d_kv: int, dtype, device):
         shape = (rows, heads, capacity, d_kv)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(layers)]
+        # never read before written: attention spans [0, pos + t) only
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
         self.pos = 0  # positions [0, pos) are filled
         self._step = 0
 
