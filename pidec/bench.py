@@ -1,0 +1,675 @@
+"""The speed harness: time transformers and pidec side by side on synthetic fixed-length workloads.
+
+This is a benchmark, not a test. Every configuration decodes the same documents, prompts and
+output lengths with the same weights (random, seeded, T5 v1.1 shapes; or a checkpoint folder),
+so what differs is only how the work is laid out.
+
+Workloads (token ids are random in [100, 32000), seeded; no tokenizer is involved):
+
+- ``dst``:  document of 512 tokens (the last one EOS, id 1); K = 30 prompts of 4-8 tokens;
+  output lengths: 80 % of the rows (rounded, at least one row is long) write 2 tokens
+  ("none" + EOS), the rest a length uniform in 3..10.
+- ``summ``: document of 1500 tokens; K = 4 prompts of 3-5 tokens; outputs uniform in 100..250.
+- ``qa``:   document of 512 tokens; K = 14 prompts of 8-16 tokens; outputs uniform in 3..20.
+
+Each document gets its own draw (document, prompts and output lengths), from `seed`.
+
+Configurations (one document at a time):
+
+- ``hf-pie``: ``T5ForConditionalGeneration.generate`` on K encoder rows (prompt + document,
+  right-padded, attention mask), ``min_new_tokens = max_new_tokens = L`` with L the longest
+  output of the document: a transformers batch cannot let a row stop early, so every row pays
+  for L steps.
+- ``hf-pid-expanded``: transformers with the document encoded once, its encoder output
+  ``expand``-ed to K rows and passed as ``encoder_outputs=BaseModelOutput(...)``, the prompts
+  as ``decoder_input_ids`` ([0] + prompt, left-padded, ``decoder_attention_mask``), same L.
+  transformers still projects the cross-attention keys/values for each of the K rows.
+- ``pidec-seq``: pidec, one encoder row (the document) and one decoder row [0] whose output is
+  the concatenation "prompt: answer; " of every subtask, i.e. its length is
+  sum over subtasks of (prompt length + output length + 1).
+- ``pidec-pie``: pidec, K encoder rows (prompt + document), decoder rows [0].
+- ``pidec-pid``: pidec, the document encoded once, K rows [0] + prompt sharing one
+  cross-attention cache; each row stops at its own length and leaves the batch (compaction).
+
+pidec runs with ``eos_token_id=None`` and per-row ``max_new_tokens`` = the row's output length.
+
+Reported per configuration: the median latency per document over docs x repeats timings (one
+untimed warm-up on the first document before them), documents/s, output tokens/s (the mean
+number of answer tokens the workload asks for per document, the same for every configuration,
+divided by the median latency), peak memory (CUDA: max_memory_allocated above the level before;
+CPU: process RSS sampled every 5 ms by a background thread, above the RSS before, after
+returning freed heap to the OS), analytic GFLOPs per document (matmul FLOPs, 2 per multiply-add,
+of what the configuration actually computes, padding included), the size of the cross-attention
+keys/values held while decoding, and the speed-up over hf-pie.
+
+A cross-check: on the first document, the first 2 tokens of 3 rows of pidec-pid are compared
+with hf-pid-expanded (``agree`` in the result; transformers forbids EOS before min_new_tokens,
+so a pidec row is only compared up to its first EOS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .model import T5, T5Config
+
+CONFIGS = ["hf-pie", "hf-pid-expanded", "pidec-seq", "pidec-pie", "pidec-pid"]
+
+# T5 v1.1 shapes (gated-GELU, untied LM head, vocabulary 32128). "tiny" is for tests.
+MODEL_SIZES: dict[str, dict] = {
+    "tiny": dict(d_model=128, d_kv=32, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=4),
+    "small": dict(d_model=512, d_kv=64, d_ff=1024, num_layers=8, num_decoder_layers=8, num_heads=6),
+    "base": dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_decoder_layers=12, num_heads=12),
+    "large": dict(d_model=1024, d_kv=64, d_ff=2816, num_layers=24, num_decoder_layers=24, num_heads=16),
+}
+_V11 = dict(vocab_size=32128, feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+TOKEN_LOW, TOKEN_HIGH = 100, 32000
+DOC_EOS = 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What one document asks for: its length, how many subtasks, their prompt lengths and the
+    distribution of their output lengths (a fraction `short_fraction` of the rows writes
+    `short_len` tokens, the others a length uniform in `long_range`)."""
+
+    name: str
+    doc_tokens: int
+    subtasks: int
+    prompt_range: tuple[int, int]
+    long_range: tuple[int, int]
+    short_fraction: float = 0.0
+    short_len: int = 2
+    description: str = ""
+
+    def output_lengths(self, rng: random.Random, k: int) -> list[int]:
+        lengths = [rng.randint(*self.long_range) for _ in range(k)]
+        if self.short_fraction > 0:
+            n_long = min(k, max(1, round((1 - self.short_fraction) * k)))
+            long_rows = set(rng.sample(range(k), n_long))
+            lengths = [n if i in long_rows else self.short_len for i, n in enumerate(lengths)]
+        return lengths
+
+
+WORKLOADS: dict[str, Workload] = {
+    "dst": Workload("dst", 512, 30, (4, 8), (3, 10), short_fraction=0.8, short_len=2,
+                    description="dialogue state tracking: 30 slots, mostly 'none'"),
+    "summ": Workload("summ", 1500, 4, (3, 5), (100, 250), description="4 summaries of a long document"),
+    "qa": Workload("qa", 512, 14, (8, 16), (3, 20), description="14 questions about a passage"),
+}
+
+
+@dataclass
+class DocDraw:
+    """One document of a workload: its tokens (ending with EOS), the K prompts and the number
+    of tokens each subtask's answer has."""
+
+    document: list[int]
+    prompts: list[list[int]]
+    out_lens: list[int]
+
+    @property
+    def k(self) -> int:
+        return len(self.prompts)
+
+    @property
+    def longest(self) -> int:
+        return max(self.out_lens)
+
+    @property
+    def answer_tokens(self) -> int:
+        return sum(self.out_lens)
+
+    @property
+    def seq_len(self) -> int:
+        """The single pidec-seq row writes "prompt: answer; " for every subtask."""
+        return sum(len(p) + n + 1 for p, n in zip(self.prompts, self.out_lens))
+
+    @property
+    def pie_len(self) -> int:
+        """Encoder length of the pie batch (the longest prompt + document)."""
+        return max(len(p) for p in self.prompts) + len(self.document)
+
+    @property
+    def pid_prefix(self) -> int:
+        """Decoder prefix length of the pid batch ([0] + the longest prompt)."""
+        return 1 + max(len(p) for p in self.prompts)
+
+
+def draw_documents(workload: Workload, docs: int, seed: int, vocab_size: int = 32128,
+                   doc_tokens: int | None = None, subtasks: int | None = None) -> list[DocDraw]:
+    rng = random.Random(f"pidec-bench:{workload.name}:{seed}")
+    high = min(TOKEN_HIGH, vocab_size)
+    n_doc = workload.doc_tokens if doc_tokens is None else doc_tokens
+    k = workload.subtasks if subtasks is None else subtasks
+    out = []
+    for _ in range(docs):
+        document = [rng.randrange(TOKEN_LOW, high) for _ in range(n_doc - 1)] + [DOC_EOS]
+        prompts = [[rng.randrange(TOKEN_LOW, high) for _ in range(rng.randint(*workload.prompt_range))]
+                   for _ in range(k)]
+        out.append(DocDraw(document, prompts, workload.output_lengths(rng, k)))
+    return out
+
+
+# -- analytic FLOPs (matmuls only, 2 FLOPs per multiply-add) ---------------------------------
+
+
+def _ffn_flops(cfg: T5Config) -> int:
+    return 2 * cfg.d_model * cfg.d_ff * (3 if cfg.is_gated else 2)
+
+
+def encoder_token_flops(cfg: T5Config, seq_len: int) -> int:
+    """One encoder token in a sequence of `seq_len` (padding included), all encoder layers:
+    q/k/v/o projections, attention scores and weighted sum over seq_len keys, feed-forward."""
+    inner = cfg.inner_dim
+    per_layer = 8 * cfg.d_model * inner + 4 * seq_len * inner + _ffn_flops(cfg)
+    return cfg.num_layers * per_layer
+
+
+def cross_kv_flops(cfg: T5Config) -> int:
+    """Projecting one encoded token to the cross-attention keys and values of every decoder layer."""
+    return cfg.num_decoder_layers * 4 * cfg.d_model * cfg.inner_dim
+
+
+def decoder_token_flops(cfg: T5Config, self_len: int, cross_len: int) -> int:
+    """One decoder token, all decoder layers, without the LM head: self-attention projections and
+    scores over `self_len` keys, cross-attention q/o projections and scores over `cross_len`
+    keys (their k/v projection is `cross_kv_flops`), feed-forward."""
+    inner, d = cfg.inner_dim, cfg.d_model
+    per_layer = 8 * d * inner + 4 * self_len * inner + 4 * d * inner + 4 * cross_len * inner + _ffn_flops(cfg)
+    return cfg.num_decoder_layers * per_layer
+
+
+def lm_head_flops(cfg: T5Config) -> int:
+    return 2 * cfg.d_model * cfg.vocab_size
+
+
+def decoding_flops(cfg: T5Config, prefix: int, lengths: list[int], cross_len: int, compaction: bool,
+                   head_on_prefix: bool = False) -> int:
+    """A batch of rows sharing a left-padded prefix of `prefix` tokens, row i generating lengths[i]
+    tokens: a prefill pass (every prefix position computed, dense attention over the prefix),
+    then one pass per further token over the rows still alive (all rows without compaction).
+    The LM head runs on the last position of each pass (on every prefix position with
+    `head_on_prefix`, as transformers' T5 does)."""
+    rows, longest = len(lengths), max(lengths)
+    total = rows * prefix * decoder_token_flops(cfg, prefix, cross_len)
+    total += rows * (prefix if head_on_prefix else 1) * lm_head_flops(cfg)
+    for step in range(1, longest):
+        alive = sum(1 for n in lengths if n > step) if compaction else rows
+        total += alive * (decoder_token_flops(cfg, prefix + step, cross_len) + lm_head_flops(cfg))
+    return total
+
+
+def cross_cache_bytes(cfg: T5Config, rows: int, length: int, element_size: int) -> int:
+    """K and V of every decoder layer for `rows` encoder rows of `length` tokens."""
+    return 2 * cfg.num_decoder_layers * rows * cfg.num_heads * length * cfg.d_kv * element_size
+
+
+def config_flops(name: str, cfg: T5Config, d: DocDraw) -> int:
+    """What configuration `name` computes for document `d`."""
+    K, S = d.k, len(d.document)
+    if name in ("hf-pie", "pidec-pie"):
+        enc_rows, enc_len, cross_rows = K, d.pie_len, K
+    elif name == "hf-pid-expanded":
+        enc_rows, enc_len, cross_rows = 1, S, K
+    else:
+        enc_rows, enc_len, cross_rows = 1, S, 1
+    total = enc_rows * enc_len * encoder_token_flops(cfg, enc_len) + cross_rows * enc_len * cross_kv_flops(cfg)
+    if name == "hf-pie":
+        total += decoding_flops(cfg, 1, [d.longest] * K, enc_len, compaction=False, head_on_prefix=True)
+    elif name == "hf-pid-expanded":
+        total += decoding_flops(cfg, d.pid_prefix, [d.longest] * K, enc_len, compaction=False, head_on_prefix=True)
+    elif name == "pidec-pie":
+        total += decoding_flops(cfg, 1, d.out_lens, enc_len, compaction=True)
+    elif name == "pidec-pid":
+        total += decoding_flops(cfg, d.pid_prefix, d.out_lens, enc_len, compaction=True)
+    elif name == "pidec-seq":
+        total += decoding_flops(cfg, 1, [d.seq_len], enc_len, compaction=True)
+    else:
+        raise ValueError(f"unknown configuration {name!r}")
+    return total
+
+
+def config_cross_bytes(name: str, cfg: T5Config, d: DocDraw, element_size: int) -> int:
+    if name in ("hf-pie", "pidec-pie"):
+        return cross_cache_bytes(cfg, d.k, d.pie_len, element_size)
+    if name == "hf-pid-expanded":
+        return cross_cache_bytes(cfg, d.k, len(d.document), element_size)
+    return cross_cache_bytes(cfg, 1, len(d.document), element_size)
+
+
+# -- models ---------------------------------------------------------------------------------
+
+
+def build_random_model(size: str, seed: int = 0) -> T5:
+    """A T5 v1.1 of `size` with fast seeded init: linears N(0, fan_in**-0.5), embedding N(0, 1),
+    relative biases N(0, 0.1), norms 1. Weights do not matter for speed; activations stay finite."""
+    cfg = T5Config(**_V11, **MODEL_SIZES[size])
+    with torch.device("meta"):
+        model = T5(cfg)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "embed.weight":
+                p.normal_(0.0, 1.0, generator=gen)
+            elif "rel_bias" in name:
+                p.normal_(0.0, 0.1, generator=gen)
+            else:
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
+    return model.eval()
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    transformers.logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_models(folder, device: torch.device, dtype: torch.dtype, need_hf: bool):
+    from . import checkpoint
+
+    ours = checkpoint.load_model(folder, device=device, dtype=dtype).eval()
+    hf = None
+    if need_hf:
+        from transformers import T5ForConditionalGeneration
+
+        with _quiet_transformers():
+            hf = T5ForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+        cfg = ours.config
+        hf.generation_config.pad_token_id = cfg.pad_token_id
+        hf.generation_config.eos_token_id = cfg.eos_token_id
+        hf.generation_config.decoder_start_token_id = cfg.decoder_start_token_id
+        hf.generation_config.max_length = None
+        # both stacks must hold the same weights, or the comparison means nothing
+        head = ours.embed.weight if ours.lm_head is None else ours.lm_head.weight
+        pairs = [(hf.lm_head.weight, head), (hf.shared.weight, ours.embed.weight),
+                 (hf.decoder.block[-1].layer[1].EncDecAttention.k.weight, ours.decoder.layers[-1].cross_attn.k.weight)]
+        for a, b in pairs:
+            if a.shape != b.shape or not torch.equal(a.detach().cpu(), b.detach().cpu()):
+                raise RuntimeError(f"transformers did not load the same weights from {folder}")
+    return ours, hf
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def _rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # pragma: no cover
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _release_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        return
+    try:  # give freed heap back to the OS so that the RSS baseline is honest (glibc)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover
+        pass
+
+
+class _PeakMemory:
+    """Peak memory above the level at entry: CUDA allocator peak, or sampled process RSS."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak_bytes = 0
+
+    def __enter__(self):
+        _release_memory(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return self
+        self._base = _rss_bytes()
+        self._max = self._base
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss_bytes())
+            self._stop.wait(self.interval_s)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss_bytes())
+            self.peak_bytes = self._max - self._base
+        return False
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# -- the configurations ---------------------------------------------------------------------
+# Each runner decodes one document and returns (generated tokens per row, cross-cache bytes or None).
+
+
+def _right_pad(seqs: list[list[int]], pad: int, device):
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _left_pad(seqs: list[list[int]], pad: int, device):
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _run_hf_pie(ours, hf, d: DocDraw, device):
+    pad = ours.config.pad_token_id
+    ids, mask = _right_pad([p + d.document for p in d.prompts], pad, device)
+    L = d.longest
+    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=L, min_new_tokens=L,
+                      num_beams=1, do_sample=False)
+    return out[:, 1:].tolist(), None
+
+
+def _run_hf_pid_expanded(ours, hf, d: DocDraw, device):
+    from transformers.modeling_outputs import BaseModelOutput
+
+    pad, start = ours.config.pad_token_id, ours.config.decoder_start_token_id
+    K, S = d.k, len(d.document)
+    doc = torch.tensor([d.document], dtype=torch.long, device=device)
+    enc = hf.get_encoder()(input_ids=doc).last_hidden_state  # [1, S, d_model], once
+    dec_ids, dec_mask = _left_pad([[start] + p for p in d.prompts], pad, device)
+    L = d.longest
+    out = hf.generate(
+        encoder_outputs=BaseModelOutput(last_hidden_state=enc.expand(K, S, enc.shape[-1])),
+        attention_mask=torch.ones((K, S), dtype=torch.long, device=device),
+        decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask,
+        max_new_tokens=L, min_new_tokens=L, num_beams=1, do_sample=False,
+    )
+    return out[:, dec_ids.shape[1]:].tolist(), None
+
+
+def _run_pidec_seq(ours, hf, d: DocDraw, device):
+    from .generate import Row, decode, encode
+
+    cross = encode(ours, [d.document])
+    res = decode(ours, cross, [Row(0, [ours.config.decoder_start_token_id], d.seq_len)], eos_token_id=None)
+    return res.tokens, res.stats.cross_cache_bytes
+
+
+def _run_pidec_pie(ours, hf, d: DocDraw, device):
+    from .generate import Row, decode, encode
+
+    cross = encode(ours, [p + d.document for p in d.prompts])
+    start = ours.config.decoder_start_token_id
+    rows = [Row(i, [start], n) for i, n in enumerate(d.out_lens)]
+    res = decode(ours, cross, rows, eos_token_id=None)
+    return res.tokens, res.stats.cross_cache_bytes
+
+
+def _run_pidec_pid(ours, hf, d: DocDraw, device):
+    from .generate import Row, decode, encode
+
+    cross = encode(ours, [d.document])
+    start = ours.config.decoder_start_token_id
+    rows = [Row(0, [start] + p, n) for p, n in zip(d.prompts, d.out_lens)]
+    res = decode(ours, cross, rows, eos_token_id=None)
+    return res.tokens, res.stats.cross_cache_bytes
+
+
+_RUNNERS = {
+    "hf-pie": _run_hf_pie,
+    "hf-pid-expanded": _run_hf_pid_expanded,
+    "pidec-seq": _run_pidec_seq,
+    "pidec-pie": _run_pidec_pie,
+    "pidec-pid": _run_pidec_pid,
+}
+
+
+def _agree(pid_tokens: list[list[int]], hf_tokens: list[list[int]], eos: int, n_tokens: int = 2) -> bool:
+    """First `n_tokens` of 3 rows (first, middle, last). transformers cannot emit EOS before
+    min_new_tokens, so a pidec row is compared only up to its first EOS."""
+    K = len(pid_tokens)
+    for i in sorted({0, K // 2, K - 1}):
+        ours = pid_tokens[i][:n_tokens]
+        if eos in ours:
+            ours = ours[: ours.index(eos)]
+        if hf_tokens[i][: len(ours)] != ours:
+            return False
+    return True
+
+
+def _expected_lengths(name: str, d: DocDraw) -> list[int]:
+    if name.startswith("hf-"):
+        return [d.longest] * d.k
+    if name == "pidec-seq":
+        return [d.seq_len]
+    return list(d.out_lens)
+
+
+def _check_lengths(name: str, tokens: list[list[int]], d: DocDraw) -> None:
+    """Every configuration must generate exactly what the workload asks for, or the timings
+    compare different work."""
+    got = [len(t) for t in tokens]
+    want = _expected_lengths(name, d)
+    if got != want:
+        raise RuntimeError(f"{name} generated {got} tokens per row, the workload asks for {want}")
+
+
+# -- the harness ----------------------------------------------------------------------------
+
+
+def _check_args(workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads,
+                doc_tokens, subtasks) -> tuple[list[str], torch.device, torch.dtype]:
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
+    if model_dir is None and model_size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {model_size!r}: expected one of {', '.join(MODEL_SIZES)}")
+    if configs is None:
+        configs = list(CONFIGS)
+    if isinstance(configs, str) or not all(isinstance(c, str) for c in configs):
+        raise ValueError(f"configs must be a list of names from {', '.join(CONFIGS)}")
+    bad = [c for c in configs if c not in CONFIGS]
+    if bad:
+        raise ValueError(f"unknown configuration {bad[0]!r}: expected names from {', '.join(CONFIGS)}")
+    configs = list(dict.fromkeys(configs))
+    if not configs:
+        raise ValueError(f"no configuration to run: expected names from {', '.join(CONFIGS)}")
+    for name, value in (("docs", docs), ("repeats", repeats)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    if doc_tokens is not None and doc_tokens < 2:
+        raise ValueError(f"doc_tokens must be >= 2, got {doc_tokens}")
+    if subtasks is not None and subtasks < 1:
+        raise ValueError(f"subtasks must be >= 1, got {subtasks}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: expected cpu or cuda[:N]") from e
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: expected cpu or cuda[:N]")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available")
+    if dtype == "float16" and dev.type != "cuda":
+        raise ValueError("dtype float16 is only supported on cuda: use float32 or bfloat16 on cpu")
+    return configs, dev, DTYPES[dtype]
+
+
+def run_bench(workload: str = "dst", model_size: str = "base", model_dir: str | None = None,
+              configs: list[str] | None = None, docs: int = 2, repeats: int = 3, device: str = "cpu",
+              dtype: str = "float32", seed: int = 0, threads: int | None = None, *,
+              doc_tokens: int | None = None, subtasks: int | None = None) -> dict:
+    """Time `configs` on `docs` documents of `workload`, `repeats` passes each; see the module
+    docstring. `doc_tokens` / `subtasks` shrink the workload (tests)."""
+    configs, dev, torch_dtype = _check_args(workload, model_size, model_dir, configs, docs, repeats, device,
+                                            dtype, threads, doc_tokens, subtasks)
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _run(workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed,
+                    doc_tokens, subtasks)
+    finally:
+        if threads is not None:
+            torch.set_num_threads(old_threads)
+
+
+def _run(workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed,
+         doc_tokens, subtasks) -> dict:
+    from . import checkpoint
+
+    need_hf = any(c.startswith("hf-") for c in configs)
+    with tempfile.TemporaryDirectory(prefix="pidec-bench-") as tmp:
+        if model_dir is None:
+            model = build_random_model(model_size, seed)
+            checkpoint.save(model, tmp)
+            del model
+            folder = tmp
+        else:
+            folder = checkpoint.resolve(model_dir)
+        ours, hf = _load_models(folder, dev, torch_dtype, need_hf)
+    cfg = ours.config
+    draws = draw_documents(WORKLOADS[workload], docs, seed, cfg.vocab_size, doc_tokens, subtasks)
+    element_size = torch.empty((), dtype=torch_dtype).element_size()
+    mean_answer_tokens = statistics.mean(d.answer_tokens for d in draws)
+
+    results, first_tokens = [], {}
+    with torch.inference_mode():
+        for name in configs:
+            run = _RUNNERS[name]
+            times, cross_measured = [], 0
+            with _PeakMemory(dev) as mem:
+                tokens, _ = run(ours, hf, draws[0], dev)  # warm-up, untimed
+                _check_lengths(name, tokens, draws[0])
+                first_tokens[name] = tokens
+                for _ in range(repeats):
+                    for d in draws:
+                        _sync(dev)
+                        t0 = time.perf_counter()
+                        _, cross = run(ours, hf, d, dev)
+                        _sync(dev)
+                        times.append(time.perf_counter() - t0)
+                        cross_measured = max(cross_measured, cross or 0)
+            latency = statistics.median(times)
+            cross_bytes = cross_measured or max(config_cross_bytes(name, cfg, d, element_size) for d in draws)
+            results.append({
+                "config": name,
+                "latency_s_median": latency,
+                "docs_per_s": 1.0 / latency,
+                "tokens_per_s": mean_answer_tokens / latency,
+                "peak_mem_mb": mem.peak_bytes / 2**20,
+                "gflops_per_doc": statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9,
+                "cross_cache_mb": cross_bytes / 2**20,
+                "speedup_vs_hf_pie": None,
+            })
+            del tokens
+            _release_memory(dev)
+
+    base = next((r["latency_s_median"] for r in results if r["config"] == "hf-pie"), None)
+    if base is not None:
+        for r in results:
+            r["speedup_vs_hf_pie"] = base / r["latency_s_median"]
+    agree = None
+    if "pidec-pid" in first_tokens and "hf-pid-expanded" in first_tokens:
+        agree = _agree(first_tokens["pidec-pid"], first_tokens["hf-pid-expanded"], cfg.eos_token_id)
+
+    model_info = {"size": model_size} if model_dir is None else {"path": str(model_dir)}
+    model_info.update(params=ours.num_parameters(), config=cfg.to_dict())
+    w = WORKLOADS[workload]
+    return {
+        "workload": workload,
+        "workload_shape": {
+            "doc_tokens": len(draws[0].document) if doc_tokens is None else doc_tokens,
+            "subtasks": draws[0].k,
+            "answer_tokens_per_doc": mean_answer_tokens,
+            "description": w.description,
+        },
+        "model": model_info,
+        "device": str(dev),
+        "dtype": dtype,
+        "torch_threads": torch.get_num_threads(),
+        "docs": docs,
+        "repeats": repeats,
+        "agree": agree,
+        "results": results,
+    }
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(result: dict) -> str:
+    """A fixed-width text table of `run_bench`'s result."""
+    model = result["model"]
+    name = model.get("size") or model.get("path")
+    lines = [
+        f"workload {result['workload']}  model {name} ({model['params'] / 1e6:.1f}M params)  "
+        f"device {result['device']}  dtype {result['dtype']}  threads {result['torch_threads']}  "
+        f"docs {result['docs']} x repeats {result['repeats']}",
+    ]
+    header = (f"{'config':<16} {'latency_s':>10} {'docs/s':>8} {'tok/s':>9} {'peak_MB':>9} "
+              f"{'GFLOP/doc':>10} {'cross_MB':>9} {'speedup':>8}")
+    lines += [header, "-" * len(header)]
+    for r in result["results"]:
+        lines.append(
+            f"{r['config']:<16} {r['latency_s_median']:>10.4f} {r['docs_per_s']:>8.3f} {r['tokens_per_s']:>9.1f} "
+            f"{r['peak_mem_mb']:>9.1f} {r['gflops_per_doc']:>10.2f} {r['cross_cache_mb']:>9.2f} "
+            f"{_fmt(r['speedup_vs_hf_pie'], '>7.2f') + ('x' if r['speedup_vs_hf_pie'] is not None else ''):>8}"
+        )
+    if result.get("agree") is not None:
+        lines.append(f"pidec-pid vs hf-pid-expanded first tokens agree: {result['agree']}")
+    return "\n".join(lines)
