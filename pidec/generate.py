@@ -184,27 +184,18 @@ def decode(
         limit = max_new.index_select(0, state.origin)  # [R]
         if beam is None:
             nxt = logits.argmax(-1)  # [R]
-            finished = nxt == eos if eos is not None else torch.zeros_like(nxt, dtype=torch.bool)
-            finished = finished | (step + 1 >= limit)
-            if not compaction:
-                finished = finished | done.index_select(0, state.origin)
-                active = ~done.index_select(0, state.origin)
-                origin = state.origin[active]
-                out[origin, step] = nxt[active]
-                lengths[origin] += 1
-                done[state.origin] = finished
-                stats.output_tokens += int(active.sum())
-            else:
-                out[state.origin, step] = nxt
-                lengths[state.origin] += 1
-                done[state.origin] = finished
-                stats.output_tokens += nxt.numel()
+            # without compaction, rows that are done stay in the batch: they compute, nothing is kept
+            active = ~done.index_select(0, state.origin)
+            finished = (step + 1 >= limit) if eos is None else (nxt == eos) | (step + 1 >= limit)
+            finished = finished & active
+            written = state.origin[active]
+            out[written, step] = nxt[active]
+            lengths[written] += 1
+            done[state.origin] |= finished
             if bool(done.all()):
                 break
-            keep_index = None
-            if compaction and bool(finished.any()):
-                keep_index = (~finished).nonzero().squeeze(1)
-            feed = torch.where(done.index_select(0, state.origin), pad, nxt)
+            keep_index = (~finished).nonzero().squeeze(1) if compaction and bool(finished.any()) else None
+            feed = torch.where(active & ~finished, nxt, pad)
             if keep_index is not None:
                 feed = feed.index_select(0, keep_index)
         else:
@@ -218,6 +209,7 @@ def decode(
             cache.select(keep_index)
             state.select(keep_index)
             live_docs, state.doc = _drop_empty_docs(live_docs, state.doc)
+            groups = RowGroups.from_doc(state.doc, live_docs.docs)
         step += 1
         p = cache.pos
         if padded:
@@ -226,7 +218,6 @@ def decode(
             )
         else:
             mask = bias[:, :, p : p + 1, : p + 1]
-        groups = RowGroups.from_doc(state.doc, live_docs.docs)
         hidden = model.decode(feed[:, None], live_docs, groups, mask, cache)
         logits = model.logits(hidden[:, -1])
         stats.steps += 1
@@ -235,17 +226,17 @@ def decode(
     _sync(device)
     stats.decode_s = time.perf_counter() - t0
     if beam is not None:
-        toks, scores = beam.results(eos)
-        stats.output_tokens = sum(len(t) for t in toks)
-        return Decoded(toks, scores, stats)
-    out_cpu, len_cpu = out.cpu(), lengths.cpu()
-    result = []
-    for i in range(G):
-        seq = out_cpu[i, : int(len_cpu[i])].tolist()
-        if seq and eos is not None and seq[-1] == eos:
-            seq.pop()
-        result.append(seq)
-    return Decoded(result, None, stats)
+        result, scores = beam.results(eos)
+    else:
+        out_cpu, len_cpu = out.cpu(), lengths.cpu()
+        result, scores = [], None
+        for i in range(G):
+            seq = out_cpu[i, : int(len_cpu[i])].tolist()
+            if seq and eos is not None and seq[-1] == eos:
+                seq.pop()
+            result.append(seq)
+    stats.output_tokens = sum(len(t) for t in result)  # EOS not counted
+    return Decoded(result, scores, stats)
 
 
 def _drop_empty_docs(cross: CrossCache, doc: Tensor) -> tuple[CrossCache, Tensor]:
