@@ -1,10 +1,10 @@
 """The Python API: `pidec.load(...)` returns a `Model` that takes text and gives text.
 
-    model = pidec.load("path/or/hub-id", device="cpu", dtype=torch.float32)
-    answers = model.generate(document, prompts, max_new_tokens=32, layout="pid")
-    batch = model.generate_batch([(document, prompts), ...])
-    enc = model.encode(document)            # reusable across calls
-    answers = model.generate(enc, prompts)  # decodes against it without re-encoding
+model = pidec.load("path/or/hub-id", device="cpu", dtype=torch.float32)
+answers = model.generate(document, prompts, max_new_tokens=32, layout="pid")
+batch = model.generate_batch([(document, prompts), ...])
+enc = model.encode(document)            # reusable across calls
+answers = model.generate(enc, prompts)  # decodes against it without re-encoding
 """
 
 from __future__ import annotations
@@ -20,8 +20,14 @@ from .generate import DecodeStats, Row, decode, encode
 from .layouts import InputError, Truncation
 from .model import T5, CrossCache
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def parse_dtype(dtype) -> torch.dtype:
@@ -86,8 +92,9 @@ class Model:
         ids, cut = layouts.fit(ids, self.config.max_input_length, truncate, "document", [self.tokenizer.eos_token_id])
         t0 = time.perf_counter()
         cross = encode(self.model, [ids])
-        return EncodedDocument(cross, len(ids), Truncation(0, None, truncate, full, len(ids)) if cut else None,
-                               time.perf_counter() - t0)
+        return EncodedDocument(
+            cross, len(ids), Truncation(0, None, truncate, full, len(ids)) if cut else None, time.perf_counter() - t0
+        )
 
     # -- generation -------------------------------------------------------------------------
 
@@ -137,8 +144,16 @@ class Model:
         _check_decoding(max_new_tokens, num_beams)
         examples = _check_examples(examples)
         t0 = time.perf_counter()
-        plan = layouts.build(self.tokenizer, examples, layout, max_new_tokens, self.config.max_input_length,
-                             self.config.decoder_start_token_id, truncate, seq_instruction)
+        plan = layouts.build(
+            self.tokenizer,
+            examples,
+            layout,
+            max_new_tokens,
+            self.config.max_input_length,
+            self.config.decoder_start_token_id,
+            truncate,
+            seq_instruction,
+        )
         t_tok = time.perf_counter() - t0
         stats = DecodeStats()
         tokens: list[list[int]] = [[] for _ in plan.rows]
@@ -149,8 +164,9 @@ class Model:
             enc_s = time.perf_counter() - t1
             index = [k for k, r in enumerate(plan.rows) if doc_lo <= r.doc < doc_hi]
             rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
-            out = decode(self.model, cross, rows, num_beams=num_beams, compaction=compaction,
-                         length_penalty=length_penalty)
+            out = decode(
+                self.model, cross, rows, num_beams=num_beams, compaction=compaction, length_penalty=length_penalty
+            )
             out.stats.encode_s = enc_s
             stats.add(out.stats)
             for k, toks in zip(index, out.tokens):
@@ -161,37 +177,51 @@ class Model:
         t_detok = time.perf_counter() - t2
         return GenerationResult(
             outputs,
-            usage={
-                "document_tokens": sum(len(d) for d in plan.docs),
-                "prompt_tokens": plan.prompt_tokens,
-                "output_tokens": sum(len(t) for t in tokens),
-            },
+            usage=_usage(sum(len(d) for d in plan.docs), plan, tokens),
             timings=_timings(t_tok + t_detok, stats, time.perf_counter() - t0),
             truncations=plan.truncations,
             stats=stats,
         )
 
-    def _generate_encoded(self, enc: EncodedDocument, prompts, max_new_tokens, num_beams, layout, **kwargs):
+    def _generate_encoded(
+        self,
+        enc: EncodedDocument,
+        prompts,
+        max_new_tokens,
+        num_beams,
+        layout,
+        compaction: bool = True,
+        length_penalty: float = 1.0,
+    ) -> GenerationResult:
         if layout != "pid":
-            raise InputError(f"an encoded document decodes in the pid layout only (got layout={layout!r}): "
-                             "pie puts each prompt in the encoder, seq needs its own encoder input")
+            raise InputError(
+                f"an encoded document decodes in the pid layout only (got layout={layout!r}): "
+                "pie puts each prompt in the encoder, seq needs its own encoder input"
+            )
         _check_decoding(max_new_tokens, num_beams)
         t0 = time.perf_counter()
-        prompts = layouts.check_prompts(prompts)
-        prompt_ids = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        start = self.config.decoder_start_token_id
-        rows = [Row(0, [start] + p, max_new_tokens) for p in prompt_ids]
+        plan = layouts.build_encoded(self.tokenizer, prompts, max_new_tokens, self.config.decoder_start_token_id)
         t_tok = time.perf_counter() - t0
-        out = decode(self.model, enc.cross, rows, num_beams=num_beams,
-                     compaction=kwargs.get("compaction", True), length_penalty=kwargs.get("length_penalty", 1.0))
-        texts = [t.strip() for t in self.tokenizer.batch_decode(out.tokens, skip_special_tokens=True)]
+        out = decode(
+            self.model, enc.cross, plan.rows, num_beams=num_beams, compaction=compaction, length_penalty=length_penalty
+        )
+        t1 = time.perf_counter()
+        outputs = layouts.collect(plan, out.tokens, self.tokenizer)
+        t_tok += time.perf_counter() - t1
         return GenerationResult(
-            [texts],
-            usage={"document_tokens": enc.tokens, "prompt_tokens": sum(len(p) for p in prompt_ids),
-                   "output_tokens": sum(len(t) for t in out.tokens)},
-            timings=_timings(t_tok, out.stats, time.perf_counter() - t0),
+            outputs,
+            _usage(enc.tokens, plan, out.tokens),
+            _timings(t_tok, out.stats, time.perf_counter() - t0),
             stats=out.stats,
         )
+
+
+def _usage(document_tokens: int, plan: layouts.Plan, tokens: list[list[int]]) -> dict:
+    return {
+        "document_tokens": document_tokens,
+        "prompt_tokens": plan.prompt_tokens,
+        "output_tokens": sum(len(t) for t in tokens),
+    }
 
 
 def _check_decoding(max_new_tokens, num_beams) -> None:
@@ -258,7 +288,9 @@ def load(
     folder = checkpoint.resolve(path)
     model = checkpoint.load_model(folder, device=device, dtype=parse_dtype(dtype), **overrides)
     tok_source = tokenizer if tokenizer is not None else folder
-    if tokenizer is None and not any((folder / f).exists() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")):
+    if tokenizer is None and not any(
+        (folder / f).exists() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+    ):
         raise checkpoint.CheckpointError(
             f"{folder}: no tokenizer files (tokenizer.json, spiece.model); pass tokenizer=FOLDER"
         )

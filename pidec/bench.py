@@ -105,8 +105,16 @@ class Workload:
 
 
 WORKLOADS: dict[str, Workload] = {
-    "dst": Workload("dst", 512, 30, (4, 8), (3, 10), short_fraction=0.8, short_len=2,
-                    description="dialogue state tracking: 30 slots, mostly 'none'"),
+    "dst": Workload(
+        "dst",
+        512,
+        30,
+        (4, 8),
+        (3, 10),
+        short_fraction=0.8,
+        short_len=2,
+        description="dialogue state tracking: 30 slots, mostly 'none'",
+    ),
     "summ": Workload("summ", 1500, 4, (3, 5), (100, 250), description="4 summaries of a long document"),
     "qa": Workload("qa", 512, 14, (8, 16), (3, 20), description="14 questions about a passage"),
 }
@@ -149,8 +157,14 @@ class DocDraw:
         return 1 + max(len(p) for p in self.prompts)
 
 
-def draw_documents(workload: Workload, docs: int, seed: int, vocab_size: int = 32128,
-                   doc_tokens: int | None = None, subtasks: int | None = None) -> list[DocDraw]:
+def draw_documents(
+    workload: Workload,
+    docs: int,
+    seed: int,
+    vocab_size: int = 32128,
+    doc_tokens: int | None = None,
+    subtasks: int | None = None,
+) -> list[DocDraw]:
     rng = random.Random(f"pidec-bench:{workload.name}:{seed}")
     high = min(TOKEN_HIGH, vocab_size)
     n_doc = workload.doc_tokens if doc_tokens is None else doc_tokens
@@ -158,8 +172,9 @@ def draw_documents(workload: Workload, docs: int, seed: int, vocab_size: int = 3
     out = []
     for _ in range(docs):
         document = [rng.randrange(TOKEN_LOW, high) for _ in range(n_doc - 1)] + [DOC_EOS]
-        prompts = [[rng.randrange(TOKEN_LOW, high) for _ in range(rng.randint(*workload.prompt_range))]
-                   for _ in range(k)]
+        prompts = [
+            [rng.randrange(TOKEN_LOW, high) for _ in range(rng.randint(*workload.prompt_range))] for _ in range(k)
+        ]
         out.append(DocDraw(document, prompts, workload.output_lengths(rng, k)))
     return out
 
@@ -197,8 +212,9 @@ def lm_head_flops(cfg: T5Config) -> int:
     return 2 * cfg.d_model * cfg.vocab_size
 
 
-def decoding_flops(cfg: T5Config, prefix: int, lengths: list[int], cross_len: int, compaction: bool,
-                   head_on_prefix: bool = False) -> int:
+def decoding_flops(
+    cfg: T5Config, prefix: int, lengths: list[int], cross_len: int, compaction: bool, head_on_prefix: bool = False
+) -> int:
     """A batch of rows sharing a left-padded prefix of `prefix` tokens, row i generating lengths[i]
     tokens: a prefill pass (every prefix position computed, dense attention over the prefix),
     then one pass per further token over the rows still alive (all rows without compaction).
@@ -309,8 +325,11 @@ def _load_models(folder, device: torch.device, dtype: torch.dtype, need_hf: bool
         hf.generation_config.max_length = None
         # both stacks must hold the same weights, or the comparison means nothing
         head = ours.embed.weight if ours.lm_head is None else ours.lm_head.weight
-        pairs = [(hf.lm_head.weight, head), (hf.shared.weight, ours.embed.weight),
-                 (hf.decoder.block[-1].layer[1].EncDecAttention.k.weight, ours.decoder.layers[-1].cross_attn.k.weight)]
+        pairs = [
+            (hf.lm_head.weight, head),
+            (hf.shared.weight, ours.embed.weight),
+            (hf.decoder.block[-1].layer[1].EncDecAttention.k.weight, ours.decoder.layers[-1].cross_attn.k.weight),
+        ]
         for a, b in pairs:
             if a.shape != b.shape or not torch.equal(a.detach().cpu(), b.detach().cpu()):
                 raise RuntimeError(f"transformers did not load the same weights from {folder}")
@@ -406,8 +425,8 @@ def _left_pad(seqs: list[list[int]], pad: int, device):
     ids = torch.full((len(seqs), L), pad, dtype=torch.long)
     mask = torch.zeros((len(seqs), L), dtype=torch.long)
     for i, s in enumerate(seqs):
-        ids[i, L - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, L - len(s):] = 1
+        ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, L - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -415,8 +434,9 @@ def _run_hf_pie(ours, hf, d: DocDraw, device):
     pad = ours.config.pad_token_id
     ids, mask = _right_pad([p + d.document for p in d.prompts], pad, device)
     L = d.longest
-    out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=L, min_new_tokens=L,
-                      num_beams=1, do_sample=False)
+    out = hf.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=L, min_new_tokens=L, num_beams=1, do_sample=False
+    )
     return out[:, 1:].tolist(), None
 
 
@@ -432,10 +452,14 @@ def _run_hf_pid_expanded(ours, hf, d: DocDraw, device):
     out = hf.generate(
         encoder_outputs=BaseModelOutput(last_hidden_state=enc.expand(K, S, enc.shape[-1])),
         attention_mask=torch.ones((K, S), dtype=torch.long, device=device),
-        decoder_input_ids=dec_ids, decoder_attention_mask=dec_mask,
-        max_new_tokens=L, min_new_tokens=L, num_beams=1, do_sample=False,
+        decoder_input_ids=dec_ids,
+        decoder_attention_mask=dec_mask,
+        max_new_tokens=L,
+        min_new_tokens=L,
+        num_beams=1,
+        do_sample=False,
     )
-    return out[:, dec_ids.shape[1]:].tolist(), None
+    return out[:, dec_ids.shape[1] :].tolist(), None
 
 
 def _run_pidec_seq(ours, hf, d: DocDraw, device):
@@ -508,8 +532,9 @@ def _check_lengths(name: str, tokens: list[list[int]], d: DocDraw) -> None:
 # -- the harness ----------------------------------------------------------------------------
 
 
-def _check_args(workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads,
-                doc_tokens, subtasks) -> tuple[list[str], torch.device, torch.dtype]:
+def _check_args(
+    workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks
+) -> tuple[list[str], torch.device, torch.dtype]:
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
     if model_dir is None and model_size not in MODEL_SIZES:
@@ -548,27 +573,41 @@ def _check_args(workload, model_size, model_dir, configs, docs, repeats, device,
     return configs, dev, DTYPES[dtype]
 
 
-def run_bench(workload: str = "dst", model_size: str = "base", model_dir: str | None = None,
-              configs: list[str] | None = None, docs: int = 2, repeats: int = 3, device: str = "cpu",
-              dtype: str = "float32", seed: int = 0, threads: int | None = None, *,
-              doc_tokens: int | None = None, subtasks: int | None = None) -> dict:
+def run_bench(
+    workload: str = "dst",
+    model_size: str = "base",
+    model_dir: str | None = None,
+    configs: list[str] | None = None,
+    docs: int = 2,
+    repeats: int = 3,
+    device: str = "cpu",
+    dtype: str = "float32",
+    seed: int = 0,
+    threads: int | None = None,
+    *,
+    doc_tokens: int | None = None,
+    subtasks: int | None = None,
+) -> dict:
     """Time `configs` on `docs` documents of `workload`, `repeats` passes each; see the module
     docstring. `doc_tokens` / `subtasks` shrink the workload (tests)."""
-    configs, dev, torch_dtype = _check_args(workload, model_size, model_dir, configs, docs, repeats, device,
-                                            dtype, threads, doc_tokens, subtasks)
+    configs, dev, torch_dtype = _check_args(
+        workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks
+    )
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed,
-                    doc_tokens, subtasks)
+        return _run(
+            workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed, doc_tokens, subtasks
+        )
     finally:
         if threads is not None:
             torch.set_num_threads(old_threads)
 
 
-def _run(workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed,
-         doc_tokens, subtasks) -> dict:
+def _run(
+    workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed, doc_tokens, subtasks
+) -> dict:
     from . import checkpoint
 
     need_hf = any(c.startswith("hf-") for c in configs)
@@ -605,16 +644,18 @@ def _run(workload, model_size, model_dir, configs, docs, repeats, dev, dtype, to
                         cross_measured = max(cross_measured, cross or 0)
             latency = statistics.median(times)
             cross_bytes = cross_measured or max(config_cross_bytes(name, cfg, d, element_size) for d in draws)
-            results.append({
-                "config": name,
-                "latency_s_median": latency,
-                "docs_per_s": 1.0 / latency,
-                "tokens_per_s": mean_answer_tokens / latency,
-                "peak_mem_mb": mem.peak_bytes / 2**20,
-                "gflops_per_doc": statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9,
-                "cross_cache_mb": cross_bytes / 2**20,
-                "speedup_vs_hf_pie": None,
-            })
+            results.append(
+                {
+                    "config": name,
+                    "latency_s_median": latency,
+                    "docs_per_s": 1.0 / latency,
+                    "tokens_per_s": mean_answer_tokens / latency,
+                    "peak_mem_mb": mem.peak_bytes / 2**20,
+                    "gflops_per_doc": statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9,
+                    "cross_cache_mb": cross_bytes / 2**20,
+                    "speedup_vs_hf_pie": None,
+                }
+            )
             del tokens
             _release_memory(dev)
 
@@ -661,8 +702,10 @@ def format_table(result: dict) -> str:
         f"device {result['device']}  dtype {result['dtype']}  threads {result['torch_threads']}  "
         f"docs {result['docs']} x repeats {result['repeats']}",
     ]
-    header = (f"{'config':<16} {'latency_s':>10} {'docs/s':>8} {'tok/s':>9} {'peak_MB':>9} "
-              f"{'GFLOP/doc':>10} {'cross_MB':>9} {'speedup':>8}")
+    header = (
+        f"{'config':<16} {'latency_s':>10} {'docs/s':>8} {'tok/s':>9} {'peak_MB':>9} "
+        f"{'GFLOP/doc':>10} {'cross_MB':>9} {'speedup':>8}"
+    )
     lines += [header, "-" * len(header)]
     for r in result["results"]:
         lines.append(

@@ -53,7 +53,6 @@ _RULES = [
 _ALIASES = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
 
 
-
 def hf_to_ours(name: str) -> str | None:
     # mT5/T5 checkpoints are sometimes saved from the T5Model base (no prefix change) or with a
     # leading "model." / "transformer."; accept both.
@@ -125,7 +124,11 @@ def config_from_hf(d: dict, source: str = "config.json") -> T5Config:
 
 
 def config_to_hf(config: T5Config) -> dict:
-    d = {k: v for k, v in config.extra.items() if k not in ("transformers_version", "architectures", "dtype", "torch_dtype")}
+    d = {
+        k: v
+        for k, v in config.extra.items()
+        if k not in ("transformers_version", "architectures", "dtype", "torch_dtype")
+    }
     d.update(config.to_dict())
     d["model_type"] = d.get("model_type", "t5") if d.get("model_type") in ("t5", "mt5") else "t5"
     d["architectures"] = ["MT5ForConditionalGeneration" if d["model_type"] == "mt5" else "T5ForConditionalGeneration"]
@@ -293,9 +296,7 @@ def resolve(path: str | os.PathLike) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"])
-        )
+        return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.bin", "*.model", "*.txt"]))
     except Exception as e:
         raise CheckpointError(f"{path}: not a local folder, and fetching it from the hub failed: {e}") from e
 

@@ -82,8 +82,15 @@ def generate(
     text = _read_text(document, "document")
     try:
         m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer)
-        result = m.generate(text, prompts, max_new_tokens=max_new_tokens, num_beams=num_beams, layout=layout,
-                            truncate=truncate, return_details=True)
+        result = m.generate(
+            text,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            layout=layout,
+            truncate=truncate,
+            return_details=True,
+        )
     except (pidec.InputError, CheckpointError) as e:
         _fail(str(e))
     out = result.to_dict()
@@ -112,8 +119,18 @@ def bench(
 
     names = [c.strip() for c in configs.split(",") if c.strip()]
     try:
-        result = run_bench(workload=workload, model_size=model_size, model_dir=model, configs=names, docs=docs,
-                           repeats=repeats, device=device, dtype=dtype, seed=seed, threads=threads)
+        result = run_bench(
+            workload=workload,
+            model_size=model_size,
+            model_dir=model,
+            configs=names,
+            docs=docs,
+            repeats=repeats,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            threads=threads,
+        )
     except ValueError as e:
         _fail(str(e))
     typer.echo(format_table(result))

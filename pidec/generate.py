@@ -128,8 +128,17 @@ def decode(
             raise ValueError(f"row {i}: document {r.doc} out of range ({cross.docs} encoded)")
     order = sorted(range(len(rows)), key=lambda i: rows[i].doc)
     if order != list(range(len(rows))):
-        result = decode(model, cross, [rows[i] for i in order], num_beams, eos_token_id, pad_token_id,
-                        compaction, length_penalty, early_stopping)
+        result = decode(
+            model,
+            cross,
+            [rows[i] for i in order],
+            num_beams,
+            eos_token_id,
+            pad_token_id,
+            compaction,
+            length_penalty,
+            early_stopping,
+        )
         back = [0] * len(rows)
         for new, old in enumerate(order):
             back[old] = new
@@ -169,7 +178,9 @@ def decode(
     stats.prefill_tokens = sum(len(r.prefix) for r in rows)
     stats.self_cache_bytes = cache.nbytes() * num_beams
 
-    beam = _BeamState(G, num_beams, int(max_new.max()), device, length_penalty, early_stopping) if num_beams > 1 else None
+    beam = (
+        _BeamState(G, num_beams, int(max_new.max()), device, length_penalty, early_stopping) if num_beams > 1 else None
+    )
     if beam is not None:
         cache.repeat_rows(num_beams)
         state.select(torch.arange(G, device=device).repeat_interleave(num_beams))

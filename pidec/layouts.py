@@ -114,8 +114,19 @@ def build(
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         plan.prompt_tokens += sum(len(p) for p in prompt_ids)
         if layout == "pie":
-            _pie(plan, tokenizer, i, document, prompts, prompt_ids, max_new_tokens, max_input_length,
-                 decoder_start_token_id, truncate, eos)
+            _pie(
+                plan,
+                tokenizer,
+                i,
+                document,
+                prompts,
+                prompt_ids,
+                max_new_tokens,
+                max_input_length,
+                decoder_start_token_id,
+                truncate,
+                eos,
+            )
             continue
         text = document if layout == "pid" or not seq_instruction else f"{seq_instruction} {document}"
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -125,13 +136,28 @@ def build(
         d = len(plan.docs)
         plan.docs.append(ids)
         if layout == "pid":
-            for j, p in enumerate(prompt_ids):
-                plan.rows.append(Row(d, [decoder_start_token_id] + p, max_new_tokens))
-                plan.owner.append((i, j))
+            _pid_rows(plan, i, d, prompt_ids, max_new_tokens, decoder_start_token_id)
         else:  # seq: room for "prompt: answer; " per subtask
             budget = sum(len(p) + max_new_tokens + 2 for p in prompt_ids)
             plan.rows.append(Row(d, [decoder_start_token_id], budget))
             plan.owner.append((i, -1))
+    return plan
+
+
+def _pid_rows(plan: Plan, example: int, doc: int, prompt_ids, max_new_tokens: int, start: int) -> None:
+    for j, p in enumerate(prompt_ids):
+        plan.rows.append(Row(doc, [start] + p, max_new_tokens))
+        plan.owner.append((example, j))
+
+
+def build_encoded(tokenizer, prompts: list[str], max_new_tokens: int, decoder_start_token_id: int) -> Plan:
+    """pid rows for one document that is already encoded (its cache is document 0)."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    prompts = check_prompts(prompts)
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    plan = Plan("pid", [], [], [], [prompts], prompt_tokens=sum(len(p) for p in prompt_ids))
+    _pid_rows(plan, 0, 0, prompt_ids, max_new_tokens, decoder_start_token_id)
     return plan
 
 
@@ -146,7 +172,9 @@ def _pie(plan, tokenizer, i, document, prompts, prompt_ids, max_new_tokens, limi
             doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
             room = limit - len(prompt_ids[j]) - 1
             if room < 1:
-                raise InputError(f"example {i}: prompt {j} alone is {len(prompt_ids[j])} tokens, over the limit {limit}")
+                raise InputError(
+                    f"example {i}: prompt {j} alone is {len(prompt_ids[j])} tokens, over the limit {limit}"
+                )
             kept = doc_ids[:room] if truncate == "right" else doc_ids[len(doc_ids) - room :]
             plan.truncations.append(Truncation(i, j, truncate, len(ids), len(prompt_ids[j]) + len(kept) + 1))
             ids = prompt_ids[j] + kept + [eos]

@@ -77,14 +77,18 @@ def build_hf(variant: str):
     seed_all(SEEDS[variant])
     if variant == "mt5":
         cfg = transformers.MT5Config(
-            vocab_size=spec["vocab_size"], feed_forward_proj=spec["feed_forward_proj"],
-            tie_word_embeddings=spec["tie"], **TINY
+            vocab_size=spec["vocab_size"],
+            feed_forward_proj=spec["feed_forward_proj"],
+            tie_word_embeddings=spec["tie"],
+            **TINY,
         )
         hf = transformers.MT5ForConditionalGeneration(cfg)
     else:
         cfg = transformers.T5Config(
-            vocab_size=spec["vocab_size"], feed_forward_proj=spec["feed_forward_proj"],
-            tie_word_embeddings=spec["tie"], **TINY
+            vocab_size=spec["vocab_size"],
+            feed_forward_proj=spec["feed_forward_proj"],
+            tie_word_embeddings=spec["tie"],
+            **TINY,
         )
         hf = transformers.T5ForConditionalGeneration(cfg)
     with torch.no_grad():

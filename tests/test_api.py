@@ -17,9 +17,18 @@ PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
 def folder(tmp_path_factory):
     tok = checkpoint.load_tokenizer(require(T5_TOKENIZER))
     torch.manual_seed(0)
-    cfg = T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
-                   max_input_length=64)
+    cfg = T5Config(
+        vocab_size=32128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        max_input_length=64,
+    )
     model = T5(cfg)
     with torch.no_grad():  # make EOS a frequent choice so rows end at different steps
         model.lm_head.weight[1] *= 4
@@ -44,7 +53,7 @@ def test_generate_matches_transformers_per_subtask(model, folder):
     for p in PROMPTS:
         dec = torch.tensor([[0] + tok(p, add_special_tokens=False).input_ids])
         out = hf.generate(input_ids=ids, decoder_input_ids=dec, max_new_tokens=6, do_sample=False)
-        want.append(tok.decode(out[0, dec.shape[1]:], skip_special_tokens=True).strip())
+        want.append(tok.decode(out[0, dec.shape[1] :], skip_special_tokens=True).strip())
     assert got == want
     assert len(got) == len(PROMPTS)
 
@@ -60,8 +69,11 @@ def test_encode_once_then_generate_reuses_it(model):
 
 
 def test_generate_batch_equals_one_by_one(model):
-    examples = [(DOC, PROMPTS), ("Another short document about trains on monday.", ["train day"]),
-                (DOC + " More text.", PROMPTS[:2])]
+    examples = [
+        (DOC, PROMPTS),
+        ("Another short document about trains on monday.", ["train day"]),
+        (DOC + " More text.", PROMPTS[:2]),
+    ]
     batch = model.generate_batch(examples, max_new_tokens=5)
     assert batch == [model.generate(d, p, max_new_tokens=5) for d, p in examples]
     beams = model.generate_batch(examples, max_new_tokens=5, num_beams=3)
@@ -99,12 +111,15 @@ def test_too_long_document_needs_truncate_and_is_reported(model):
     assert res.to_dict()["truncations"][0]["side"] == "left"
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
-    ({"num_beams": 0}, "num_beams must be an integer >= 1"),
-    ({"layout": "both"}, "unknown layout"),
-    ({"truncate": "middle"}, "truncate="),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be an integer >= 1"),
+        ({"num_beams": 0}, "num_beams must be an integer >= 1"),
+        ({"layout": "both"}, "unknown layout"),
+        ({"truncate": "middle"}, "truncate="),
+    ],
+)
 def test_bad_arguments(model, kwargs, match):
     with pytest.raises(pidec.InputError, match=match):
         model.generate(DOC, PROMPTS, **kwargs)

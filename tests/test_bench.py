@@ -22,8 +22,16 @@ from pidec.bench import (
 from pidec.model import T5Config
 
 K, DOC = 4, 64
-RESULT_KEYS = {"config", "latency_s_median", "docs_per_s", "tokens_per_s", "peak_mem_mb", "gflops_per_doc",
-               "cross_cache_mb", "speedup_vs_hf_pie"}
+RESULT_KEYS = {
+    "config",
+    "latency_s_median",
+    "docs_per_s",
+    "tokens_per_s",
+    "peak_mem_mb",
+    "gflops_per_doc",
+    "cross_cache_mb",
+    "speedup_vs_hf_pie",
+}
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +92,9 @@ def test_cross_cache_sizes(full):
 
 
 def test_subset_of_configs_without_hf():
-    r = run_bench("qa", "tiny", configs=["pidec-pid", "pidec-seq"], docs=2, repeats=1, threads=1,
-                  doc_tokens=32, subtasks=3)
+    r = run_bench(
+        "qa", "tiny", configs=["pidec-pid", "pidec-seq"], docs=2, repeats=1, threads=1, doc_tokens=32, subtasks=3
+    )
     assert [x["config"] for x in r["results"]] == ["pidec-pid", "pidec-seq"]
     assert all(x["speedup_vs_hf_pie"] is None for x in r["results"])
     assert r["agree"] is None
@@ -127,8 +136,7 @@ def test_encoder_token_flops_by_hand():
     # 1 layer, d_model 4, 2 heads of d_kv 2 (inner 4), gated d_ff 8, sequence of 3 tokens:
     #   q, k, v, o: 4 * 2*4*4 = 128;  scores + weighted sum: 2 * 2*3*4 = 48
     #   wi_0, wi_1: 2 * 2*4*8 = 128;  wo: 2*8*4 = 64           -> 368
-    cfg = T5Config(vocab_size=10, d_model=4, d_kv=2, d_ff=8, num_layers=1, num_heads=2,
-                   feed_forward_proj="gated-gelu")
+    cfg = T5Config(vocab_size=10, d_model=4, d_kv=2, d_ff=8, num_layers=1, num_heads=2, feed_forward_proj="gated-gelu")
     assert encoder_token_flops(cfg, 3) == 368
     relu = T5Config(vocab_size=10, d_model=4, d_kv=2, d_ff=8, num_layers=2, num_heads=2, feed_forward_proj="relu")
     assert encoder_token_flops(relu, 3) == 2 * (128 + 48 + 64 + 64)

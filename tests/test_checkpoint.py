@@ -212,7 +212,9 @@ def test_missing_tensor(v11, tmp_path):
     folder = _copy(v11.folder, tmp_path / "m")
     name = "decoder.block.2.layer.1.EncDecAttention.v.weight"
     _edit_weights(folder, lambda sd: sd.pop(name))
-    with pytest.raises(CheckpointError, match="missing tensor decoder\\.block\\.2\\.layer\\.1\\.EncDecAttention\\.v\\.weight"):
+    with pytest.raises(
+        CheckpointError, match="missing tensor decoder\\.block\\.2\\.layer\\.1\\.EncDecAttention\\.v\\.weight"
+    ):
         load_model(folder)
 
 

@@ -22,8 +22,17 @@ DOC = "User: a cheap hotel in the north please. System: The Acorn it is."
 def folder(tmp_path_factory):
     tok = checkpoint.load_tokenizer(require(T5_TOKENIZER))
     torch.manual_seed(1)
-    cfg = T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   feed_forward_proj="gated-gelu", tie_word_embeddings=False, max_input_length=40)
+    cfg = T5Config(
+        vocab_size=32128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        max_input_length=40,
+    )
     path = tmp_path_factory.mktemp("cli")
     checkpoint.save(T5(cfg), path, tokenizer=tok)
     return path
@@ -38,9 +47,25 @@ def doc_file(tmp_path):
 
 def test_generate_subprocess_prints_json(folder, doc_file):
     out = subprocess.run(
-        [sys.executable, "-m", "pidec", "generate", "--model", str(folder), "--document", str(doc_file),
-         "--prompt", "hotel area", "--prompt", "hotel price range", "--max-new-tokens", "3"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pidec",
+            "generate",
+            "--model",
+            str(folder),
+            "--document",
+            str(doc_file),
+            "--prompt",
+            "hotel area",
+            "--prompt",
+            "hotel price range",
+            "--max-new-tokens",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
@@ -53,16 +78,48 @@ def test_generate_layouts_stdin_and_prompts_file(folder, tmp_path):
     pf.write_text("hotel area\n\nhotel price range\n")
     first = None
     for layout in ("pid", "pie", "seq"):
-        r = runner.invoke(app, ["generate", "--model", str(folder), "--document", "-", "--prompts-file", str(pf),
-                                "--layout", layout, "--max-new-tokens", "2", "--num-beams", "2"], input=DOC)
+        r = runner.invoke(
+            app,
+            [
+                "generate",
+                "--model",
+                str(folder),
+                "--document",
+                "-",
+                "--prompts-file",
+                str(pf),
+                "--layout",
+                layout,
+                "--max-new-tokens",
+                "2",
+                "--num-beams",
+                "2",
+            ],
+            input=DOC,
+        )
         assert r.exit_code == 0, r.output
         data = json.loads(r.stdout)
         assert len(data["outputs"]) == 2
         first = first or data
     pj = tmp_path / "prompts.json"
     pj.write_text(json.dumps(["hotel area", "hotel price range"]))
-    r = runner.invoke(app, ["generate", "--model", str(folder), "--document", "-", "--prompts-file", str(pj),
-                            "--max-new-tokens", "2", "--num-beams", "2"], input=DOC)
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(folder),
+            "--document",
+            "-",
+            "--prompts-file",
+            str(pj),
+            "--max-new-tokens",
+            "2",
+            "--num-beams",
+            "2",
+        ],
+        input=DOC,
+    )
     assert json.loads(r.stdout)["outputs"] == first["outputs"]
 
 
@@ -79,16 +136,33 @@ def test_generate_bad_input_is_one_clear_line(folder, doc_file, tmp_path):
     assert "unknown layout 'x'" in _err(base + ["--prompt", "a", "--layout", "x"])
     assert "max_new_tokens must be an integer >= 1" in _err(base + ["--prompt", "a", "--max-new-tokens", "0"])
     assert "prompt 0 is empty or whitespace" in _err(base + ["--prompt", "   "])
-    assert "not found" in _err(["generate", "--model", str(folder), "--document", str(tmp_path / "no.txt"),
-                                "--prompt", "a"])
-    assert "no such checkpoint folder" in _err(["generate", "--model", str(tmp_path / "none"), "--document",
-                                                str(doc_file), "--prompt", "a"])
+    assert "not found" in _err(
+        ["generate", "--model", str(folder), "--document", str(tmp_path / "no.txt"), "--prompt", "a"]
+    )
+    assert "no such checkpoint folder" in _err(
+        ["generate", "--model", str(tmp_path / "none"), "--document", str(doc_file), "--prompt", "a"]
+    )
     long = tmp_path / "long.txt"
     long.write_text("word " * 100)
-    assert "longer than the model's limit of 40" in _err(["generate", "--model", str(folder), "--document",
-                                                          str(long), "--prompt", "a"])
-    r = runner.invoke(app, ["generate", "--model", str(folder), "--document", str(long), "--prompt", "a",
-                            "--truncate", "right", "--max-new-tokens", "1"])
+    assert "longer than the model's limit of 40" in _err(
+        ["generate", "--model", str(folder), "--document", str(long), "--prompt", "a"]
+    )
+    r = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(folder),
+            "--document",
+            str(long),
+            "--prompt",
+            "a",
+            "--truncate",
+            "right",
+            "--max-new-tokens",
+            "1",
+        ],
+    )
     assert r.exit_code == 0 and json.loads(r.stdout)["truncations"][0]["kept_tokens"] == 40
     bad = tmp_path / "bad.txt"
     bad.write_text("ok\n   \n")

@@ -20,9 +20,14 @@ from .conftest import EOS, random_tokens
 DOC_LENGTHS = [40, 17, 6]
 # (document, prompt length, max_new_tokens): 1-4 rows per document, prompts of 0-5 tokens, 1-12 new tokens
 LAYOUT = [
-    (0, 0, 12), (0, 3, 1), (0, 5, 9),
+    (0, 0, 12),
+    (0, 3, 1),
+    (0, 5, 9),
     (1, 2, 12),
-    (2, 1, 7), (2, 4, 12), (2, 0, 3), (2, 5, 10),
+    (2, 1, 7),
+    (2, 4, 12),
+    (2, 0, 3),
+    (2, 5, 10),
 ]
 
 
@@ -102,16 +107,25 @@ def test_beam_matches_transformers(variant, num_beams):
     assert any(ended for _, ended, _ in ref)
 
 
-@pytest.mark.parametrize("num_beams,length_penalty,early_stopping", [(3, 0.5, False), (3, 2.0, False), (2, 1.0, True), (4, -1.0, True)])
+@pytest.mark.parametrize(
+    "num_beams,length_penalty,early_stopping", [(3, 0.5, False), (3, 2.0, False), (2, 1.0, True), (4, -1.0, True)]
+)
 def test_beam_options_match_transformers(v11, mt5, num_beams, length_penalty, early_stopping):
     for v in (v11, mt5):
         model = v.pid64()
         docs = _docs(v.vocab, seed=114)
         rows = _rows(v.vocab, seed=214)
-        got = decode(model, encode(model, docs), rows, num_beams=num_beams, length_penalty=length_penalty,
-                     early_stopping=early_stopping)
-        ref = hf_reference(v, docs, rows, num_beams=num_beams, length_penalty=length_penalty,
-                           early_stopping=early_stopping)
+        got = decode(
+            model,
+            encode(model, docs),
+            rows,
+            num_beams=num_beams,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+        )
+        ref = hf_reference(
+            v, docs, rows, num_beams=num_beams, length_penalty=length_penalty, early_stopping=early_stopping
+        )
         assert got.tokens == [t for t, _, _ in ref], v.name
         assert got.scores == pytest.approx([s for _, _, s in ref], abs=1e-4), v.name
 
@@ -320,7 +334,9 @@ def test_finished_documents_are_dropped_without_changing_outputs(variant, num_be
     for d in range(len(docs)):
         mine = [i for i, r in enumerate(rows) if r.doc == d]
         alone = decode(
-            model, encode(model, [docs[d]]), [Row(0, rows[i].prefix, rows[i].max_new_tokens) for i in mine],
+            model,
+            encode(model, [docs[d]]),
+            [Row(0, rows[i].prefix, rows[i].max_new_tokens) for i in mine],
             num_beams=num_beams,
         )
         assert [together.tokens[i] for i in mine] == alone.tokens, d
@@ -334,8 +350,14 @@ def test_one_long_document_among_finished_ones_matches_transformers(mt5):
     """After dropping, the remaining rows must still read their own document's cache."""
     model = mt5.pid64()
     docs = _docs(mt5.vocab, seed=112, lengths=[12, 30, 7, 40, 19])
-    rows = [Row(0, [0], 1), Row(1, [0, 4], 1), Row(2, [0], 1), Row(3, [0, 7, 8], 12), Row(4, [0, 2], 1),
-            Row(3, [0], 12)]
+    rows = [
+        Row(0, [0], 1),
+        Row(1, [0, 4], 1),
+        Row(2, [0], 1),
+        Row(3, [0, 7, 8], 12),
+        Row(4, [0, 2], 1),
+        Row(3, [0], 12),
+    ]
     got = decode(model, encode(model, docs), rows, eos_token_id=None)
     ref = hf_reference(mt5, docs, rows, eos_token_id=None)
     assert got.tokens == [t for t, _, _ in ref]

@@ -1,9 +1,7 @@
 import pytest
-import torch
 
 from pidec import checkpoint
 from pidec.layouts import InputError, build, collect, fit, format_seq, parse_seq
-from pidec.model import T5, T5Config
 
 from .shared_data import T5_TOKENIZER, require
 

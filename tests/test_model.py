@@ -6,8 +6,9 @@ import pytest
 import torch
 from transformers.models.t5.modeling_t5 import T5Attention
 
+from pidec.model import T5, RowGroups, T5Config, relative_position_bucket
+
 from .conftest import SPECS, TINY, VARIANTS, padded_batch, random_tokens
-from pidec.model import RowGroups, T5, T5Config, relative_position_bucket
 
 ATOL = 1e-4
 
@@ -209,7 +210,9 @@ def test_config_rejects_bad_feed_forward_proj(proj, match):
         T5Config(**_tiny(feed_forward_proj=proj))
 
 
-@pytest.mark.parametrize("proj,gated,act", [("relu", False, "relu"), ("gated-gelu", True, "gelu"), ("gated-silu", True, "silu")])
+@pytest.mark.parametrize(
+    "proj,gated,act", [("relu", False, "relu"), ("gated-gelu", True, "gelu"), ("gated-silu", True, "silu")]
+)
 def test_config_accepts_feed_forward_proj(proj, gated, act):
     c = T5Config(**_tiny(feed_forward_proj=proj))
     assert c.is_gated is gated and c.activation == act
