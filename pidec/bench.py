@@ -333,6 +333,13 @@ def _load_models(folder, device: torch.device, dtype: torch.dtype, need_hf: bool
         for a, b in pairs:
             if a.shape != b.shape or not torch.equal(a.detach().cpu(), b.detach().cpu()):
                 raise RuntimeError(f"transformers did not load the same weights from {folder}")
+    # Weights read from safetensors may be mapped lazily; page them all in now, or the first
+    # configuration to touch them is charged the whole model in its peak memory.
+    with torch.inference_mode():
+        for m in (ours, hf):
+            if m is not None:
+                for p in m.parameters():
+                    p.detach().sum()
     return ours, hf
 
 
