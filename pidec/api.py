@@ -102,38 +102,43 @@ class Model:
         self,
         document: str | EncodedDocument,
         prompts: list[str],
-        max_new_tokens: int = 32,
+        max_new_tokens: int | list[int] = 32,
         num_beams: int = 1,
         layout: str = "pid",
         truncate: str | None = None,
         return_details: bool = False,
         **kwargs,
     ) -> list[str] | GenerationResult:
-        """Answer every prompt about one document; outputs in prompt order."""
+        """Answer every prompt about one document; outputs in prompt order.
+
+        max_new_tokens: one budget for every prompt, or a list with one per prompt."""
         if isinstance(document, EncodedDocument):
             result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, **kwargs)
         else:
-            result = self.run([(document, prompts)], max_new_tokens, num_beams, layout, truncate, **kwargs)
+            per_example = [max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
+            result = self.run([(document, prompts)], per_example, num_beams, layout, truncate, **kwargs)
         return result if return_details else result.outputs[0]
 
     def generate_batch(
         self,
         examples: list[tuple[str, list[str]]],
-        max_new_tokens: int = 32,
+        max_new_tokens: int | list = 32,
         num_beams: int = 1,
         layout: str = "pid",
         truncate: str | None = None,
         return_details: bool = False,
         **kwargs,
     ) -> list[list[str]] | GenerationResult:
-        """Many documents, each with its own prompts, decoded together."""
+        """Many documents, each with its own prompts, decoded together.
+
+        max_new_tokens: an int for all, or one entry per example (an int, or one per prompt)."""
         result = self.run(examples, max_new_tokens, num_beams, layout, truncate, **kwargs)
         return result if return_details else result.outputs
 
     def run(
         self,
         examples: list[tuple[str, list[str]]],
-        max_new_tokens: int = 32,
+        max_new_tokens: int | list = 32,
         num_beams: int = 1,
         layout: str = "pid",
         truncate: str | None = None,
@@ -141,7 +146,7 @@ class Model:
         length_penalty: float = 1.0,
         seq_instruction: str | None = None,
     ) -> GenerationResult:
-        _check_decoding(max_new_tokens, num_beams)
+        _check_decoding(num_beams)
         examples = _check_examples(examples)
         t0 = time.perf_counter()
         plan = layouts.build(
@@ -198,7 +203,7 @@ class Model:
                 f"an encoded document decodes in the pid layout only (got layout={layout!r}): "
                 "pie puts each prompt in the encoder, seq needs its own encoder input"
             )
-        _check_decoding(max_new_tokens, num_beams)
+        _check_decoding(num_beams)
         t0 = time.perf_counter()
         plan = layouts.build_encoded(self.tokenizer, prompts, max_new_tokens, self.config.decoder_start_token_id)
         t_tok = time.perf_counter() - t0
@@ -224,9 +229,7 @@ def _usage(document_tokens: int, plan: layouts.Plan, tokens: list[list[int]]) ->
     }
 
 
-def _check_decoding(max_new_tokens, num_beams) -> None:
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+def _check_decoding(num_beams) -> None:
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise InputError(f"num_beams must be an integer >= 1, got {num_beams!r}")
 

@@ -33,8 +33,9 @@ Configurations (one document at a time):
 
 pidec runs with ``eos_token_id=None`` and per-row ``max_new_tokens`` = the row's output length.
 
-Reported per configuration: the median latency per document over docs x repeats timings (one
-untimed warm-up on the first document before them), documents/s, output tokens/s (the mean
+Reported per configuration: the median latency per document over docs x repeats timings, taken
+round-robin over the configurations (after one untimed warm-up of each on the first document,
+which is also where its peak memory is measured, alone), documents/s, output tokens/s (the mean
 number of answer tokens the workload asks for per document, the same for every configuration,
 divided by the median latency), peak memory (CUDA: max_memory_allocated above the level before;
 CPU: process RSS sampled every 5 ms by a background thread, above the RSS before, after
@@ -632,39 +633,46 @@ def _run(
     element_size = torch.empty((), dtype=torch_dtype).element_size()
     mean_answer_tokens = statistics.mean(d.answer_tokens for d in draws)
 
-    results, first_tokens = [], {}
+    # Peak memory: each configuration alone on the first document (this is also its warm-up).
+    # Timing: round-robin over the configurations, so a slow spell of the machine falls on all
+    # of them alike instead of on whichever happened to run then.
+    first_tokens, peaks, cross_measured = {}, {}, dict.fromkeys(configs, 0)
+    times: dict[str, list[float]] = {name: [] for name in configs}
     with torch.inference_mode():
         for name in configs:
-            run = _RUNNERS[name]
-            times, cross_measured = [], 0
             with _PeakMemory(dev) as mem:
-                tokens, _ = run(ours, hf, draws[0], dev)  # warm-up, untimed
-                _check_lengths(name, tokens, draws[0])
-                first_tokens[name] = tokens
-                for _ in range(repeats):
-                    for d in draws:
-                        _sync(dev)
-                        t0 = time.perf_counter()
-                        _, cross = run(ours, hf, d, dev)
-                        _sync(dev)
-                        times.append(time.perf_counter() - t0)
-                        cross_measured = max(cross_measured, cross or 0)
-            latency = statistics.median(times)
-            cross_bytes = cross_measured or max(config_cross_bytes(name, cfg, d, element_size) for d in draws)
-            results.append(
-                {
-                    "config": name,
-                    "latency_s_median": latency,
-                    "docs_per_s": 1.0 / latency,
-                    "tokens_per_s": mean_answer_tokens / latency,
-                    "peak_mem_mb": mem.peak_bytes / 2**20,
-                    "gflops_per_doc": statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9,
-                    "cross_cache_mb": cross_bytes / 2**20,
-                    "speedup_vs_hf_pie": None,
-                }
-            )
+                tokens, cross = _RUNNERS[name](ours, hf, draws[0], dev)
+            _check_lengths(name, tokens, draws[0])
+            first_tokens[name], peaks[name] = tokens, mem.peak_bytes
+            cross_measured[name] = cross or 0
             del tokens
             _release_memory(dev)
+        for _ in range(repeats):
+            for d in draws:
+                for name in configs:
+                    _sync(dev)
+                    t0 = time.perf_counter()
+                    _, cross = _RUNNERS[name](ours, hf, d, dev)
+                    _sync(dev)
+                    times[name].append(time.perf_counter() - t0)
+                    cross_measured[name] = max(cross_measured[name], cross or 0)
+
+    results = []
+    for name in configs:
+        latency = statistics.median(times[name])
+        cross_bytes = cross_measured[name] or max(config_cross_bytes(name, cfg, d, element_size) for d in draws)
+        results.append(
+            {
+                "config": name,
+                "latency_s_median": latency,
+                "docs_per_s": 1.0 / latency,
+                "tokens_per_s": mean_answer_tokens / latency,
+                "peak_mem_mb": peaks[name] / 2**20,
+                "gflops_per_doc": statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9,
+                "cross_cache_mb": cross_bytes / 2**20,
+                "speedup_vs_hf_pie": None,
+            }
+        )
 
     base = next((r["latency_s_median"] for r in results if r["config"] == "hf-pie"), None)
     if base is not None:

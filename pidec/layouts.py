@@ -67,6 +67,24 @@ def check_prompts(prompts, example: int = 0) -> list[str]:
     return prompts
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def budgets(max_new_tokens, k: int, example: int = 0) -> list[int]:
+    """One token budget per prompt: an int for all of them, or a list with one per prompt."""
+    if _positive_int(max_new_tokens):
+        return [max_new_tokens] * k
+    if isinstance(max_new_tokens, (list, tuple)):
+        if len(max_new_tokens) != k:
+            raise InputError(f"example {example}: {len(max_new_tokens)} max_new_tokens values for {k} prompts")
+        for j, n in enumerate(max_new_tokens):
+            if not _positive_int(n):
+                raise InputError(f"example {example}: max_new_tokens[{j}] must be an integer >= 1, got {n!r}")
+        return list(max_new_tokens)
+    raise InputError(f"max_new_tokens must be an integer >= 1 (or one per prompt), got {max_new_tokens!r}")
+
+
 def fit(ids: list[int], limit: int, truncate: str | None, what: str, keep_end: list[int]) -> tuple[list[int], bool]:
     """Make `ids + keep_end` fit in `limit` tokens: cut `ids` on one side only when asked."""
     if truncate not in TRUNCATE:
@@ -90,18 +108,23 @@ def build(
     tokenizer,
     examples: list[tuple[str, list[str]]],
     layout: str,
-    max_new_tokens: int,
+    max_new_tokens: int | list,
     max_input_length: int,
     decoder_start_token_id: int,
     truncate: str | None = None,
     seq_instruction: str | None = None,
 ) -> Plan:
-    """Tokenize examples into encoder rows and decoder rows for `layout`."""
+    """Tokenize examples into encoder rows and decoder rows for `layout`.
+
+    max_new_tokens: an int for every subtask, or a list with one entry per example, each an int
+    or a list with one budget per prompt."""
     check_layout(layout)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not examples:
         raise InputError("no examples given")
+    if isinstance(max_new_tokens, (list, tuple)) and len(max_new_tokens) != len(examples):
+        raise InputError(f"{len(max_new_tokens)} max_new_tokens entries for {len(examples)} examples")
+    if not isinstance(max_new_tokens, (list, tuple)):
+        budgets(max_new_tokens, 1)  # validates the int before any tokenizing
     eos = tokenizer.eos_token_id
     plan = Plan(layout, [], [], [], [])
     for i, (document, prompts) in enumerate(examples):
@@ -110,6 +133,8 @@ def build(
         if not document.strip():
             raise InputError(f"example {i}: document is empty")
         prompts = check_prompts(prompts, i)
+        limits = budgets(max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens,
+                         len(prompts), i)
         plan.prompts.append(prompts)
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         plan.prompt_tokens += sum(len(p) for p in prompt_ids)
@@ -121,7 +146,7 @@ def build(
                 document,
                 prompts,
                 prompt_ids,
-                max_new_tokens,
+                limits,
                 max_input_length,
                 decoder_start_token_id,
                 truncate,
@@ -136,32 +161,31 @@ def build(
         d = len(plan.docs)
         plan.docs.append(ids)
         if layout == "pid":
-            _pid_rows(plan, i, d, prompt_ids, max_new_tokens, decoder_start_token_id)
+            _pid_rows(plan, i, d, prompt_ids, limits, decoder_start_token_id)
         else:  # seq: room for "prompt: answer; " per subtask
-            budget = sum(len(p) + max_new_tokens + 2 for p in prompt_ids)
+            budget = sum(len(p) + n + 2 for p, n in zip(prompt_ids, limits))
             plan.rows.append(Row(d, [decoder_start_token_id], budget))
             plan.owner.append((i, -1))
     return plan
 
 
-def _pid_rows(plan: Plan, example: int, doc: int, prompt_ids, max_new_tokens: int, start: int) -> None:
-    for j, p in enumerate(prompt_ids):
-        plan.rows.append(Row(doc, [start] + p, max_new_tokens))
+def _pid_rows(plan: Plan, example: int, doc: int, prompt_ids, limits: list[int], start: int) -> None:
+    for j, (p, n) in enumerate(zip(prompt_ids, limits)):
+        plan.rows.append(Row(doc, [start] + p, n))
         plan.owner.append((example, j))
 
 
-def build_encoded(tokenizer, prompts: list[str], max_new_tokens: int, decoder_start_token_id: int) -> Plan:
+def build_encoded(tokenizer, prompts: list[str], max_new_tokens: int | list[int], decoder_start_token_id: int) -> Plan:
     """pid rows for one document that is already encoded (its cache is document 0)."""
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     prompts = check_prompts(prompts)
+    limits = budgets(max_new_tokens, len(prompts))
     prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
     plan = Plan("pid", [], [], [], [prompts], prompt_tokens=sum(len(p) for p in prompt_ids))
-    _pid_rows(plan, 0, 0, prompt_ids, max_new_tokens, decoder_start_token_id)
+    _pid_rows(plan, 0, 0, prompt_ids, limits, decoder_start_token_id)
     return plan
 
 
-def _pie(plan, tokenizer, i, document, prompts, prompt_ids, max_new_tokens, limit, start, truncate, eos):
+def _pie(plan, tokenizer, i, document, prompts, prompt_ids, limits, limit, start, truncate, eos):
     texts = [f"{p} {document}" for p in prompts]
     rows = tokenizer(texts)["input_ids"]
     for j, ids in enumerate(rows):
@@ -180,7 +204,7 @@ def _pie(plan, tokenizer, i, document, prompts, prompt_ids, max_new_tokens, limi
             ids = prompt_ids[j] + kept + [eos]
         d = len(plan.docs)
         plan.docs.append(ids)
-        plan.rows.append(Row(d, [start], max_new_tokens))
+        plan.rows.append(Row(d, [start], limits[j]))
         plan.owner.append((i, j))
 
 

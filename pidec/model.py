@@ -493,6 +493,10 @@ class T5(nn.Module):
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model**-0.5)
         weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        if hidden.dim() == 2 and hidden.shape[0] <= 16 and hidden.device.type == "cpu" and not torch.is_grad_enabled():
+            # a few decoding rows against a 32k-row head: CPU BLAS runs (vocab x d) @ (d x rows)
+            # about twice as fast as the same product the other way round
+            return torch.mm(weight, hidden.t()).t()
         return F.linear(hidden, weight)
 
     def forward(

@@ -156,3 +156,35 @@ def test_bfloat16_runs(folder):
     m = pidec.load(folder, dtype="bfloat16")
     assert m.model.dtype == torch.bfloat16
     assert len(m.generate(DOC, PROMPTS, max_new_tokens=3)) == len(PROMPTS)
+
+
+def test_one_budget_per_prompt(model):
+    budgets = [1, 6, 3, 2]
+    got = model.generate(DOC, PROMPTS, max_new_tokens=budgets, return_details=True)
+    alone = [model.generate(DOC, [p], max_new_tokens=n)[0] for p, n in zip(PROMPTS, budgets)]
+    assert got.outputs[0] == alone
+    assert got.usage["output_tokens"] <= sum(budgets)
+    enc = model.encode(DOC)
+    assert model.generate(enc, PROMPTS, max_new_tokens=budgets) == alone
+    for layout in ("pie", "seq"):
+        assert len(model.generate(DOC, PROMPTS, max_new_tokens=budgets, layout=layout)) == len(PROMPTS)
+    batch = model.generate_batch([(DOC, PROMPTS), (DOC, PROMPTS[:1])], max_new_tokens=[budgets, 6])
+    assert batch == [alone, model.generate(DOC, PROMPTS[:1], max_new_tokens=6)]
+
+
+@pytest.mark.parametrize("budgets, match", [
+    ([1, 2], "2 max_new_tokens values for 4 prompts"),
+    ([1, 0, 2, 2], r"max_new_tokens\[1\] must be an integer >= 1, got 0"),
+    ([1, True, 2, 2], r"max_new_tokens\[1\] must be an integer >= 1, got True"),
+    ("8", "max_new_tokens must be an integer >= 1"),
+])
+def test_bad_budgets(model, budgets, match):
+    with pytest.raises(pidec.InputError, match=match):
+        model.generate(DOC, PROMPTS, max_new_tokens=budgets)
+    with pytest.raises(pidec.InputError, match=match):
+        model.generate(model.encode(DOC), PROMPTS, max_new_tokens=budgets)
+
+
+def test_batch_budget_count_must_match_examples(model):
+    with pytest.raises(pidec.InputError, match="3 max_new_tokens entries for 2 examples"):
+        model.generate_batch([(DOC, PROMPTS), (DOC, PROMPTS)], max_new_tokens=[1, 2, 3])
