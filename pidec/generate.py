@@ -1,10 +1,11 @@
 """The decoding engine: encode each document once, decode all of its rows over one shared
 cross-attention cache, greedy or beam search, ragged rows, compaction.
 
-Works on token ids only; `layouts` turns text into `Row`s and back. The shape of one step:
+Works on token ids only; `layouts` turns text into `Row`s and back. The prompts are prefilled
+in one pass, each document's prompts packed end to end (no padding); then one step is
 
-    rows alive R (sorted by document), cache position p (the same for every row, since prompts
-    are left-padded to end together), tokens [R, 1] -> logits [R, vocab]
+    rows alive R (sorted by document), cache position p (the same for every row: each row's
+    cache is aligned so that the prompts end together), tokens [R, 1] -> logits [R, vocab]
 
 A row that has finished is dropped from every per-row tensor before the next step
 (compaction), so a step costs what the rows still alive cost; a document with no row left
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .model import T5, CrossCache, KVCache, RowGroups
+from .model import T5, CrossCache, KVCache, PackedPrefill, RowGroups
 
 
 @dataclass
@@ -155,13 +156,12 @@ def decode(
     max_new = torch.tensor([r.max_new_tokens for r in rows], device=device)
     capacity = P + int(max_new.max())
 
-    # Left-pad every prefix to P so that all rows write at the same cache position.
-    tokens = torch.full((G, P), pad, dtype=torch.long)
+    # Every row's cache is aligned so that the prefixes end together at P: row i's keys sit at
+    # [P - len(prefix_i), P) and the positions before are masked out for good.
     key_keep = torch.ones((G, capacity), dtype=torch.bool)
     for i, r in enumerate(rows):
-        tokens[i, P - len(r.prefix) :] = torch.tensor(r.prefix, dtype=torch.long)
         key_keep[i, : P - len(r.prefix)] = False
-    tokens, key_keep = tokens.to(device), key_keep.to(device)
+    key_keep = key_keep.to(device)
     padded = not bool(key_keep.all())
     doc = torch.tensor([r.doc for r in rows], device=device)
     state = _Rows(doc, key_keep, torch.arange(G, device=device))
@@ -169,14 +169,10 @@ def decode(
     cache = KVCache(len(model.decoder.layers), G, cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
     pos = torch.arange(capacity, device=device)
     bias = model.decoder.rel_bias(pos, pos).unsqueeze(0).to(model.dtype)  # [1, heads, C, C]
-
-    # Prefill: the whole prefix of every row in one pass.
-    mask = model.self_attention_mask(pos[:P], pos[:P], key_keep[:, :P] if padded else None)
-    groups = RowGroups.from_doc(state.doc, cross.docs)
-    hidden = model.decode(tokens, cross, groups, mask, cache)
-    logits = model.logits(hidden[:, -1])  # [G, vocab]
+    logits = _prefill(model, cross, rows, cache, P, pad)  # [G, vocab]
     stats.prefill_tokens = sum(len(r.prefix) for r in rows)
     stats.self_cache_bytes = cache.nbytes() * num_beams
+    groups = RowGroups.from_doc(state.doc, cross.docs)
 
     beam = (
         _BeamState(G, num_beams, int(max_new.max()), device, length_penalty, early_stopping) if num_beams > 1 else None
@@ -248,6 +244,61 @@ def decode(
             result.append(seq)
     stats.output_tokens = sum(len(t) for t in result)  # EOS not counted
     return Decoded(result, scores, stats)
+
+
+PACK_TOKENS = 256  # longest packed prefill segment (its attention is segment x segment)
+
+
+def _prefill(model: T5, cross: CrossCache, rows: list[Row], cache: KVCache, P: int, pad: int) -> Tensor:
+    """Run every row's prefix through the decoder in one pass and return each row's next-token
+    logits [rows, vocab]. The prefixes of a document are packed end to end into segments of up
+    to PACK_TOKENS tokens (no padding between rows of different lengths); a block-diagonal
+    causal mask keeps each row to itself, and each token's keys/values go to its row's cache."""
+    device = model.device
+    segments: list[list[int]] = []
+    seg_doc: list[int] = []
+    seg_len: list[int] = []
+    for i, r in enumerate(rows):
+        n = len(r.prefix)
+        if segments and seg_doc[-1] == r.doc and seg_len[-1] + n <= PACK_TOKENS:
+            segments[-1].append(i)
+            seg_len[-1] += n
+        else:
+            segments.append([i])
+            seg_doc.append(r.doc)
+            seg_len.append(n)
+    S, T = len(segments), max(seg_len)
+    tokens = torch.full((S, T), pad, dtype=torch.long)
+    owner = torch.full((S, T), -1, dtype=torch.long)  # row of each packed token, -1 on padding
+    inrow = torch.zeros((S, T), dtype=torch.long)  # position of the token within its row
+    seg, tok, row, slot, last = [], [], [], [], []
+    for s, members in enumerate(segments):
+        t = 0
+        for i in members:
+            prefix = rows[i].prefix
+            n = len(prefix)
+            tokens[s, t : t + n] = torch.tensor(prefix, dtype=torch.long)
+            owner[s, t : t + n] = i
+            inrow[s, t : t + n] = torch.arange(n)
+            seg += [s] * n
+            tok += range(t, t + n)
+            row += [i] * n
+            slot += range(P - n, P)
+            last.append((s, t + n - 1))
+            t += n
+    tokens, owner, inrow = tokens.to(device), owner.to(device), inrow.to(device)
+    keep = (owner[:, :, None] == owner[:, None, :]) & (inrow[:, None, :] <= inrow[:, :, None])  # [S, q, k]
+    mask = model.decoder.rel_bias.of(inrow[:, None, :] - inrow[:, :, None]).to(model.dtype)  # [S, heads, q, k]
+    mask = mask.masked_fill(~keep[:, None], torch.finfo(model.dtype).min)
+
+    def index(values) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    writer = PackedPrefill(cache, index(seg), index(tok), index(row), index(slot), P)
+    groups = RowGroups.from_doc(index(seg_doc), cross.docs)
+    hidden = model.decode(tokens, cross, groups, mask, writer)  # [S, T, d_model]
+    ends = index(last)
+    return model.logits(hidden[ends[:, 0], ends[:, 1]])
 
 
 def _drop_empty_docs(cross: CrossCache, doc: Tensor) -> tuple[CrossCache, Tensor]:

@@ -133,8 +133,9 @@ def build(
         if not document.strip():
             raise InputError(f"example {i}: document is empty")
         prompts = check_prompts(prompts, i)
-        limits = budgets(max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens,
-                         len(prompts), i)
+        limits = budgets(
+            max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
+        )
         plan.prompts.append(prompts)
         prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
         plan.prompt_tokens += sum(len(p) for p in prompt_ids)

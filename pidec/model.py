@@ -159,9 +159,12 @@ class RelativeBias(nn.Module):
 
     def forward(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:
         """q_pos [t], k_pos [L] -> bias [heads, t, L]"""
-        rel = k_pos[None, :] - q_pos[:, None]
+        return self.of(k_pos[None, :] - q_pos[:, None])
+
+    def of(self, rel: Tensor) -> Tensor:
+        """key - query distances [..., t, L] -> bias [..., heads, t, L]"""
         buckets = relative_position_bucket(rel, self.bidirectional, self.num_buckets, self.max_distance)
-        return F.embedding(buckets, self.weight).permute(2, 0, 1)
+        return F.embedding(buckets, self.weight).movedim(-1, -3)
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -325,9 +328,7 @@ class DecoderLayer(nn.Module):
         self.ff = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(
-        self, x: Tensor, mask: Tensor, cross: CrossCache, groups: RowGroups, cache: KVCache | None, layer: int
-    ) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, cross: CrossCache, groups: RowGroups, cache, layer: int) -> Tensor:
         x = x + self.dropout(self.self_attn(self.self_attn_norm(x), mask, cache, layer))
         h = self.cross_attn(self.cross_attn_norm(x), cross.k[layer], cross.v[layer], cross.mask, groups)
         x = x + self.dropout(h)
@@ -337,8 +338,9 @@ class DecoderLayer(nn.Module):
 class KVCache:
     """Per-row self-attention cache, preallocated: k, v [rows, heads, capacity, d_kv] per layer.
 
-    All rows write at the same position `pos`: prompts are left-padded so that they end together,
-    which T5's relative positions allow (only key - query distances matter; pads are masked)."""
+    All rows write at the same position `pos`: each row's prompt is placed so that all prompts end
+    together, which T5's relative positions allow (only key - query distances matter; the slots
+    before a shorter prompt are masked)."""
 
     def __init__(self, layers: int, rows: int, heads: int, capacity: int, d_kv: int, dtype, device):
         shape = (rows, heads, capacity, d_kv)
@@ -384,6 +386,33 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class PackedPrefill:
+    """Stands in for the KVCache while the prompts are prefilled packed: several rows' prompts
+    laid end to end in one sequence (a segment), so that no compute goes to padding. Each layer's
+    keys/values are scattered to their rows' cache slots; attention runs within the segment,
+    kept to each row by the mask.
+
+    seg, tok: where each real prompt token sits in the packed batch [segments, T];
+    row, pos: where it goes in the cache (pos = P - len(prefix) + i: prompts end together)."""
+
+    def __init__(self, cache: KVCache, seg: Tensor, tok: Tensor, row: Tensor, pos: Tensor, end: int):
+        self.cache, self.seg, self.tok, self.row, self.pos, self.end = cache, seg, tok, row, pos, end
+        if pos.numel() < cache.rows * end:
+            # slots before a short prompt are never written; masked attention gives them weight 0,
+            # and 0 * (uninitialised NaN) would still be NaN
+            for t in cache.k + cache.v:
+                t[:, :, :end].zero_()
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # k [segments, heads, T, d] -> [tokens, heads, d] -> cache[row, :, pos]
+        self.cache.k[layer][self.row, :, self.pos] = k[self.seg, :, self.tok]
+        self.cache.v[layer][self.row, :, self.pos] = v[self.seg, :, self.tok]
+        return k, v
+
+    def advance(self) -> None:
+        self.cache.pos = self.end
 
 
 class Encoder(nn.Module):

@@ -172,12 +172,15 @@ def test_one_budget_per_prompt(model):
     assert batch == [alone, model.generate(DOC, PROMPTS[:1], max_new_tokens=6)]
 
 
-@pytest.mark.parametrize("budgets, match", [
-    ([1, 2], "2 max_new_tokens values for 4 prompts"),
-    ([1, 0, 2, 2], r"max_new_tokens\[1\] must be an integer >= 1, got 0"),
-    ([1, True, 2, 2], r"max_new_tokens\[1\] must be an integer >= 1, got True"),
-    ("8", "max_new_tokens must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "budgets, match",
+    [
+        ([1, 2], "2 max_new_tokens values for 4 prompts"),
+        ([1, 0, 2, 2], r"max_new_tokens\[1\] must be an integer >= 1, got 0"),
+        ([1, True, 2, 2], r"max_new_tokens\[1\] must be an integer >= 1, got True"),
+        ("8", "max_new_tokens must be an integer >= 1"),
+    ],
+)
 def test_bad_budgets(model, budgets, match):
     with pytest.raises(pidec.InputError, match=match):
         model.generate(DOC, PROMPTS, max_new_tokens=budgets)

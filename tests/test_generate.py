@@ -394,3 +394,38 @@ def test_no_rows_is_no_work(t5):
     assert decode(t5.pid, cross, []).tokens == []
     beams = decode(t5.pid, cross, [], num_beams=3)
     assert beams.tokens == [] and beams.scores == []
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_unwritten_cache_slots_never_reach_outputs(variant, monkeypatch, num_beams):
+    """Short prompts leave cache slots before them unwritten; masked attention gives them weight
+    0, which would still turn NaN garbage into NaN. Poison every fresh cache with NaN."""
+    from pidec.model import KVCache
+
+    model = variant.pid64()
+    docs = _docs(variant.vocab, seed=108)
+    rows = _rows(variant.vocab, seed=208)
+    assert len({len(r.prefix) for r in rows}) > 1  # ragged prompts, so some slots stay unwritten
+    cross = encode(model, docs)
+    clean = decode(model, cross, rows, num_beams=num_beams)
+    fresh = KVCache.__init__
+
+    def poisoned(self, *args, **kwargs):
+        fresh(self, *args, **kwargs)
+        for t in self.k + self.v:
+            t.fill_(float("nan"))
+
+    monkeypatch.setattr(KVCache, "__init__", poisoned)
+    for compaction in (True, False):
+        assert decode(model, cross, rows, num_beams=num_beams, compaction=compaction).tokens == clean.tokens
+
+
+def test_prefill_packs_long_documents_into_several_segments(variant, monkeypatch):
+    """More prompt tokens than one packed segment holds: outputs do not depend on the packing."""
+    model = variant.pid64()
+    docs = _docs(variant.vocab, seed=109)
+    rows = _rows(variant.vocab, seed=209)
+    cross = encode(model, docs)
+    one_segment_each = decode(model, cross, rows)
+    monkeypatch.setattr(gen_mod, "PACK_TOKENS", 3)  # a segment per row (or two rows when short)
+    assert decode(model, cross, rows).tokens == one_segment_each.tokens
