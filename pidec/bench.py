@@ -214,15 +214,25 @@ def lm_head_flops(cfg: T5Config) -> int:
 
 
 def decoding_flops(
-    cfg: T5Config, prefix: int, lengths: list[int], cross_len: int, compaction: bool, head_on_prefix: bool = False
+    cfg: T5Config,
+    prefix: int,
+    lengths: list[int],
+    cross_len: int,
+    compaction: bool,
+    head_on_prefix: bool = False,
+    packed: list[int] | None = None,
 ) -> int:
     """A batch of rows sharing a left-padded prefix of `prefix` tokens, row i generating lengths[i]
     tokens: a prefill pass (every prefix position computed, dense attention over the prefix),
     then one pass per further token over the rows still alive (all rows without compaction).
     The LM head runs on the last position of each pass (on every prefix position with
-    `head_on_prefix`, as transformers' T5 does)."""
+    `head_on_prefix`, as transformers' T5 does). `packed`: the rows' own prefix lengths, when
+    the prefill computes only those tokens (pidec packs them), not prefix tokens per row."""
     rows, longest = len(lengths), max(lengths)
-    total = rows * prefix * decoder_token_flops(cfg, prefix, cross_len)
+    if packed is None:
+        total = rows * prefix * decoder_token_flops(cfg, prefix, cross_len)
+    else:
+        total = sum(n * decoder_token_flops(cfg, n, cross_len) for n in packed)
     total += rows * (prefix if head_on_prefix else 1) * lm_head_flops(cfg)
     for step in range(1, longest):
         alive = sum(1 for n in lengths if n > step) if compaction else rows
@@ -252,7 +262,8 @@ def config_flops(name: str, cfg: T5Config, d: DocDraw) -> int:
     elif name == "pidec-pie":
         total += decoding_flops(cfg, 1, d.out_lens, enc_len, compaction=True)
     elif name == "pidec-pid":
-        total += decoding_flops(cfg, d.pid_prefix, d.out_lens, enc_len, compaction=True)
+        packed = [1 + len(p) for p in d.prompts]
+        total += decoding_flops(cfg, d.pid_prefix, d.out_lens, enc_len, compaction=True, packed=packed)
     elif name == "pidec-seq":
         total += decoding_flops(cfg, 1, [d.seq_len], enc_len, compaction=True)
     else:

@@ -156,9 +156,10 @@ def build(
             continue
         text = document if layout == "pid" or not seq_instruction else f"{seq_instruction} {document}"
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        full = len(ids) + 1
         ids, cut = fit(ids, max_input_length, truncate, f"example {i}: document", [eos])
         if cut:
-            plan.truncations.append(Truncation(i, None, truncate, len(tokenizer(text)["input_ids"]), len(ids)))
+            plan.truncations.append(Truncation(i, None, truncate, full, len(ids)))
         d = len(plan.docs)
         plan.docs.append(ids)
         if layout == "pid":

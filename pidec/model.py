@@ -89,6 +89,30 @@ def _activation(name: str):
     raise ValueError(f"unknown feed-forward activation {name!r} (known: relu, gelu, gelu_new, silu)")
 
 
+FEW_ROWS = 16  # up to this many rows, CPU inference computes a linear layer as W @ x^T
+
+
+def linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight^T. With few rows on the CPU at inference (decoding steps), the product is taken
+    the other way round, weight @ x^T: CPU BLAS then streams a weight that is not in cache about
+    1.3x (6 rows) to 3x (2 rows) faster, and decoding steps are bound by streaming the weights."""
+    rows = x.numel() // x.shape[-1]
+    if rows <= FEW_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+        return torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], weight.shape[0])
+    return F.linear(x, weight)
+
+
+class Linear(nn.Linear):
+    """A bias-free nn.Linear (so PEFT, quantizers and checkpoints see the usual module) whose
+    forward takes the few-rows path above."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight)
+
+
 class RMSNorm(nn.Module):
     """T5's layer norm: scale only, no mean, no bias; statistics in float32."""
 
@@ -110,11 +134,11 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gated = config.is_gated
         if self.gated:
-            self.wi_0 = nn.Linear(config.d_model, config.d_ff, bias=False)
-            self.wi_1 = nn.Linear(config.d_model, config.d_ff, bias=False)
+            self.wi_0 = Linear(config.d_model, config.d_ff)
+            self.wi_1 = Linear(config.d_model, config.d_ff)
         else:
-            self.wi = nn.Linear(config.d_model, config.d_ff, bias=False)
-        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+            self.wi = Linear(config.d_model, config.d_ff)
+        self.wo = Linear(config.d_ff, config.d_model)
         self.act = _activation(config.activation)
         self.dropout = nn.Dropout(config.dropout_rate)
 
@@ -184,10 +208,10 @@ class SelfAttention(nn.Module):
         super().__init__()
         inner = config.inner_dim
         self.heads = config.num_heads
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner)
+        self.k = Linear(config.d_model, inner)
+        self.v = Linear(config.d_model, inner)
+        self.o = Linear(inner, config.d_model)
         self.dropout = config.dropout_rate
 
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None, layer: int = 0) -> Tensor:
@@ -281,10 +305,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = config.inner_dim
         self.heads = config.num_heads
-        self.q = nn.Linear(config.d_model, inner, bias=False)
-        self.k = nn.Linear(config.d_model, inner, bias=False)
-        self.v = nn.Linear(config.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, config.d_model, bias=False)
+        self.q = Linear(config.d_model, inner)
+        self.k = Linear(config.d_model, inner)
+        self.v = Linear(config.d_model, inner)
+        self.o = Linear(inner, config.d_model)
         self.dropout = config.dropout_rate
 
     def project(self, enc: Tensor) -> tuple[Tensor, Tensor]:
@@ -445,7 +469,7 @@ class T5(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.d_model, config.vocab_size)
         self.gradient_checkpointing = False
 
     @property
@@ -521,12 +545,7 @@ class T5(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model**-0.5)
-        weight = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        if hidden.dim() == 2 and hidden.shape[0] <= 16 and hidden.device.type == "cpu" and not torch.is_grad_enabled():
-            # a few decoding rows against a 32k-row head: CPU BLAS runs (vocab x d) @ (d x rows)
-            # about twice as fast as the same product the other way round
-            return torch.mm(weight, hidden.t()).t()
-        return F.linear(hidden, weight)
+        return linear(hidden, self.embed.weight if self.lm_head is None else self.lm_head.weight)
 
     def forward(
         self,

@@ -251,3 +251,21 @@ def test_scaling_of_decoder_outputs(t5):
 
 def test_all_variants_listed():
     assert set(VARIANTS) == {"t5", "v11", "mt5"}
+
+
+@pytest.mark.parametrize("shape", [(1, 24), (3, 2, 24), (16, 24), (17, 24), (40, 1, 24)])
+def test_few_rows_linear_matches_f_linear(shape):
+    from pidec.model import FEW_ROWS, Linear
+
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        got = layer(x)
+    assert got.shape == (*shape[:-1], 40)
+    torch.testing.assert_close(got, torch.nn.functional.linear(x, layer.weight), rtol=1e-5, atol=1e-5)
+    assert isinstance(layer, torch.nn.Linear) and layer.bias is None
+    # with gradients the plain path runs (training), and gradients flow
+    y = layer(x).sum()
+    y.backward()
+    assert layer.weight.grad is not None and FEW_ROWS == 16
