@@ -17,3 +17,32 @@ def require(path: Path) -> Path:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def tiny_checkpoint(folder: Path, seed: int, max_input_length: int, eos_boost: float = 1.0) -> Path:
+    """A tiny random T5 v1.1 saved with the real T5 vocabulary, as a user's checkpoint folder.
+    eos_boost scales the EOS row of the head, so that rows end at different steps."""
+    import torch
+
+    from pidec import checkpoint
+    from pidec.model import T5, T5Config
+
+    tok = checkpoint.load_tokenizer(require(T5_TOKENIZER))
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=32128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+        max_input_length=max_input_length,
+    )
+    model = T5(cfg)
+    with torch.no_grad():
+        model.lm_head.weight[tok.eos_token_id] *= eos_boost
+    checkpoint.save(model, folder, tokenizer=tok)
+    return folder

@@ -5,9 +5,8 @@ import torch
 
 import pidec
 from pidec import checkpoint
-from pidec.model import T5, T5Config
 
-from .shared_data import T5_TOKENIZER, require
+from .shared_data import tiny_checkpoint
 
 DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
 PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
@@ -15,26 +14,7 @@ PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    tok = checkpoint.load_tokenizer(require(T5_TOKENIZER))
-    torch.manual_seed(0)
-    cfg = T5Config(
-        vocab_size=32128,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        dropout_rate=0.0,
-        max_input_length=64,
-    )
-    model = T5(cfg)
-    with torch.no_grad():  # make EOS a frequent choice so rows end at different steps
-        model.lm_head.weight[1] *= 4
-    path = tmp_path_factory.mktemp("ckpt")
-    checkpoint.save(model, path, tokenizer=tok)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"), seed=0, max_input_length=64, eos_boost=4.0)
 
 
 @pytest.fixture(scope="module")

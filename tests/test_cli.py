@@ -5,14 +5,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from pidec import checkpoint
 from pidec.cli import app
-from pidec.model import T5, T5Config
 
-from .shared_data import T5_TOKENIZER, require
+from .shared_data import tiny_checkpoint
 
 runner = CliRunner()
 DOC = "User: a cheap hotel in the north please. System: The Acorn it is."
@@ -20,22 +17,7 @@ DOC = "User: a cheap hotel in the north please. System: The Acorn it is."
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    tok = checkpoint.load_tokenizer(require(T5_TOKENIZER))
-    torch.manual_seed(1)
-    cfg = T5Config(
-        vocab_size=32128,
-        d_model=32,
-        d_kv=8,
-        d_ff=64,
-        num_layers=2,
-        num_heads=4,
-        feed_forward_proj="gated-gelu",
-        tie_word_embeddings=False,
-        max_input_length=40,
-    )
-    path = tmp_path_factory.mktemp("cli")
-    checkpoint.save(T5(cfg), path, tokenizer=tok)
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("cli"), seed=1, max_input_length=40)
 
 
 @pytest.fixture()
