@@ -168,7 +168,6 @@ def decode(
 
     cache = KVCache(len(model.decoder.layers), G, cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
     pos = torch.arange(capacity, device=device)
-    bias = model.decoder.rel_bias(pos, pos).unsqueeze(0).to(model.dtype)  # [1, heads, C, C]
     logits = _prefill(model, cross, rows, cache, P, pad)  # [G, vocab]
     stats.prefill_tokens = sum(len(r.prefix) for r in rows)
     stats.self_cache_bytes = cache.nbytes() * num_beams
@@ -219,12 +218,11 @@ def decode(
             groups = RowGroups.from_doc(state.doc, live_docs.docs)
         step += 1
         p = cache.pos
+        bias = model.decoder.rel_bias(pos[p : p + 1], pos[: p + 1]).unsqueeze(0).to(model.dtype)  # [1, heads, 1, p+1]
         if padded:
-            mask = bias[:, :, p : p + 1, : p + 1].masked_fill(
-                ~state.key_keep[:, None, None, : p + 1], torch.finfo(model.dtype).min
-            )
+            mask = bias.masked_fill(~state.key_keep[:, None, None, : p + 1], torch.finfo(model.dtype).min)
         else:
-            mask = bias[:, :, p : p + 1, : p + 1]
+            mask = bias
         hidden = model.decode(feed[:, None], live_docs, groups, mask, cache)
         logits = model.logits(hidden[:, -1])
         stats.steps += 1
