@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import checkpoint, layouts
-from .generate import DecodeStats, Row, decode, encode
+from .generate import DecodeStats, Row, decode, encode, sync
 from .layouts import InputError, Truncation
 from .model import T5, CrossCache
 
@@ -165,7 +165,7 @@ class Model:
         for doc_lo, doc_hi in _chunks([len(d) for d in plan.docs], self.max_batch_tokens):
             t1 = time.perf_counter()
             cross = encode(self.model, plan.docs[doc_lo:doc_hi])
-            _sync(self.device)
+            sync(self.device)
             enc_s = time.perf_counter() - t1
             index = [k for k, r in enumerate(plan.rows) if doc_lo <= r.doc < doc_hi]
             rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
@@ -259,11 +259,6 @@ def _chunks(lengths: list[int], budget: int):
             longest, hi = longest_next, hi + 1
         yield lo, hi
         lo = hi
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:

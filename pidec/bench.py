@@ -62,6 +62,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .generate import sync
 from .model import T5, T5Config
 
 CONFIGS = ["hf-pie", "hf-pid-expanded", "pidec-seq", "pidec-pie", "pidec-pid"]
@@ -420,11 +421,6 @@ class _PeakMemory:
         return False
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # -- the configurations ---------------------------------------------------------------------
 # Each runner decodes one document and returns (generated tokens per row, cross-cache bytes or None).
 
@@ -661,10 +657,10 @@ def _run(
         for _ in range(repeats):
             for d in draws:
                 for name in configs:
-                    _sync(dev)
+                    sync(dev)
                     t0 = time.perf_counter()
                     _, cross = _RUNNERS[name](ours, hf, d, dev)
-                    _sync(dev)
+                    sync(dev)
                     times[name].append(time.perf_counter() - t0)
                     cross_measured[name] = max(cross_measured[name], cross or 0)
 

@@ -60,7 +60,8 @@ class Decoded:
     stats: DecodeStats = field(default_factory=DecodeStats)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings mean something."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -148,7 +149,7 @@ def decode(
             result.scores = [result.scores[back[i]] for i in range(len(rows))]
         return result
 
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=int(cross.lengths.sum()))
     G = len(rows)
@@ -228,7 +229,7 @@ def decode(
         stats.steps += 1
         stats.row_steps += feed.numel()
 
-    _sync(device)
+    sync(device)
     stats.decode_s = time.perf_counter() - t0
     if beam is not None:
         result, scores = beam.results(eos)
