@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import checkpoint, layouts
+from . import checkpoint, layouts, lora
 from .generate import DecodeStats, Row, decode, encode, sync
 from .layouts import InputError, Truncation
 from .model import T5, CrossCache
@@ -277,14 +277,19 @@ def load(
     tokenizer: str | os.PathLike | None = None,
     max_input_length: int | None = None,
 ) -> Model:
-    """Load a Hugging Face T5 checkpoint folder (or hub id) and its tokenizer.
+    """Load a Hugging Face T5 checkpoint folder (or hub id) and its tokenizer. A LoRA adapter
+    folder (adapter_config.json, no config.json) loads its base and merges the adapter in.
 
     tokenizer: a folder to take the tokenizer from when the checkpoint has none.
     max_input_length: the longest document accepted without truncation (default: config.json's
     n_positions, else 512)."""
     overrides = {} if max_input_length is None else {"max_input_length": int(max_input_length)}
     folder = checkpoint.resolve(path)
-    model = checkpoint.load_model(folder, device=device, dtype=parse_dtype(dtype), **overrides)
+    if lora.is_adapter(folder):  # a LoRA adapter: its base with the deltas merged in, tokenizer from either
+        model = lora.load_merged(folder, device=device, dtype=parse_dtype(dtype), **overrides)
+        folder = lora.tokenizer_folder(folder) or folder
+    else:
+        model = checkpoint.load_model(folder, device=device, dtype=parse_dtype(dtype), **overrides)
     tok_source = tokenizer if tokenizer is not None else folder
     if tokenizer is None and not any(
         (folder / f).exists() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")

@@ -139,6 +139,307 @@ def bench(
         typer.echo(f"wrote {json_out}")
 
 
+@app.command()
+def train(
+    ctx: typer.Context,
+    output: Optional[str] = typer.Option(
+        None, "--output", "-o", help="run folder: checkpoints, best/, final/, log.jsonl"
+    ),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="continue the run in this folder from its last checkpoint"
+    ),
+    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
+    train_file: Optional[str] = typer.Option(None, "--train", help="training JSONL"),
+    eval_file: Optional[str] = typer.Option(None, "--eval", help="evaluation JSONL"),
+    task: Optional[str] = typer.Option(None, "--task", help="a registered task instead of --train/--eval"),
+    data: Optional[str] = typer.Option(None, "--data", help="the task's data folder or file"),
+    model: Optional[str] = typer.Option(None, "--model", help="checkpoint folder (or hub id) to start from"),
+    size: Optional[str] = typer.Option(None, "--size", help="from scratch: tiny | small | base (T5 v1.1 shapes)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder, or 'byte' (built in)"),
+    steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps"),
+    epochs: Optional[float] = typer.Option(None, "--epochs", help="or epochs (x the first epoch's steps)"),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="padded encoder+decoder tokens per micro-batch"),
+    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adafactor"),
+    lr: float = typer.Option(3e-4, "--lr"),
+    weight_decay: float = typer.Option(0.0, "--weight-decay"),
+    warmup_steps: int = typer.Option(0, "--warmup-steps"),
+    schedule: str = typer.Option("linear", "--schedule", help="linear | cosine | constant (after warm-up)"),
+    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="0: no clipping"),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (autocast)"),
+    dropout: Optional[float] = typer.Option(None, "--dropout", help="override the model's dropout rate"),
+    max_input_length: Optional[int] = typer.Option(None, "--max-input-length"),
+    truncate: Optional[str] = typer.Option(None, "--truncate", help="left | right: cut documents over the limit"),
+    max_target_tokens: int = typer.Option(64, "--max-target-tokens", help="longest target (with EOS) accepted"),
+    on_bad: str = typer.Option("error", "--on-bad", help="error | skip (skipped examples are counted)"),
+    max_subtasks: Optional[int] = typer.Option(None, "--max-subtasks", help="sample this many subtasks per example"),
+    downsample: Optional[str] = typer.Option(None, "--downsample", help="VALUE:KEEP, e.g. none:0.3"),
+    eval_every: int = typer.Option(0, "--eval-every", help="steps between evaluations (0: at the end)"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on the first N examples"),
+    save_every: int = typer.Option(0, "--save-every", help="steps between checkpoints (0: at the end)"),
+    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints"),
+    log_every: int = typer.Option(1, "--log-every"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
+    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: train every weight)"),
+    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha"),
+    lora_targets: str = typer.Option("q,v", "--lora-targets", help="module names, e.g. q,v or q,k,v,o,wi_0,wi_1,wo"),
+    lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
+) -> None:
+    """Train a T5 in the pid, pie or seq layout (run under `accelerate launch` for data parallel)."""
+    from click.core import ParameterSource
+
+    from pidec import train as training
+    from pidec.checkpoint import CheckpointError
+    from pidec.data import DataError
+
+    try:
+        if resume is not None:
+            given = [
+                p for p in ctx.params if p != "resume" and ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE
+            ]
+            if given:
+                _fail(
+                    f"--resume continues with the run's saved settings; drop {', '.join('--' + g.replace('_', '-') for g in given)}"
+                )
+            result = training.resume(resume)
+        else:
+            if output is None:
+                _fail("--output DIR is required (or --resume DIR)")
+            cfg = training.TrainConfig(
+                output=output,
+                layout=layout,
+                train=train_file,
+                eval=eval_file,
+                task=task,
+                data=data,
+                model=model,
+                size=size,
+                tokenizer=tokenizer,
+                steps=steps,
+                epochs=epochs,
+                batch_tokens=batch_tokens,
+                grad_accum=grad_accum,
+                optimizer=optimizer,
+                lr=lr,
+                weight_decay=weight_decay,
+                warmup_steps=warmup_steps,
+                schedule=schedule,
+                max_grad_norm=max_grad_norm,
+                gradient_checkpointing=gradient_checkpointing,
+                precision=precision,
+                dropout=dropout,
+                max_input_length=max_input_length,
+                truncate=truncate,
+                max_target_tokens=max_target_tokens,
+                on_bad=on_bad,
+                max_subtasks=max_subtasks,
+                downsample=training.parse_downsample(downsample),
+                eval_every=eval_every,
+                eval_limit=eval_limit,
+                save_every=save_every,
+                keep_checkpoints=keep_checkpoints,
+                log_every=log_every,
+                seed=seed,
+                device=device,
+                lora_r=lora_r,
+                lora_alpha=lora_alpha,
+                lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
+                lora_dropout=lora_dropout,
+            )
+            result = training.train(cfg)
+    except (DataError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    if result.get("rank", 0) == 0:
+        typer.echo(json.dumps(result))
+
+
+@app.command("export")
+def export_checkpoint(
+    checkpoint_dir: str = typer.Option(..., "--checkpoint", help="checkpoint folder, or a LoRA adapter folder"),
+    out: str = typer.Option(..., "--out", help="folder to write the Hugging Face checkpoint to"),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="merge a LoRA adapter into its base model"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: as stored)"),
+) -> None:
+    """Write a plain Hugging Face checkpoint: a LoRA adapter merged into its base, or a checkpoint re-saved."""
+    import pidec
+    from pidec import lora
+    from pidec.api import parse_dtype
+    from pidec.checkpoint import CheckpointError
+
+    if not Path(checkpoint_dir).is_dir():
+        _fail(f"--checkpoint {checkpoint_dir}: no such folder")
+    adapter = lora.is_adapter(checkpoint_dir)
+    if adapter and not merge_lora:
+        _fail(f"{checkpoint_dir} is a LoRA adapter: a LoRA checkpoint must be merged into its base, pass --merge-lora")
+    if merge_lora and not adapter:
+        _fail(f"--merge-lora: {checkpoint_dir} is not a LoRA adapter folder (no adapter_config.json, or a config.json)")
+    try:
+        written = lora.export(checkpoint_dir, out, dtype=None if dtype is None else parse_dtype(dtype))
+    except (pidec.InputError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"wrote {written}")
+
+
+@app.command("tasks")
+def list_tasks() -> None:
+    """List the tasks that --task accepts: splits, main metric, default data path."""
+    from pidec import tasks as registry
+
+    for name in registry.names():
+        t = registry.get(name)
+        where = registry.data_root() / t.default_path if t.default_path else "give --data PATH"
+        typer.echo(f"{name}: {t.description}")
+        typer.echo(f"    splits: {', '.join(t.splits)}; main metric: {t.main_metric}; data: {where}")
+
+
+@app.command("eval")
+def eval_task(
+    task: str = typer.Option(..., "--task", help="a task from `pidec tasks`"),
+    model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
+    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
+    split: str = typer.Option("test", "--split"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="the first N examples of the split"),
+    data: Optional[str] = typer.Option(None, "--data", help="the task's data folder or file (default: its own)"),
+    out: Optional[str] = typer.Option(None, "--out", help="folder for the metrics JSON and predictions JSONL"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="per subtask (default: the task's)"),
+    num_beams: int = typer.Option(1, "--num-beams"),
+    batch_size: int = typer.Option(8, "--batch-size", help="documents decoded together"),
+    max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="encoder limit (default: model's)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+) -> None:
+    """Score a model on a task's split; prints {"metrics": ..., "speed": ...} and, with --out,
+    writes TASK-SPLIT-LAYOUT.metrics.json and .predictions.jsonl."""
+    import pidec
+    from pidec import tasks as registry
+    from pidec.checkpoint import CheckpointError
+    from pidec.evaluate import evaluate, write
+    from pidec.layouts import LAYOUTS
+
+    if layout not in LAYOUTS:
+        _fail(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    for name, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            _fail(f"{name} must be >= 1, got {value}")
+    try:
+        spec = registry.get(task)
+        examples = spec.load(split, data, limit=limit)
+        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, max_input_length=max_input_length)
+        result = evaluate(m, spec, examples, layout, max_new_tokens, num_beams, batch_size)
+    except (pidec.InputError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    summary = result.summary() | {"split": split}
+    if out:
+        summary["wrote"] = [str(p) for p in write(result, out, f"{task}-{split}-{layout}")]
+    typer.echo(json.dumps(summary, ensure_ascii=False))
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind: loopback unless told otherwise"),
+    port: int = typer.Option(8000, "--port", help="0 picks a free port"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="PIDEC_API_KEY", help="require 'Authorization: Bearer KEY' (prefer PIDEC_API_KEY)"
+    ),
+    max_batch_documents: Optional[int] = typer.Option(
+        None, "--max-batch-documents", help="requests decoded together (default 32); 1 turns batching off"
+    ),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="batch token budget (32768)"),
+    max_wait_ms: Optional[float] = typer.Option(None, "--max-wait-ms", help="idle wait to gather a batch (5)"),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="requests waiting before 429 (64)"),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="seconds before 504 (120)"),
+    max_document_tokens: Optional[int] = typer.Option(
+        None, "--max-document-tokens", help="default: the model's max_input_length"
+    ),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="prompts per request (64)"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", help="tokens per prompt (64)"),
+    max_new_tokens_limit: Optional[int] = typer.Option(None, "--max-new-tokens-limit", help="per prompt (256)"),
+    default_max_new_tokens: Optional[int] = typer.Option(None, "--default-max-new-tokens", help="(32)"),
+    max_num_beams: Optional[int] = typer.Option(None, "--max-num-beams", help="(8)"),
+    max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="(1 MiB)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
+) -> None:
+    """HTTP service: POST /v1/generate batches concurrent requests into shared-cache decoding;
+    GET /healthz, /readyz, /metrics. On SIGTERM it stops accepting, finishes what it holds, exits."""
+    import pidec
+    from pidec.checkpoint import CheckpointError
+    from pidec.serve import ServeSettings, run_server
+
+    if not 0 <= port <= 65535:
+        _fail(f"--port {port}: expected 0-65535")
+    given = dict(
+        api_key=api_key,
+        max_batch_documents=max_batch_documents,
+        max_batch_tokens=max_batch_tokens,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_document_tokens=max_document_tokens,
+        max_prompts=max_prompts,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+        default_max_new_tokens=default_max_new_tokens,
+        max_num_beams=max_num_beams,
+        max_body_bytes=max_body_bytes,
+    )
+    settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            _fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer)
+        settings.checked(m)
+    except (pidec.InputError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    run_server(m, settings, host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def loadtest(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="a running `pidec serve`"),
+    concurrency: int = typer.Option(16, "--concurrency", help="clients, each sending one request after another"),
+    duration: float = typer.Option(60.0, "--duration", help="seconds; then requests in flight are awaited"),
+    workload: str = typer.Option("dst", "--workload", help="dst | qa | summ: the shapes of `pidec bench`"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PIDEC_API_KEY"),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="allow a URL that is not loopback"),
+    timeout: float = typer.Option(300.0, "--timeout", help="client timeout per request, seconds"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="also write the report as JSON here"),
+) -> None:
+    """Load a running service for --duration seconds; print requests/s, documents/s, latency
+    p50/p95/p99 and errors by kind."""
+    from pidec.loadtest import format_report, run_loadtest
+
+    try:
+        report = run_loadtest(
+            url,
+            concurrency=concurrency,
+            duration_s=duration,
+            workload=workload,
+            api_key=api_key,
+            allow_remote=allow_remote,
+            seed=seed,
+            timeout_s=timeout,
+        )
+    except ValueError as e:
+        _fail(str(e))
+    typer.echo(format_report(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+
+
 def main() -> None:
     app()
 

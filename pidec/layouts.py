@@ -251,3 +251,95 @@ def collect(plan: Plan, tokens: list[list[int]], tokenizer) -> list[list[str]]:
         else:
             out[i][j] = text.strip()
     return out
+
+
+# -- training rows ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainItem:
+    """One example as training rows. Each decoder row is `prefix + target`; the loss covers the
+    target tokens (and the EOS that ends them), never the prefix (decoder start + prompt)."""
+
+    example: int
+    enc: list[list[int]]  # encoder rows: pid/seq one, pie one per subtask
+    rows: list[tuple[int, list[int], list[int]]]  # (encoder row, prefix, target + EOS); seq: one row
+    values: list[str]  # the target text of each row, for down-sampling a dominant value
+    truncated: bool = False
+
+
+class TrainTokenizer:
+    """Tokenizes training examples for a layout, caching prompts and targets (a task's 30 slot
+    prompts and its frequent answers such as "none" are tokenized once, not once per example)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        layout: str,
+        max_input_length: int,
+        decoder_start_token_id: int,
+        truncate: str | None = None,
+        seq_instruction: str | None = None,
+    ):
+        self.tok = tokenizer
+        self.layout = check_layout(layout)
+        self.limit = max_input_length
+        self.start = decoder_start_token_id
+        self.truncate = truncate
+        self.seq_instruction = seq_instruction
+        self.eos = tokenizer.eos_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        got = self._cache.get(text)
+        if got is None:
+            got = self.tok(text, add_special_tokens=False)["input_ids"]
+            if len(self._cache) < 200_000:
+                self._cache[text] = got
+        return got
+
+    def target_tokens(self, prompts: list[str], targets: list[str]) -> list[int]:
+        """Target tokens with EOS, per row of the layout (seq: one row holding every answer)."""
+        if self.layout == "seq":
+            return [len(self.tok(format_seq(prompts, targets), add_special_tokens=False)["input_ids"]) + 1]
+        return [len(self.ids(t)) + 1 for t in targets]
+
+    def item(self, i: int, document: str, prompts: list[str], targets: list[str]) -> TrainItem:
+        if self.layout == "seq":
+            text = document if not self.seq_instruction else f"{self.seq_instruction} {document}"
+            ids, cut = fit(
+                self.tok(text, add_special_tokens=False)["input_ids"],
+                self.limit,
+                self.truncate,
+                f"example {i}: document",
+                [self.eos],
+            )
+            target = self.tok(format_seq(prompts, targets), add_special_tokens=False)["input_ids"] + [self.eos]
+            return TrainItem(i, [ids], [(0, [self.start], target)], [format_seq(prompts, targets)], cut)
+        targets_ids = [self.ids(t) + [self.eos] for t in targets]
+        if self.layout == "pid":
+            ids, cut = fit(
+                self.tok(document, add_special_tokens=False)["input_ids"],
+                self.limit,
+                self.truncate,
+                f"example {i}: document",
+                [self.eos],
+            )
+            rows = [(0, [self.start] + self.ids(p), t) for p, t in zip(prompts, targets_ids)]
+            return TrainItem(i, [ids], rows, list(targets), cut)
+        plan = Plan("pie", [], [], [], [])
+        _pie(
+            plan,
+            self.tok,
+            i,
+            document,
+            prompts,
+            [self.ids(p) for p in prompts],
+            [1] * len(prompts),
+            self.limit,
+            self.start,
+            self.truncate,
+            self.eos,
+        )
+        rows = [(j, [self.start], t) for j, t in enumerate(targets_ids)]
+        return TrainItem(i, plan.docs, rows, list(targets), bool(plan.truncations))

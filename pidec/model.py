@@ -576,6 +576,30 @@ class T5(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @torch.no_grad()
+    def init_weights(self, generator: torch.Generator | None = None) -> T5:
+        """T5's initialisation (Mesh TensorFlow's, as transformers also does it), for training
+        from scratch: each projection N(0, fan_in**-0.5), with queries further scaled by
+        d_kv**-0.5 because T5 attention has no 1/sqrt(d) factor; embedding N(0, 1); an untied head
+        N(0, d_model**-0.5), so that the first logits are of unit scale (transformers draws it
+        N(0, 1), which starts training from scratch at a loss of ~30); relative biases
+        N(0, d_model**-0.5); norms 1."""
+        cfg = self.config
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name == "embed.weight":
+                p.normal_(0.0, 1.0, generator=generator)
+            elif name == "lm_head.weight":
+                p.normal_(0.0, cfg.d_model**-0.5, generator=generator)
+            elif "rel_bias" in name:
+                p.normal_(0.0, cfg.d_model**-0.5, generator=generator)
+            elif name.endswith((".q.weight",)):
+                p.normal_(0.0, (cfg.d_model * cfg.d_kv) ** -0.5, generator=generator)
+            else:  # k, v, o, wi*, wo: N(0, fan_in**-0.5)
+                p.normal_(0.0, p.shape[1] ** -0.5, generator=generator)
+        return self
+
 
 def config_fields() -> set[str]:
     return {f.name for f in fields(T5Config)}

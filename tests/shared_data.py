@@ -8,6 +8,11 @@ import pytest
 
 SHARED = Path(os.environ.get("PIDEC_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 T5_TOKENIZER = SHARED / "tokenizers" / "t5"
+DATA = SHARED / "data"
+MULTIWOZ = DATA / "multiwoz21"
+MULTIWOZ_RAW = DATA / "multiwoz21-raw" / "val.json.zip"
+ACI_BENCH = DATA / "aci-bench"
+COVID_QA = DATA / "covid-qa" / "covidQA-200423.json"
 
 
 def require(path: Path) -> Path:

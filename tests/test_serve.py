@@ -1,0 +1,569 @@
+"""pidec.serve: the HTTP contract with an in-process client, every refusal and fault, batching
+that leaves each answer equal to `Model.generate`, disconnects, and a graceful SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager, contextmanager
+
+import httpx
+import pytest
+
+import pidec
+from pidec.serve import ServeSettings, create_app
+
+from .shared_data import tiny_checkpoint
+
+DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
+PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tiny_checkpoint(tmp_path_factory.mktemp("serve"), seed=0, max_input_length=600, eos_boost=4.0)
+
+
+@pytest.fixture(scope="module")
+def model(folder):
+    return pidec.load(folder)
+
+
+@pytest.fixture(scope="module")
+def steady(tmp_path_factory):
+    """A model that never writes EOS: every row runs to its budget, so a request stays in flight
+    for as long as the test needs."""
+    return pidec.load(tiny_checkpoint(tmp_path_factory.mktemp("steady"), seed=1, max_input_length=600, eos_boost=0.0))
+
+
+@asynccontextmanager
+async def serving(model, **settings):
+    """The app with its lifespan running, and an in-process client."""
+    app = create_app(model, ServeSettings(**settings))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://pidec", timeout=60) as client:
+            client.service = app.state.service
+            yield client
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def offline(model, body: dict) -> list[str]:
+    return model.generate(
+        body["document"],
+        body["prompts"],
+        max_new_tokens=body.get("max_new_tokens", 32),
+        num_beams=body.get("num_beams", 1),
+        layout=body.get("layout", "pid"),
+    )
+
+
+def requests_mix(n: int) -> list[dict]:
+    """Documents of different lengths, 1-4 prompts, one budget or one per prompt, every layout,
+    greedy and beams."""
+    out = []
+    for i in range(n):
+        prompts = PROMPTS[i % 4 :] + PROMPTS[: i % 3]
+        body = {"document": DOC + " More words." * (i % 5) + f" Request {i}.", "prompts": prompts}
+        body["max_new_tokens"] = [2 + (i + j) % 7 for j in range(len(prompts))] if i % 2 else 3 + i % 6
+        if i % 5 == 3:
+            body["num_beams"] = 2 + i % 2
+        if i % 7 in (2, 5):
+            body["layout"] = "pie" if i % 7 == 2 else "seq"
+        out.append(body)
+    return out
+
+
+@contextmanager
+def slow_decoder(model, delay_s: float):
+    """Every decoder pass (prefill or step) of the model sleeps first: requests stay in flight."""
+    inner = model.model.decode
+
+    def slow(*args, **kwargs):
+        time.sleep(delay_s)
+        return inner(*args, **kwargs)
+
+    model.model.decode = slow
+    try:
+        yield
+    finally:
+        del model.model.decode  # the instance attribute goes; the method is back
+
+
+async def until(predicate, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.01)
+
+
+def error_of(r: httpx.Response) -> dict:
+    return r.json()["error"]
+
+
+# -- the contract --------------------------------------------------------------------------------
+
+
+def test_generate_equals_offline_with_usage_and_timings(model):
+    body = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 6}
+
+    async def go():
+        async with serving(model) as c:
+            return await c.post("/v1/generate", json=body)
+
+    r = run(go())
+    assert r.status_code == 200, r.text
+    data = r.json()
+    details = model.generate(DOC, PROMPTS, max_new_tokens=6, return_details=True)
+    assert data["outputs"] == details.outputs[0]
+    assert data["usage"] == details.usage
+    assert set(data["timings"]) == {"queue_ms", "encode_ms", "decode_ms", "total_ms"}
+    assert data["timings"]["total_ms"] >= data["timings"]["decode_ms"] > 0
+
+
+def test_openapi_probes_and_metrics(model):
+    async def go():
+        async with serving(model) as c:
+            schema = (await c.get("/openapi.json")).json()
+            probes = [await c.get(p) for p in ("/healthz", "/readyz")]
+            await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS[:2], "max_new_tokens": 3})
+            await c.post("/v1/generate", json={"document": "", "prompts": PROMPTS})
+            return schema, probes, await c.get("/metrics")
+
+    schema, probes, metrics = run(go())
+    op = schema["paths"]["/v1/generate"]["post"]
+    assert {"200", "413", "422", "429", "504"} <= set(op["responses"])
+    fields = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert set(fields) == {"document", "prompts", "max_new_tokens", "num_beams", "layout"}
+    assert [p.status_code for p in probes] == [200, 200]
+    assert probes[1].json()["status"] == "ready"
+    text = metrics.text
+    assert metrics.headers["content-type"].startswith("text/plain")
+    for line in (
+        'pidec_http_requests_total{path="/v1/generate",code="200"} 1',
+        'pidec_http_requests_total{path="/v1/generate",code="422"} 1',
+        'pidec_errors_total{kind="invalid_request"} 1',
+        "pidec_queue_depth 0",
+        'pidec_request_duration_seconds_count{path="/v1/generate"} 2',
+        "pidec_batch_rows_count",
+        'pidec_tokens_total{kind="document"}',
+        "pidec_queue_seconds_bucket",
+    ):
+        assert line in text, line
+
+
+@pytest.mark.parametrize(
+    "settings, batched",
+    [
+        ({"max_wait_ms": 50}, True),
+        ({"max_wait_ms": 50, "max_batch_documents": 1}, False),  # batching off
+        ({"max_wait_ms": 50, "max_batch_tokens": 20}, False),  # each request alone is above the budget
+    ],
+)
+def test_concurrent_requests_each_equal_offline(model, settings, batched):
+    bodies = requests_mix(24 if batched else 8)
+
+    async def go():
+        async with serving(model, **settings) as c:
+            replies = await asyncio.gather(*(c.post("/v1/generate", json=b) for b in bodies))
+            return replies, c.service.metrics
+
+    replies, metrics = run(go())
+    for body, r in zip(bodies, replies):
+        assert r.status_code == 200, r.text
+        assert r.json()["outputs"] == offline(model, body), body
+    steps = metrics.value("pidec_batch_requests")
+    alone = int(metrics.render().split('pidec_batch_requests_bucket{le="1"} ')[1].split("\n")[0])
+    assert steps > 0
+    assert (alone < steps) == batched  # batched: some steps decoded several requests together
+
+
+def test_documents_join_a_running_batch_without_changing_answers(steady):
+    """Continuous batching through the service: later requests join while earlier ones decode."""
+    long = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 40}
+    later = requests_mix(6)
+
+    async def go():
+        async with serving(steady, max_wait_ms=0) as c:
+            with slow_decoder(steady, 0.005):
+                first = asyncio.ensure_future(c.post("/v1/generate", json=long))
+                await until(lambda: c.service.batcher.active_rows > 0)
+                rest = []
+                for b in later:
+                    rest.append(asyncio.ensure_future(c.post("/v1/generate", json=b)))
+                    await asyncio.sleep(0.03)
+                return await first, await asyncio.gather(*rest)
+
+    first, rest = run(go())
+    assert first.json()["outputs"] == offline(steady, long)
+    for body, r in zip(later, rest):
+        assert r.json()["outputs"] == offline(steady, body)
+
+
+# -- refusals ------------------------------------------------------------------------------------
+
+BAD = [
+    (b"{not json", 422, "invalid_json", "malformed JSON"),
+    (b"[1, 2]", 422, "invalid_request", "expected a JSON object"),
+    (
+        json.dumps({"document": 1, "prompts": PROMPTS}),
+        422,
+        "invalid_request",
+        "document: Input should be a valid string",
+    ),
+    (
+        json.dumps({"document": DOC, "prompts": "hotel area"}),
+        422,
+        "invalid_request",
+        "prompts: Input should be a valid list",
+    ),
+    (json.dumps({"document": DOC, "prompts": ["a", 2]}), 422, "invalid_request", "prompts[1]"),
+    (json.dumps({"prompts": PROMPTS}), 422, "invalid_request", "document: required"),
+    (json.dumps({"document": DOC, "prompts": PROMPTS, "max_tokens": 3}), 422, "invalid_request", "max_tokens: unknown"),
+    (
+        json.dumps({"document": DOC, "prompts": PROMPTS, "max_new_tokens": 2.5}),
+        422,
+        "invalid_request",
+        "max_new_tokens",
+    ),
+    (json.dumps({"document": DOC, "prompts": PROMPTS, "num_beams": True}), 422, "invalid_request", "num_beams"),
+    (json.dumps({"document": DOC, "prompts": PROMPTS, "layout": "xyz"}), 422, "invalid_request", "layout"),
+    (json.dumps({"document": "  \n", "prompts": PROMPTS}), 422, "invalid_request", "document is empty"),
+    (json.dumps({"document": DOC, "prompts": []}), 422, "invalid_request", "prompts is empty"),
+    (json.dumps({"document": DOC, "prompts": ["a", " "]}), 422, "invalid_request", "prompts[1] is empty"),
+    (json.dumps({"document": DOC, "prompts": PROMPTS, "max_new_tokens": 0}), 422, "invalid_request", ">= 1"),
+    (json.dumps({"document": DOC, "prompts": PROMPTS, "max_new_tokens": [1, 2]}), 422, "invalid_request", "2 max_new"),
+    (json.dumps({"document": DOC, "prompts": ["a"] * 9}), 413, "too_large", "max_prompts=8"),
+    (json.dumps({"document": DOC, "prompts": ["hotel " * 20]}), 413, "too_large", "max_prompt_tokens=16"),
+    (json.dumps({"document": "hotel " * 60, "prompts": PROMPTS}), 413, "too_large", "max_document_tokens=50"),
+    (json.dumps({"document": DOC, "prompts": PROMPTS, "max_new_tokens": 65}), 422, "limit_exceeded", "limit=64"),
+    (json.dumps({"document": DOC, "prompts": ["a"], "max_new_tokens": [65]}), 422, "limit_exceeded", "[0]=65"),
+    (json.dumps({"document": DOC, "prompts": PROMPTS, "num_beams": 5}), 422, "limit_exceeded", "max_num_beams=4"),
+    (json.dumps({"document": DOC * 30, "prompts": PROMPTS}), 413, "too_large", "max_body_bytes=2000"),
+]
+
+
+def test_bad_requests_get_clear_errors(model):
+    limits = {
+        "max_prompts": 8,
+        "max_prompt_tokens": 16,
+        "max_document_tokens": 50,
+        "max_new_tokens_limit": 64,
+        "max_num_beams": 4,
+        "max_body_bytes": 2000,
+    }
+
+    async def go():
+        async with serving(model, **limits) as c:
+            headers = {"content-type": "application/json"}
+            replies = [await c.post("/v1/generate", content=body, headers=headers) for body, *_ in BAD]
+
+            async def chunks():  # no Content-Length: the limit is checked as the body streams in
+                for _ in range(10):
+                    yield b" " * 500
+
+            chunked = await c.post("/v1/generate", content=chunks(), headers=headers)
+            good = await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS[:1], "max_new_tokens": 2})
+            return replies, chunked, good, c.service.metrics
+
+    replies, chunked, good, metrics = run(go())
+    for (body, status, kind, text), r in zip(BAD, replies):
+        assert r.status_code == status, (body, r.text)
+        err = error_of(r)
+        assert err["kind"] == kind and text in err["message"], (body, err)
+        if kind in ("too_large", "limit_exceeded"):
+            assert err["limit"] in err["message"]
+    assert chunked.status_code == 413 and error_of(chunked)["limit"] == "max_body_bytes"
+    assert good.status_code == 200  # refusals leave the service serving
+    assert metrics.value("pidec_errors_total", kind="too_large") == 5
+    assert metrics.value("pidec_errors_total", kind="invalid_json") == 1
+
+
+def test_bearer_token(model):
+    body = {"document": DOC, "prompts": PROMPTS[:1], "max_new_tokens": 2}
+
+    async def go():
+        async with serving(model, api_key="s3cret") as c:
+            return [
+                await c.post("/v1/generate", json=body),
+                await c.post("/v1/generate", json=body, headers={"Authorization": "Bearer wrong"}),
+                await c.post("/v1/generate", content=b"{bad", headers={"Authorization": "Basic s3cret"}),
+                await c.get("/metrics"),
+                await c.get("/healthz"),
+                await c.post("/v1/generate", json=body, headers={"Authorization": "Bearer s3cret"}),
+                await c.get("/metrics", headers={"Authorization": "Bearer s3cret"}),
+            ]
+
+    r = run(go())
+    assert [x.status_code for x in r] == [401, 401, 401, 401, 200, 200, 200]
+    assert error_of(r[0])["kind"] == "unauthorized" and r[0].headers["www-authenticate"] == "Bearer"
+    assert 'pidec_errors_total{kind="unauthorized"} 4' in r[6].text
+
+
+def test_settings_are_checked(model):
+    with pytest.raises(ValueError, match="max_queue must be an integer >= 1"):
+        ServeSettings(max_queue=0).checked(model)
+    with pytest.raises(ValueError, match="above the model's max_input_length=600"):
+        ServeSettings(max_document_tokens=601).checked(model)
+    with pytest.raises(ValueError, match="default_max_new_tokens=40 is above max_new_tokens_limit=20"):
+        ServeSettings(max_new_tokens_limit=20, default_max_new_tokens=40).checked(model)
+    with pytest.raises(ValueError, match="api_key"):
+        ServeSettings(api_key="").checked(model)
+
+
+# -- faults --------------------------------------------------------------------------------------
+
+
+def test_queue_full_is_429_with_retry_after(steady):
+    body = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 60}
+
+    async def go():
+        async with serving(steady, max_queue=1, max_batch_documents=1, max_wait_ms=0, retry_after_s=3) as c:
+            with slow_decoder(steady, 0.01):
+                running = asyncio.ensure_future(c.post("/v1/generate", json=body))
+                await until(lambda: c.service.batcher.active_requests == 1)
+                waiting = asyncio.ensure_future(c.post("/v1/generate", json=body))
+                await until(lambda: c.service.batcher.queue_depth == 1)
+                refused = await c.post("/v1/generate", json=body)
+                return refused, await running, await waiting
+
+    refused, running, waiting = run(go())
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
+    assert error_of(refused)["kind"] == "queue_full" and "max_queue=1" in error_of(refused)["message"]
+    assert running.status_code == waiting.status_code == 200
+    assert running.json()["outputs"] == offline(steady, body)
+
+
+def test_deadline_is_504_and_the_rows_leave_the_batch(steady):
+    slow = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 200}  # 4 s of steps at 20 ms
+    quick = {"document": DOC, "prompts": PROMPTS[:2], "max_new_tokens": 4}
+
+    async def go():
+        async with serving(steady, request_timeout_s=0.3, max_wait_ms=0) as c:
+            with slow_decoder(steady, 0.02):
+                late = await c.post("/v1/generate", json=slow)
+                await until(lambda: c.service.batcher.active_rows == 0, 1.0)  # dropped, not run to the end
+            return late, await c.post("/v1/generate", json=quick), c.service.metrics
+
+    late, after, metrics = run(go())
+    assert late.status_code == 504
+    err = error_of(late)
+    assert err["kind"] == "timeout" and err["limit"] == "request_timeout_s"
+    assert after.status_code == 200 and after.json()["outputs"] == offline(steady, quick)
+    assert metrics.value("pidec_errors_total", kind="timeout") == 1
+
+
+def test_a_failing_batch_gets_500_and_the_service_keeps_serving(model):
+    bodies = requests_mix(4)
+    failing = {"on": True}
+    inner = model.model.decode
+
+    def flaky(*args, **kwargs):
+        if failing["on"]:
+            raise RuntimeError("injected fault")
+        return inner(*args, **kwargs)
+
+    async def go():
+        async with serving(model, max_wait_ms=50) as c:
+            model.model.decode = flaky
+            try:
+                broken = await asyncio.gather(*(c.post("/v1/generate", json=b) for b in bodies))
+                failing["on"] = False
+                healed = await asyncio.gather(*(c.post("/v1/generate", json=b) for b in bodies))
+            finally:
+                del model.model.decode
+            return broken, healed, await c.get("/healthz"), c.service.metrics
+
+    broken, healed, health, metrics = run(go())
+    for r in broken:
+        assert r.status_code == 500 and error_of(r)["kind"] == "internal"
+        assert "injected fault" in error_of(r)["message"]
+    for body, r in zip(bodies, healed):
+        assert r.status_code == 200 and r.json()["outputs"] == offline(model, body)
+    assert health.status_code == 200
+    assert metrics.value("pidec_batch_failures_total") >= 1
+    assert metrics.value("pidec_errors_total", kind="internal") == len(bodies)
+
+
+def test_a_request_failing_to_join_gets_500_and_the_running_one_goes_on(steady):
+    running = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 40}
+    joining = {"document": DOC + " Another one.", "prompts": PROMPTS[1:], "max_new_tokens": 5}
+    inner = steady.model.decode
+
+    def no_prefill(tokens, *args):
+        if tokens.shape[1] > 1:  # a prefill (steps feed one token a row)
+            raise RuntimeError("injected prefill fault")
+        time.sleep(0.005)
+        return inner(tokens, *args)
+
+    async def go():
+        async with serving(steady, max_wait_ms=0) as c:
+            first = asyncio.ensure_future(c.post("/v1/generate", json=running))
+            await until(lambda: c.service.batcher.active_rows > 0)
+            steady.model.decode = no_prefill
+            try:
+                failed = await c.post("/v1/generate", json=joining)
+            finally:
+                del steady.model.decode
+            return failed, await first
+
+    failed, first = run(go())
+    assert failed.status_code == 500 and "injected prefill fault" in error_of(failed)["message"]
+    assert first.status_code == 200 and first.json()["outputs"] == offline(steady, running)
+
+
+def test_a_cancelled_request_leaves_the_batch_and_others_are_unaffected(steady):
+    gone = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 200}
+    stays = {"document": DOC + " Another one.", "prompts": PROMPTS[1:], "max_new_tokens": 12}
+
+    async def go():
+        async with serving(steady, max_wait_ms=0, max_new_tokens_limit=256) as c:
+            with slow_decoder(steady, 0.005):
+                doomed = asyncio.ensure_future(c.post("/v1/generate", json=gone))
+                await until(lambda: c.service.batcher.active_requests == 1)
+                other = asyncio.ensure_future(c.post("/v1/generate", json=stays))
+                await until(lambda: c.service.batcher.active_requests == 2)
+                doomed.cancel()  # the in-process client's way of hanging up
+                await until(lambda: c.service.batcher.active_rows <= 3, 0.5)  # its 4 rows are gone
+                return await other, c.service.metrics
+
+    other, metrics = run(go())
+    assert other.status_code == 200 and other.json()["outputs"] == offline(steady, stays)
+    assert metrics.value("pidec_errors_total", kind="disconnected") == 1
+
+
+# -- a real server: a socket that closes, SIGTERM, the load generator -----------------------------
+
+
+@contextmanager
+def live_server(model, **settings):
+    """uvicorn on a free loopback port, in a thread."""
+    import uvicorn
+
+    app = create_app(model, ServeSettings(**settings))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}", app.state.service
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def test_client_disconnect_drops_its_rows(steady):
+    stays = {"document": DOC + " Another one.", "prompts": PROMPTS[1:], "max_new_tokens": 12}
+    body = json.dumps({"document": DOC, "prompts": PROMPTS, "max_new_tokens": 200}).encode()
+    with live_server(steady, max_wait_ms=0) as (url, service), slow_decoder(steady, 0.005):
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.create_connection(("127.0.0.1", port))
+        head = f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+        run(until(lambda: service.batcher.active_requests == 1))
+        result = {}
+        other = threading.Thread(
+            target=lambda: result.update(r=httpx.post(f"{url}/v1/generate", json=stays, timeout=60))
+        )
+        other.start()
+        run(until(lambda: service.batcher.active_requests == 2))
+        sock.close()
+        run(until(lambda: service.metrics.value("pidec_errors_total", kind="disconnected") == 1))
+        run(until(lambda: service.batcher.active_rows <= 3, 0.5))  # its 4 rows are gone, long before their end
+        other.join(60)
+    assert result["r"].status_code == 200 and result["r"].json()["outputs"] == offline(steady, stays)
+
+
+def test_sigterm_finishes_what_it_holds_then_exits(folder, model):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "pidec", "serve", "--model", str(folder), "--port", str(port), "--threads", "1"]
+    cmd += ["--max-wait-ms", "2000", "--log-level", "warning"]
+    env = dict(os.environ, PIDEC_API_KEY="k3y")
+    auth = {"Authorization": "Bearer k3y"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.communicate()[1]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not become ready"
+            time.sleep(0.1)
+        bodies = requests_mix(5)
+        replies = [None] * len(bodies)
+        assert httpx.post(f"{url}/v1/generate", json=bodies[0], timeout=10).status_code == 401  # PIDEC_API_KEY
+
+        def send(i):
+            replies[i] = httpx.post(f"{url}/v1/generate", json=bodies[i], headers=auth, timeout=60)
+
+        clients = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+        for t in clients:
+            t.start()
+
+        def held() -> int:
+            text = httpx.get(f"{url}/metrics", headers=auth, timeout=5).text
+            gauges = [line.split() for line in text.splitlines() if line.startswith(("pidec_queue_", "pidec_active_r"))]
+            return sum(int(float(v)) for name, v in gauges if name in ("pidec_queue_depth", "pidec_active_requests"))
+
+        while held() < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)  # the five are held: waiting for the batch to start, or in it
+        time.sleep(0.3)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{url}/readyz", timeout=2)  # no longer accepting
+        for t in clients:
+            t.join(60)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    for body, r in zip(bodies, replies):
+        assert r is not None and r.status_code == 200 and r.json()["outputs"] == offline(model, body)
+
+
+def test_short_load_test_has_no_errors(model):
+    from pidec.loadtest import format_report, run_loadtest
+
+    with live_server(model, max_wait_ms=2) as (url, service):
+        report = run_loadtest(url, concurrency=4, duration_s=2.0, workload="qa", timeout_s=60)
+    assert report["errors"] == {} and report["succeeded"] >= 4
+    assert report["requests_per_s"] > 0 and report["documents_per_s"] > 0
+    assert set(report["latency_ms"]) == {"p50", "p95", "p99", "mean", "max"}
+    assert report["latency_ms"]["p50"] <= report["latency_ms"]["p99"]
+    assert report["duration_s"] >= 2.0
+    assert "p99" in format_report(report) and "errors: none" in format_report(report)
+    assert service.metrics.value("pidec_batch_steps_total") > 0
+
+
+def test_cli_serve_refuses_a_bad_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from pidec.cli import app
+
+    r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing")])
+    assert r.exit_code == 2 and "error:" in r.output
+    if os.environ.get("PIDEC_API_KEY") is None:
+        r = CliRunner().invoke(app, ["loadtest", "--url", "http://10.1.2.3:8000", "--duration", "1"])
+        assert r.exit_code == 2 and "loopback" in r.output

@@ -1,0 +1,239 @@
+"""MultiWOZ: both formats on slices of the real files, the value normaliser, fitting long
+histories, joint goal accuracy by hand, and seq outputs parsed back into slots."""
+
+import csv
+import json
+import zipfile
+
+import pytest
+
+from pidec import checkpoint, tasks
+from pidec.data import DataError, Example, Subtask
+from pidec.layouts import format_seq, parse_seq
+from pidec.tasks.multiwoz import PROMPTS, SLOTS, canonical, normalize_time, raw_label
+
+from .shared_data import MULTIWOZ, MULTIWOZ_RAW, T5_TOKENIZER, require
+
+TASK = tasks.get("multiwoz")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return checkpoint.load_tokenizer(require(T5_TOKENIZER))
+
+
+@pytest.fixture(scope="module")
+def dev_rows():
+    with open(require(MULTIWOZ) / "dev.tsv", encoding="utf-8", newline="") as f:
+        return list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+
+
+@pytest.fixture(scope="module")
+def raw_dialogues():
+    with zipfile.ZipFile(require(MULTIWOZ_RAW)) as z:
+        return json.loads(z.read("val.json"))
+
+
+@pytest.fixture(scope="module")
+def dev_examples():
+    return TASK.load("dev", require(MULTIWOZ))
+
+
+def tsv_slice(tmp_path, rows, n):
+    path = tmp_path / "dev.tsv"
+    path.write_text("\n".join("\t".join(r) for r in rows[: n + 1]) + "\n", encoding="utf-8")
+    return path
+
+
+def test_prompts_are_readable_and_unique():
+    assert len(SLOTS) == len(PROMPTS) == len(set(PROMPTS)) == 30
+    assert PROMPTS[SLOTS.index("hotel-pricerange")] == "hotel price range"
+    assert PROMPTS[SLOTS.index("taxi-leaveat")] == "taxi leave at"
+    assert PROMPTS[SLOTS.index("train-arriveby")] == "train arrive by"
+    assert PROMPTS[SLOTS.index("hotel-book stay")] == "hotel book stay"
+
+
+@pytest.mark.parametrize(
+    "slot, value, want",
+    [
+        ("hotel-area", "  East ", "east"),
+        ("hotel-area", "", "none"),
+        ("hotel-area", "not mentioned", "none"),
+        ("hotel-pricerange", "Don't care", "do not care"),
+        ("hotel-pricerange", "dontcare", "do not care"),
+        ("hotel-pricerange", "cheap.", "cheap"),
+        ("hotel-type", "true", "hotel"),
+        ("hotel-type", "false", "guest house"),
+        ("hotel-type", "guesthouse", "guest house"),
+        ("hotel-parking", "free", "yes"),
+        ("hotel-internet", "false", "no"),
+        ("taxi-leaveat", "7:45", "07:45"),
+        ("hotel-area", "east; hotel stars: 4", "east"),  # a seq answer that ran past its separator
+    ],
+)
+def test_canonical(slot, value, want):
+    assert canonical(slot, value) == want
+
+
+def test_raw_labels_get_the_usual_cleanup():
+    assert raw_label("hotel-area", "center") == "centre"
+    assert raw_label("hotel-name", "City Centre North B and B") == "city centre north bed and breakfast"
+    assert raw_label("hotel-name", "alpha-milton guest house") == "alpha milton guest house"
+    assert raw_label("attraction-type", "musuem") == "museum"
+    assert raw_label("train-leaveat", "5:45 pm") == "17:45"
+    assert raw_label("hotel-type", "venetian") == "none"
+    assert normalize_time("after 11 am") == "after 11:00 am"
+
+
+def test_tsv_slice_counts_and_values(tmp_path, dev_rows):
+    path = tsv_slice(tmp_path, dev_rows, 120)
+    examples = TASK.load("dev", path)
+    body = dev_rows[1:121]
+    assert len(examples) == 120 == examples.report.kept
+    assert len({e.id.split(":")[0] for e in examples}) == len({r[0] for r in body})
+    assert all(e.prompts == list(PROMPTS) for e in examples)
+    # every target is the file's cell, canonical; every column read
+    for ex, row in zip(examples, body):
+        assert ex.id == f"{row[0].removesuffix('.json')}:{row[1]}"
+        assert ex.targets == [canonical(s, v.split("|")[0]) for s, v in zip(SLOTS, row[5:])]
+        assert ex.document.endswith(f"user: {' '.join(row[4].split())}")
+    turn3 = next(e for e in examples if e.id == "PMUL1635:3")
+    state = dict(zip(SLOTS, turn3.targets))
+    assert state["hotel-book day"] == "friday" and state["hotel-internet"] == "yes" and state["hotel-area"] == "east"
+    assert turn3.document.count("\n") == 6  # user, system, user, system, user, system, user
+    assert turn3.document.startswith("user: i need to book a hotel in the east")
+
+
+def test_full_dev_split_matches_the_data_readme(dev_examples):
+    examples = dev_examples
+    assert len(examples) == 7371
+    assert len({e.id.split(":")[0] for e in examples}) == 1000
+
+
+def test_tsv_errors_name_file_and_line(tmp_path, dev_rows):
+    rows = [list(r) for r in dev_rows[:4]]
+    rows[2] = rows[2][:-1]
+    path = tsv_slice(tmp_path, rows, 3)
+    with pytest.raises(DataError, match=r"dev\.tsv:3: 34 fields, expected 35"):
+        TASK.load("dev", path)
+    rows = [list(r) for r in dev_rows[:4]]
+    rows[0][7] = "hotel-colour"
+    with pytest.raises(DataError, match=r"dev\.tsv:1: the slot columns"):
+        TASK.load("dev", tsv_slice(tmp_path, rows, 3))
+
+
+def raw_slice(tmp_path, raw_dialogues, n, name="val.json.zip"):
+    keep = dict(list(raw_dialogues.items())[:n])
+    path = tmp_path / name
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("val.json", json.dumps(keep))
+    return path, keep
+
+
+def test_raw_format_slice_agrees_with_the_tsv(tmp_path, raw_dialogues, dev_examples):
+    folder = tmp_path / "raw"
+    folder.mkdir()
+    _, keep = raw_slice(folder, raw_dialogues, 40)
+    examples = TASK.load("dev", folder)  # the folder's val.json.zip stands for dev
+    assert len(examples) == sum(len(d["log"]) // 2 for d in keep.values())
+    tsv = {e.id: e for e in dev_examples}
+    both = [e for e in examples if e.id in tsv]
+    assert len(both) >= 0.95 * len(examples)
+    same = sum(all(p[0] in g for p, g in zip(e.references, tsv[e.id].references)) for e in both)
+    assert same >= 0.97 * len(both)  # 99.2% on the whole validation set
+
+
+def test_data_json_uses_the_split_lists(tmp_path, raw_dialogues):
+    keep = dict(list(raw_dialogues.items())[:6])
+    ids = list(keep)
+    (tmp_path / "data.json").write_text(json.dumps(keep))
+    (tmp_path / "valListFile.txt").write_text("\n".join(f"{i}.json" for i in ids[:2]) + "\n")
+    (tmp_path / "testListFile.txt").write_text(f"{ids[2]}.json\n")
+    got = {s: {e.id.split(":")[0] for e in TASK.load(s, tmp_path / "data.json")} for s in ("train", "dev", "test")}
+    assert got == {"dev": set(ids[:2]), "test": {ids[2]}, "train": set(ids[3:])}
+
+
+def test_missing_split_file_and_unknown_split(tmp_path):
+    with pytest.raises(DataError, match="no file for split 'test'"):
+        TASK.load("test", tmp_path)
+    with pytest.raises(DataError, match="unknown split 'eval'"):
+        TASK.load("eval", tmp_path)
+    with pytest.raises(DataError, match="not found"):
+        TASK.load("dev", tmp_path / "nowhere")
+
+
+def test_fit_drops_the_oldest_utterances(tok):
+    lines = [f"user: turn {i} " + "word " * 20 for i in range(6)]
+    ex = Example("d:5", "\n".join(lines), [Subtask(p, "none") for p in PROMPTS])
+    report = tasks.TaskReport("x")
+    size = len(tok(lines[-1], add_special_tokens=False)["input_ids"])
+    (fitted,) = TASK.fit([ex], tok, 2 * size + 1 + 3, report)[0]  # room for the last two lines
+    assert fitted.document == "\n".join(lines[-2:])
+    assert report.changes["utterances dropped"] == 4 and report.truncated == 1
+    short = Example("d:0", lines[0], ex.subtasks)
+    assert TASK.fit([short], tok, 512, report)[0][0] is short
+
+
+def test_fit_cuts_inside_a_last_utterance_that_is_alone_too_long(tok):
+    ex = Example("d:0", "user: " + " ".join(f"w{i}" for i in range(200)), [Subtask("hotel area", "none")])
+    report = tasks.TaskReport("x")
+    (fitted,) = TASK.fit([ex], tok, 33, report)[0]
+    assert fitted.document.endswith("w199") and len(tok(fitted.document, add_special_tokens=False)["input_ids"]) <= 32
+    assert report.changes["last utterances cut inside"] == 1
+
+
+def turn(values: dict, answers: dict | None = None):
+    """An example with the given non-none gold values, and a prediction (default: the gold)."""
+    gold = [values.get(s, "none") for s in SLOTS]
+    pred = [(answers if answers is not None else values).get(s, "none") for s in SLOTS]
+    return Example("t", "user: x", [Subtask(p, g) for p, g in zip(PROMPTS, gold)]), pred
+
+
+def test_joint_goal_accuracy_by_hand():
+    ex1, p1 = turn({"hotel-area": "east"})
+    ex2, p2 = turn({"hotel-area": "east", "hotel-stars": "4"}, {"hotel-area": "east", "hotel-stars": "3"})
+    ex3, p3 = turn({"train-day": "friday"}, {"train-day": "Friday", "hotel-area": "none"})
+    m = TASK.score([ex1, ex2, ex3], [p1, p2, p3])
+    assert m["joint_goal_accuracy"] == pytest.approx(100 * 2 / 3)  # one wrong slot fails turn 2
+    assert m["slot_accuracy"] == pytest.approx(100 * 89 / 90)
+    assert m["joint_goal_accuracy/hotel"] == pytest.approx(50.0) and m["turns/hotel"] == 2
+    assert m["joint_goal_accuracy/train"] == 100.0 and "joint_goal_accuracy/taxi" not in m
+
+
+def test_alternative_gold_values_are_all_accepted(tmp_path, dev_rows):
+    ex = Example("t", "user: x", [Subtask(p, "none") for p in PROMPTS])
+    ex = tasks.TaskExample(ex.id, ex.document, ex.subtasks, references=[["none"]] * 30)
+    ex.references[SLOTS.index("hotel-type")] = ["hotel", "guest house"]
+    pred = ["none"] * 30
+    pred[SLOTS.index("hotel-type")] = "guest house"
+    assert TASK.score([ex], [pred])["joint_goal_accuracy"] == 100.0
+    pred[SLOTS.index("hotel-type")] = "bed and breakfast"
+    assert TASK.score([ex], [pred])["joint_goal_accuracy"] == 0.0
+
+
+def test_seq_outputs_are_parsed_back_into_the_thirty_slots():
+    gold = {"hotel-area": "east", "hotel-stars": "4", "train-day": "friday"}
+    ex, _ = turn(gold)
+    prompts = list(PROMPTS)
+    clean = format_seq(prompts, ex.targets)
+    assert TASK.score([ex], [parse_seq(clean, prompts)])["joint_goal_accuracy"] == 100.0
+    # only the filled slots, in another order: the rest read as none
+    sparse = "train day: friday; hotel stars: 4; hotel area: east"
+    assert TASK.score([ex], [parse_seq(sparse, prompts)])["joint_goal_accuracy"] == 100.0
+    # a lost separator, an unknown prompt, a repeated slot (the first counts): still right
+    messy = "hotel area: east; hotel stars: 4 ; hotel colour: red; train day: friday; hotel stars: 5"
+    assert TASK.score([ex], [parse_seq(messy, prompts)])["joint_goal_accuracy"] == 100.0
+    # output cut mid-way, and garbage: wrong, but scored slot by slot without an error
+    cut = parse_seq("hotel area: east; hotel stars: 4; train d", prompts)
+    assert TASK.score([ex], [cut])["slot_accuracy"] == pytest.approx(100 * 29 / 30)
+    for junk in ("", "no colon at all", ";;; : ;"):
+        m = TASK.score([ex], [parse_seq(junk, prompts)])
+        assert m["joint_goal_accuracy"] == 0.0 and m["slot_accuracy"] == pytest.approx(100 * 27 / 30)
+
+
+def test_score_rejects_mismatched_predictions():
+    ex, pred = turn({})
+    with pytest.raises(ValueError, match="1 predictions for 2 examples"):
+        TASK.score([ex, ex], [pred])
+    with pytest.raises(ValueError, match="29 answers for 30 subtasks"):
+        TASK.score([ex], [pred[:-1]])
