@@ -1,0 +1,405 @@
+"""The trainer: loss masking, the pid loss against per-subtask losses and transformers,
+token-budget batching, subtask sampling, exact resume after a kill, two processes against one,
+LoRA train/merge/reload, and the checkpoints transformers loads."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import ByT5Tokenizer
+
+from pidec import checkpoint
+from pidec.data import Example, Subtask, write_jsonl
+from pidec.layouts import TrainTokenizer
+from pidec.model import T5, T5Config
+from pidec.train import (
+    IGNORE,
+    Part,
+    TrainConfig,
+    _part,
+    _recover,
+    collate,
+    epoch_batches,
+    loss_sum,
+    lr_lambda,
+    padded_tokens,
+    select_rows,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TOK = ByT5Tokenizer()
+COLORS = ["red", "blue", "green", "black", "white", "grey"]
+CITIES = ["paris", "rome", "oslo", "lima", "kyiv", "bern"]
+
+
+def tiny_model(seed: int = 0, **kw) -> T5:
+    cfg = {
+        "vocab_size": 384,
+        "d_model": 32,
+        "d_kv": 8,
+        "d_ff": 64,
+        "num_layers": 2,
+        "num_decoder_layers": 2,
+        "num_heads": 4,
+        "feed_forward_proj": "gated-gelu",
+        "tie_word_embeddings": False,
+        "dropout_rate": 0.0,
+        "relative_attention_num_buckets": 8,
+        "relative_attention_max_distance": 20,
+    }
+    cfg.update(kw)
+    return T5(T5Config(**cfg)).init_weights(torch.Generator().manual_seed(seed))
+
+
+def car_examples(n: int, seed: int = 0) -> list[Example]:
+    import random
+
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        c, t = r.choice(COLORS), r.choice(CITIES)
+        doc = f"I want a {c} car in {t}" + " please" * r.randint(0, 3) + "."
+        subtasks = [Subtask("color", c), Subtask("city", t), Subtask("day", "none"), Subtask("size", "none")]
+        out.append(Example(f"{seed}-{i}", doc, subtasks))
+    return out
+
+
+def items_for(layout: str, examples: list[Example]):
+    coder = TrainTokenizer(TOK, layout, 512, 0)
+    return [coder.item(i, ex.document, ex.prompts, ex.targets) for i, ex in enumerate(examples)]
+
+
+# -- loss -------------------------------------------------------------------------------------
+
+
+def test_labels_cover_targets_only():
+    ex = car_examples(1)[0]
+    items = items_for("pid", [ex])
+    batch = collate(items, [_part(items, 0, [0, 1, 2, 3])], pad=0)
+    for r, s in enumerate(ex.subtasks):
+        prompt = TOK(s.prompt, add_special_tokens=False)["input_ids"]
+        target = TOK(s.target, add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
+        labels = batch.labels[r].tolist()
+        # positions 0..len(prompt)-1 predict prompt tokens: never in the loss
+        assert labels[: len(prompt)] == [IGNORE] * len(prompt)
+        assert labels[len(prompt) : len(prompt) + len(target)] == target
+        assert all(x == IGNORE for x in labels[len(prompt) + len(target) :])
+        # the decoder input is start + prompt + target without its last token
+        assert batch.decoder_input_ids[r, : len(prompt) + len(target)].tolist() == [0] + prompt + target[:-1]
+    assert batch.target_tokens == sum(len(s.target) + 1 for s in ex.subtasks)
+
+
+def test_prompt_tokens_do_not_change_the_loss_target_tokens_do():
+    """Swapping what a prompt position would predict is invisible to the loss; a target is not."""
+    torch.manual_seed(0)
+    model = tiny_model()
+    ex = car_examples(1)[0]
+    items = items_for("pid", [ex])
+    batch = collate(items, [_part(items, 0, [0, 1])], pad=0)
+    base = loss_sum(model, batch)
+    # move the labels' prefix region: still IGNORE -> same loss
+    assert (batch.labels[:, :3] == IGNORE).all()
+    changed = collate(items, [_part(items, 0, [0, 1])], pad=0)
+    changed.labels[0, 6] = (changed.labels[0, 6] + 1) % 384  # a target token
+    assert not torch.allclose(base, loss_sum(model, changed))
+
+
+@pytest.mark.parametrize("layout", ["pid", "pie"])
+def test_loss_is_the_sum_of_per_subtask_losses(layout):
+    model = tiny_model(1)
+    examples = car_examples(3, seed=1)
+    items = items_for(layout, examples)
+    together = loss_sum(model, collate(items, [_part(items, i, [0, 1, 2, 3]) for i in range(3)], pad=0))
+    alone = sum(loss_sum(model, collate(items, [_part(items, i, [j])], pad=0)) for i in range(3) for j in range(4))
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["pid", "pie", "seq"])
+def test_loss_matches_transformers(layout, tmp_path):
+    """Our summed loss equals the cross-entropy transformers' T5 gives for the same rows."""
+    from transformers import T5ForConditionalGeneration
+
+    model = tiny_model(2)
+    checkpoint.save(model, tmp_path)
+    hf = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+    examples = car_examples(2, seed=2)
+    items = items_for(layout, examples)
+    rows = [0] if layout == "seq" else [0, 1, 2, 3]
+    batch = collate(items, [_part(items, i, rows) for i in range(2)], pad=0)
+    ours = loss_sum(model, batch)
+    enc = batch.input_ids[batch.row_doc]
+    mask = batch.attention_mask[batch.row_doc]
+    logits = hf(input_ids=enc, attention_mask=mask, decoder_input_ids=batch.decoder_input_ids).logits
+    theirs = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    examples = car_examples(2)
+    items = items_for("pid", examples)
+    batch = collate(items, [_part(items, i, [0, 1, 2, 3]) for i in range(2)], pad=0)
+    grads = []
+    for flag in (False, True):
+        model = tiny_model(3).train()
+        model.gradient_checkpointing = flag
+        loss_sum(model, batch).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# -- batching and sampling --------------------------------------------------------------------
+
+
+def test_token_budget_batching():
+    examples = car_examples(120, seed=3)
+    items = items_for("pid", examples)
+    cfg = TrainConfig(output="x", batch_tokens=600)
+    batches, alone = epoch_batches(items, cfg, 0)
+    assert alone == 0
+    for b in batches:
+        assert padded_tokens(b) <= 600
+    seen = sorted(p.item for b in batches for p in b)
+    assert seen == list(range(120))  # every example once per epoch
+    again, _ = epoch_batches(items, cfg, 0)
+    assert [[p.item for p in b] for b in again] == [[p.item for p in b] for b in batches]
+    other, _ = epoch_batches(items, cfg, 1)
+    assert [[p.item for p in b] for b in other] != [[p.item for p in b] for b in batches]
+    # a budget below one example: each example is a batch of its own, counted
+    tiny, alone = epoch_batches(items, TrainConfig(output="x", batch_tokens=10), 0)
+    assert len(tiny) == 120 and alone == 120
+
+
+def test_padded_tokens_counts_encoder_and_decoder_padding():
+    parts = [Part(0, [0, 1], enc_len=10, enc_rows=1, dec_len=5), Part(1, [0], enc_len=20, enc_rows=1, dec_len=8)]
+    assert padded_tokens(parts) == 2 * 20 + 3 * 8
+
+
+def test_subtask_sampling_and_downsampling():
+    examples = car_examples(400, seed=4)
+    items = items_for("pid", examples)
+    cfg = TrainConfig(output="x", max_subtasks=2, downsample={"none": 0.25})
+    kept = [select_rows(it, cfg, 0) for it in items]
+    assert all(1 <= len(k) <= 2 for k in kept)
+    none_share = sum(items[i].values[j] == "none" for i, k in enumerate(kept) for j in k) / sum(map(len, kept))
+    assert none_share < 0.3  # half the targets are "none" before down-sampling
+    assert kept == [select_rows(it, cfg, 0) for it in items]  # seeded by (seed, epoch, example)
+    assert kept != [select_rows(it, cfg, 1) for it in items]
+    with pytest.raises(ValueError, match="seq"):
+        TrainConfig(output="x", layout="seq", train="f", size="tiny", tokenizer="byte", steps=1, max_subtasks=2).check()
+
+
+def test_schedules():
+    cfg = TrainConfig(output="x", warmup_steps=10, schedule="linear")
+    f = lr_lambda(cfg, 110)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
+    cos = lr_lambda(TrainConfig(output="x", schedule="cosine"), 100)
+    assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
+    assert lr_lambda(TrainConfig(output="x", schedule="constant"), 100)(99) == 1.0
+
+
+def test_recover_after_a_kill_inside_a_save(tmp_path):
+    (tmp_path / ".tmp-checkpoint-8").mkdir()
+    (tmp_path / ".old-best").mkdir()  # killed between moving best aside and renaming the new one
+    (tmp_path / ".old-final").mkdir()
+    (tmp_path / "final").mkdir()
+    _recover(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
+
+
+# -- whole runs -------------------------------------------------------------------------------
+
+
+def write_data(folder: Path, train: int = 96, test: int = 12) -> tuple[Path, Path]:
+    write_jsonl(car_examples(train, seed=5), folder / "train.jsonl")
+    write_jsonl(car_examples(test, seed=6), folder / "eval.jsonl")
+    return folder / "train.jsonl", folder / "eval.jsonl"
+
+
+def run_args(train: Path, evalf: Path, *extra: str) -> list[str]:
+    return [
+        "train",
+        "--train",
+        str(train),
+        "--eval",
+        str(evalf),
+        "--size",
+        "tiny",
+        "--tokenizer",
+        "byte",
+        "--batch-tokens",
+        "1024",
+        "--lr",
+        "3e-3",
+        "--seed",
+        "1",
+        *extra,
+    ]
+
+
+def pidec(*args: str, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pidec", *args], check=False, capture_output=True, text=True, cwd=ROOT, env=env, **kw
+    )
+
+
+def train_losses(folder: Path) -> list[tuple[int, float]]:
+    recs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if r["type"] == "train"]
+
+
+def test_resume_after_kill_continues_exactly(tmp_path):
+    train, evalf = write_data(tmp_path)
+    common = run_args(train, evalf, "--steps", "16", "--save-every", "3", "--eval-every", "8", "--dropout", "0.1")
+    done = pidec(*common, "--output", str(tmp_path / "whole"))
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no progress bar off a terminal
+    whole = train_losses(tmp_path / "whole")
+    assert [s for s, _ in whole] == list(range(1, 17))
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pidec", *common, "--output", str(killed)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline:  # kill once a few steps and at least one checkpoint are behind it
+        log = killed / "log.jsonl"
+        if log.exists() and log.read_text().count('"train"') >= 7:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(train_losses(killed)) < 16
+    resumed = pidec("train", "--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    assert train_losses(killed) == whole  # bit-identical losses, every step once
+    evals = [json.loads(x) for x in (killed / "log.jsonl").read_text().splitlines() if '"eval"' in x]
+    assert [e["step"] for e in evals] == [8, 16]
+
+
+def test_checkpoint_loads_in_transformers_and_pidec(tmp_path):
+    from transformers import T5ForConditionalGeneration
+
+    import pidec as lib
+
+    train, evalf = write_data(tmp_path, train=48, test=6)
+    out = tmp_path / "run"
+    done = pidec(*run_args(train, evalf, "--steps", "3", "--dropout", "0", "--output", str(out)))
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["steps"] == 3 and "example_exact_match" in summary["eval"]
+    for name in ("final", "best", "checkpoint-3"):
+        hf = T5ForConditionalGeneration.from_pretrained(out / name).eval()
+        ours = checkpoint.load_model(out / name)
+        ids = torch.tensor([[5, 6, 7, 1]])
+        dec = torch.tensor([[0, 9, 10]])
+        torch.testing.assert_close(
+            ours(ids, dec), hf(input_ids=ids, decoder_input_ids=dec).logits, rtol=1e-4, atol=1e-4
+        )
+    model = lib.load(out / "final")
+    assert len(model.generate("I want a red car in rome.", ["color", "city"], max_new_tokens=4)) == 2
+
+
+def test_two_processes_match_one(tmp_path):
+    train, evalf = write_data(tmp_path, train=64, test=4)
+    common = run_args(train, evalf, "--steps", "4", "--dropout", "0", "--batch-tokens", "700")
+    one = pidec(*common, "--grad-accum", "2", "--output", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "-m",
+            "pidec",
+            *common,
+            "--output",
+            str(tmp_path / "two"),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=300,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    start = json.loads((tmp_path / "two" / "log.jsonl").read_text().splitlines()[0])
+    assert start["processes"] == 2
+    a, b = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3, 4]
+    for (_, x), (_, y) in zip(a, b):
+        assert y == pytest.approx(x, rel=1e-5)
+    # the weights after 4 steps agree too
+    wa = checkpoint.load_model(tmp_path / "one" / "final").state_dict()
+    wb = checkpoint.load_model(tmp_path / "two" / "final").state_dict()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_lora_train_merge_reload(tmp_path):
+    import pidec as lib
+
+    train, evalf = write_data(tmp_path, train=48, test=6)
+    out = tmp_path / "lora"
+    done = pidec(
+        *run_args(
+            train,
+            evalf,
+            "--steps",
+            "4",
+            "--dropout",
+            "0",
+            "--lora-r",
+            "4",
+            "--lora-targets",
+            "q,v",
+            "--lr",
+            "1e-2",
+            "--output",
+            str(out),
+        )
+    )
+    assert done.returncode == 0, done.stderr
+    start = json.loads((out / "log.jsonl").read_text().splitlines()[0])
+    assert 0 < start["trainable"] < start["parameters"] / 5
+    assert (out / "final" / "adapter_config.json").is_file()
+    base = checkpoint.load_model(out / "base").state_dict()
+    merged_dir = tmp_path / "merged"
+    exp = pidec("export", "--checkpoint", str(out / "final"), "--out", str(merged_dir), "--merge-lora")
+    assert exp.returncode == 0, exp.stderr
+    merged = checkpoint.load_model(merged_dir).state_dict()
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert changed and all(k.endswith((".q.weight", ".v.weight")) for k in changed)
+    doc, prompts = "I want a blue car in oslo.", ["color", "city", "day"]
+    adapted = lib.load(out / "final").generate(doc, prompts, max_new_tokens=5)
+    assert lib.load(merged_dir).generate(doc, prompts, max_new_tokens=5) == adapted
+    # an adapter must be merged to export
+    refused = pidec("export", "--checkpoint", str(out / "final"), "--out", str(tmp_path / "x"))
+    assert refused.returncode == 2 and "merge-lora" in refused.stderr
