@@ -113,9 +113,31 @@ def bench(
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    train_mode: bool = typer.Option(False, "--train", help="time training steps of the layouts instead"),
+    layouts: str = typer.Option("pid,pie", "--layouts", help="with --train: comma list of pid, pie, seq"),
 ) -> None:
     """Time the configurations side by side on one workload and print a table."""
     from pidec.bench import format_table, run_bench
+
+    if train_mode:
+        from pidec.bench_train import format_train_table, run_train_bench
+
+        try:
+            result = run_train_bench(
+                workload,
+                model_size,
+                [x.strip() for x in layouts.split(",") if x.strip()],
+                docs=docs,
+                repeats=repeats,
+                seed=seed,
+                threads=threads,
+            )
+        except ValueError as e:
+            _fail(str(e))
+        typer.echo(format_train_table(result))
+        if json_out:
+            Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     names = [c.strip() for c in configs.split(",") if c.strip()]
     try:
@@ -188,21 +210,20 @@ def train(
     lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
 ) -> None:
     """Train a T5 in the pid, pie or seq layout (run under `accelerate launch` for data parallel)."""
-    from click.core import ParameterSource
-
     from pidec import train as training
     from pidec.checkpoint import CheckpointError
     from pidec.data import DataError
 
     try:
         if resume is not None:
+            opts = {p.name: p.opts[0] for p in ctx.command.params}
             given = [
-                p for p in ctx.params if p != "resume" and ctx.get_parameter_source(p) == ParameterSource.COMMANDLINE
+                opts.get(p, p)
+                for p in ctx.params
+                if p != "resume" and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"
             ]
             if given:
-                _fail(
-                    f"--resume continues with the run's saved settings; drop {', '.join('--' + g.replace('_', '-') for g in given)}"
-                )
+                _fail(f"--resume continues with the run's saved settings; drop {', '.join(given)}")
             result = training.resume(resume)
         else:
             if output is None:
@@ -438,6 +459,23 @@ def loadtest(
     if json_out:
         Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
+
+
+@app.command()
+def demo(
+    output: str = typer.Option("pidec-demo", "--output", "-o", help="folder for the data, model, table and plot"),
+    steps: int = typer.Option(1200, "--steps", help="training steps"),
+    train_examples: int = typer.Option(12000, "--train-examples"),
+    test_examples: int = typer.Option(300, "--test-examples"),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Generate a synthetic booking task, train a small T5 on it in pid, compare decoders."""
+    from pidec.demo import format_result, run_demo
+
+    if steps < 1 or train_examples < 1 or test_examples < 1:
+        _fail("--steps, --train-examples and --test-examples must be >= 1")
+    result = run_demo(output, train_examples=train_examples, test_examples=test_examples, steps=steps, seed=seed)
+    typer.echo(format_result(result))
 
 
 def main() -> None:

@@ -595,8 +595,6 @@ class Run:
                 raise InputError(f"--output {self.out} already holds a run; pass --resume {self.out} or another folder")
             self.out.mkdir(parents=True, exist_ok=True)
             _recover(self.out)
-            if not self.resume:
-                save_run_config(cfg, self.out)
         self._barrier()
         model, tok, base = build_model(cfg)
         self.tokenizer = tok
@@ -619,6 +617,8 @@ class Run:
         examples, self.train_report = load_examples(cfg, "train", tok, model.config.max_input_length)
         self.items = tokenize(examples, coder, self.train_report, cfg.on_bad)
         self.eval_examples, self.eval_report = load_examples(cfg, "eval", tok)
+        if self.main and not self.resume:  # only once the data has been read and checked
+            save_run_config(cfg, self.out)
 
         first, self.over_budget = epoch_batches(self.items, cfg, 0)
         self.steps_per_epoch = math.ceil(len(first) / (self.world * cfg.grad_accum))
