@@ -464,7 +464,7 @@ def loadtest(
 @app.command()
 def demo(
     output: str = typer.Option("pidec-demo", "--output", "-o", help="folder for the data, model, table and plot"),
-    steps: int = typer.Option(1200, "--steps", help="training steps"),
+    steps: int = typer.Option(1300, "--steps", help="training steps"),
     train_examples: int = typer.Option(12000, "--train-examples"),
     test_examples: int = typer.Option(300, "--test-examples"),
     seed: int = typer.Option(0, "--seed"),

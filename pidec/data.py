@@ -140,8 +140,7 @@ def read_jsonl(path: str | os.PathLike, require_target: bool = True) -> list[Exa
 
 def write_jsonl(examples: list[Example], path: str | os.PathLike) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for ex in examples:
-            f.write(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n")
+        f.writelines(json.dumps(ex.to_dict(), ensure_ascii=False) + "\n" for ex in examples)
 
 
 def check(
