@@ -199,15 +199,19 @@ def read_state_dict(folder: str | os.PathLike) -> dict[str, Tensor]:
     )
 
 
+def read_json(path: Path):
+    """A JSON file of a checkpoint folder; invalid JSON is an error naming the file and line."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+
+
 def read_config(folder: str | os.PathLike) -> T5Config:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: config.json not found")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
-    return config_from_hf(d, str(path))
+    return config_from_hf(read_json(path), str(path))
 
 
 def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str = "checkpoint") -> T5:

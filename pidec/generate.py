@@ -99,6 +99,17 @@ class _Rows:
         self.origin = self.origin.index_select(0, index)
 
 
+def check_rows(rows: list[Row], cross: CrossCache) -> None:
+    """Every row has a budget, a prefix and a document that was encoded."""
+    for i, r in enumerate(rows):
+        if r.max_new_tokens < 1:
+            raise ValueError(f"row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        if not r.prefix:
+            raise ValueError(f"row {i}: empty prefix (it needs at least the decoder start token)")
+        if not 0 <= r.doc < cross.docs:
+            raise ValueError(f"row {i}: document {r.doc} out of range ({cross.docs} encoded)")
+
+
 @torch.inference_mode()
 def decode(
     model: T5,
@@ -121,13 +132,7 @@ def decode(
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
     if not rows:
         return Decoded([], None if num_beams == 1 else [])
-    for i, r in enumerate(rows):
-        if r.max_new_tokens < 1:
-            raise ValueError(f"row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
-        if not r.prefix:
-            raise ValueError(f"row {i}: empty prefix (it needs at least the decoder start token)")
-        if not 0 <= r.doc < cross.docs:
-            raise ValueError(f"row {i}: document {r.doc} out of range ({cross.docs} encoded)")
+    check_rows(rows, cross)
     order = sorted(range(len(rows)), key=lambda i: rows[i].doc)
     if order != list(range(len(rows))):
         result = decode(

@@ -16,7 +16,6 @@ trained that way load here. `merge` folds the deltas into the weights for plain,
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 from pathlib import Path
@@ -217,10 +216,7 @@ def read_adapter_config(folder: str | os.PathLike) -> dict:
     path = Path(folder) / ADAPTER_CONFIG
     if not path.is_file():
         raise CheckpointError(f"{folder}: {ADAPTER_CONFIG} not found")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from e
+    d = checkpoint.read_json(path)
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
     if d.get("peft_type") != "LORA":

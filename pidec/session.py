@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .generate import Row, _drop_empty_docs, _prefill
+from .generate import Row, _drop_empty_docs, _prefill, check_rows
 from .model import T5, CrossCache, KVCache, RowGroups, additive_mask
 
 
@@ -100,13 +100,7 @@ class DecodeSession:
         the rows already running are untouched."""
         if not rows:
             return []
-        for i, r in enumerate(rows):
-            if r.max_new_tokens < 1:
-                raise ValueError(f"row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
-            if not r.prefix:
-                raise ValueError(f"row {i}: empty prefix (it needs at least the decoder start token)")
-            if not 0 <= r.doc < cross.docs:
-                raise ValueError(f"row {i}: document {r.doc} out of range ({cross.docs} encoded)")
+        check_rows(rows, cross)
         model, device = self.model, self.model.device
         cfg = model.config
         order = sorted(range(len(rows)), key=lambda i: rows[i].doc)  # the decoder folds rows by document

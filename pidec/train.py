@@ -398,8 +398,8 @@ def collate(items: list[TrainItem], parts: list[Part], pad: int) -> Batch:
     )
 
 
-def loss_sum(model: T5, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy over the target tokens of a batch (the caller normalises).
+def target_logits(model: T5, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [N, vocab] at the labelled positions of a batch, row by row, and their labels [N].
 
     Right-padded decoder rows need no key mask: the causal mask already hides a row's padding
     from its real positions, and padded positions carry no label. The LM head runs on labelled
@@ -410,8 +410,13 @@ def loss_sum(model: T5, batch: Batch) -> torch.Tensor:
     pos = torch.arange(batch.decoder_input_ids.shape[1], device=batch.input_ids.device)
     hidden = model.decode(batch.decoder_input_ids, cross, groups, model.self_attention_mask(pos, pos, None))
     keep = batch.labels != IGNORE
-    logits = model.logits(hidden[keep])
-    return F.cross_entropy(logits.float(), batch.labels[keep], reduction="sum")
+    return model.logits(hidden[keep]), batch.labels[keep]
+
+
+def loss_sum(model: T5, batch: Batch) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens of a batch (the caller normalises)."""
+    logits, labels = target_logits(model, batch)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
 # -- model, tokenizer, optimizer ------------------------------------------------------------
