@@ -9,7 +9,8 @@ requests arriving close together start together.
 Greedy jobs join a `DecodeSession` between decoding steps (continuous batching): their documents
 are encoded one job at a time, exactly as `Model.generate` encodes them, their rows prefilled and
 merged into the running batch, and each row leaves when it ends. Beam-search jobs with the same
-number of beams are decoded together by `generate.decode`, from start to end, between two steps.
+number of beams are decoded together by `generate.decode`, from start to end, between two steps;
+such a batch stops early when every one of its callers has gone.
 
 A job whose caller has gone (deadline passed, client disconnected) is dropped at the next step
 boundary: its rows leave the batch, nothing else changes. An exception fails the jobs it
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 
 from . import layouts
 from .api import Model, _chunks
-from .generate import Row, decode, encode, sync
+from .generate import Aborted, Row, decode, encode, sync
 from .model import CrossCache
 from .prometheus import Registry
 from .session import DecodeSession, concat_cross
@@ -317,8 +318,19 @@ class Batcher:
         ready, crosses, rows, owners = self._prepare(jobs)
         if not ready:
             return
+
+        def all_gone() -> bool:  # every caller of the batch gave up: stop decoding it now
+            now = time.monotonic()
+            return all(j.cancelled is not None or now > j.deadline for j in ready)
+
         try:
-            out = decode(self.model.model, concat_cross(crosses), rows, num_beams=ready[0].num_beams)
+            out = decode(
+                self.model.model, concat_cross(crosses), rows, num_beams=ready[0].num_beams, should_stop=all_gone
+            )
+        except Aborted:
+            for job in ready:
+                self._expired(job)
+            return
         except Exception as e:  # noqa: BLE001 - the batch fails, the service goes on
             self._count_failure(e)
             for job in ready:

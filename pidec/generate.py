@@ -15,6 +15,7 @@ is dropped from the cross-attention cache once enough of them have gone.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +59,10 @@ class Decoded:
     tokens: list[list[int]]  # generated tokens per row, EOS not included
     scores: list[float] | None = None  # beam search: the length-normalised score of each row
     stats: DecodeStats = field(default_factory=DecodeStats)
+
+
+class Aborted(Exception):
+    """`decode` was told to stop (`should_stop`) before it finished."""
 
 
 def sync(device: torch.device) -> None:
@@ -121,9 +126,12 @@ def decode(
     compaction: bool = True,
     length_penalty: float = 1.0,
     early_stopping: bool = False,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Decoded:
     """Decode `rows` against `cross` (one entry per document). eos_token_id=-1 means the model's;
-    None means rows run to their max_new_tokens (the benchmark's fixed-length workloads)."""
+    None means rows run to their max_new_tokens (the benchmark's fixed-length workloads).
+    `should_stop`, when given, is asked before every step; True abandons the decoding with
+    `Aborted` (the service uses it to stop a beam batch whose callers have all gone)."""
     cfg = model.config
     device = model.device
     eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
@@ -145,6 +153,7 @@ def decode(
             compaction,
             length_penalty,
             early_stopping,
+            should_stop,
         )
         back = [0] * len(rows)
         for new, old in enumerate(order):
@@ -223,6 +232,8 @@ def decode(
             live_docs, state.doc = _drop_empty_docs(live_docs, state.doc)
             groups = RowGroups.from_doc(state.doc, live_docs.docs)
         step += 1
+        if should_stop is not None and should_stop():
+            raise Aborted(f"stopped after {step} steps")
         p = cache.pos
         bias = model.decoder.rel_bias(pos[p : p + 1], pos[: p + 1]).unsqueeze(0).to(model.dtype)  # [1, heads, 1, p+1]
         if padded:

@@ -364,6 +364,25 @@ def test_deadline_is_504_and_the_rows_leave_the_batch(steady):
     assert metrics.value("pidec_errors_total", kind="timeout") == 1
 
 
+def test_a_beam_batch_whose_callers_have_gone_stops_early(steady):
+    slow = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 200, "num_beams": 2}  # 4 s at 20 ms a step
+    quick = {"document": DOC, "prompts": PROMPTS[:2], "max_new_tokens": 4}
+
+    async def go():
+        async with serving(steady, request_timeout_s=0.3, max_wait_ms=0) as c:
+            with slow_decoder(steady, 0.02):
+                late = await c.post("/v1/generate", json=slow)
+                t0 = time.monotonic()
+                after = await c.post("/v1/generate", json=quick)  # the thread is free again soon
+                waited = time.monotonic() - t0
+            return late, after, waited
+
+    late, after, waited = run(go())
+    assert late.status_code == 504 and error_of(late)["kind"] == "timeout"
+    assert after.status_code == 200 and after.json()["outputs"] == offline(steady, quick)
+    assert waited < 2.0, f"the abandoned beam batch ran on for {waited:.1f} s"
+
+
 def test_a_failing_batch_gets_500_and_the_service_keeps_serving(model):
     bodies = requests_mix(4)
     failing = {"on": True}
