@@ -276,6 +276,72 @@ def train(
         typer.echo(json.dumps(result))
 
 
+@app.command()
+def compare(
+    output: str = typer.Option(..., "--output", "-o", help="parent folder: one run per layout, results.json/md"),
+    task: str = typer.Option(..., "--task", help="a registered task (see `pidec tasks`)"),
+    data: Optional[str] = typer.Option(None, "--data", help="the task's data folder or file"),
+    layouts: str = typer.Option("seq,pie,pid", "--layouts", help="comma-separated, trained in this order"),
+    model: Optional[str] = typer.Option(None, "--model", help="checkpoint folder to start every layout from"),
+    size: Optional[str] = typer.Option(None, "--size", help="from scratch: tiny | small | base"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder, or 'byte'"),
+    steps: int = typer.Option(..., "--steps", help="optimizer steps, the same for every layout"),
+    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="padded encoder+decoder tokens per step"),
+    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adafactor"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    warmup_steps: int = typer.Option(0, "--warmup-steps"),
+    schedule: str = typer.Option("cosine", "--schedule", help="linear | cosine | constant"),
+    max_input_length: Optional[int] = typer.Option(None, "--max-input-length"),
+    max_target_tokens: int = typer.Option(64, "--max-target-tokens", help="longest target (with EOS) accepted"),
+    on_bad: str = typer.Option("skip", "--on-bad", help="error | skip (skipped examples are counted)"),
+    max_subtasks: Optional[int] = typer.Option(None, "--max-subtasks"),
+    downsample: Optional[str] = typer.Option(None, "--downsample", help="VALUE:KEEP, e.g. none:0.3"),
+    eval_split: str = typer.Option("test", "--eval-split"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on the first N examples"),
+    eval_batch_size: int = typer.Option(8, "--eval-batch-size", help="documents decoded together"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="per subtask (default: the task's)"),
+    seed: int = typer.Option(0, "--seed"),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Train seq, pie and pid on the same budget (steps x tokens per step) and compare metric and speed."""
+    from pidec import train as training
+    from pidec.checkpoint import CheckpointError
+    from pidec.compare import format_results, parse_layouts, run_comparison
+    from pidec.data import DataError
+
+    try:
+        names = parse_layouts(layouts)
+        cfg = training.TrainConfig(
+            output=output,
+            layout=names[0],
+            task=task,
+            data=data,
+            model=model,
+            size=size,
+            tokenizer=tokenizer,
+            steps=steps,
+            batch_tokens=batch_tokens,
+            optimizer=optimizer,
+            lr=lr,
+            warmup_steps=warmup_steps,
+            schedule=schedule,
+            max_input_length=max_input_length,
+            max_target_tokens=max_target_tokens,
+            on_bad=on_bad,
+            max_subtasks=max_subtasks,
+            downsample=training.parse_downsample(downsample),
+            seed=seed,
+            device=device,
+        )
+        cfg.check()
+        result = run_comparison(
+            cfg, names, eval_split, eval_limit, eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens
+        )
+    except (DataError, CheckpointError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(format_results(result))
+
+
 @app.command("export")
 def export_checkpoint(
     checkpoint_dir: str = typer.Option(..., "--checkpoint", help="checkpoint folder, or a LoRA adapter folder"),

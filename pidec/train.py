@@ -59,6 +59,7 @@ class TrainConfig:
     eval: str | None = None  # JSONL file
     task: str | None = None  # a registered task instead of train/eval files
     data: str | None = None  # the task's data folder/file
+    eval_split: str | None = "dev"  # with a task: the split evaluated during training (None: none)
     model: str | None = None  # checkpoint folder (or hub id) to start from
     size: str | None = None  # or from scratch: tiny | small | base (T5 v1.1 shapes)
     tokenizer: str | None = None  # tokenizer folder, or "byte" (built-in, ByT5-style)
@@ -237,11 +238,19 @@ def load_examples(
         from . import tasks
 
         task = tasks.get(cfg.task)
-        if split == "train":  # fitted to the input limit the task's way (QA: windows), counted
-            examples = task.load("train", cfg.data, tokenizer=tokenizer, max_input_tokens=max_input_length)
+        if split == "train":  # fitted the task's way (QA: windows), counted, leaving room for the layout's
+            from .evaluate import input_budget  # prompt (pie) or instruction (seq), as evaluation does
+
+            examples = task.load("train", cfg.data)
+            budget = input_budget(tokenizer, max_input_length, cfg.layout, examples, cfg.seq_instruction)
+            report = examples.report
+            examples = [piece for group in task.fit(examples, tokenizer, budget, report) for piece in group]
+            report.kept = len(examples)
+        elif cfg.eval_split is None:
+            return [], None
         else:  # whole examples: evaluation fits and merges them itself
-            examples = task.load("dev", cfg.data)
-        source = f"task {cfg.task} ({'train' if split == 'train' else 'dev'})"
+            examples = task.load(cfg.eval_split, cfg.data)
+        source = f"task {cfg.task} ({'train' if split == 'train' else cfg.eval_split})"
     elif path is None:
         return [], None
     else:

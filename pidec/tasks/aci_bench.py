@@ -104,7 +104,7 @@ class ACIBench(Task):
     default_path = "aci-bench"
     splits = ("train", "valid", "test1", "test2")
     split_aliases: ClassVar[dict[str, str]] = {"dev": "valid", "validation": "valid", "test": "test1"}
-    main_metric = "rouge1"
+    main_metric = "rougeL"  # the issue names ROUGE-L as the comparison metric
     max_new_tokens = 512
 
     def read(self, split: str, path: Path, report: TaskReport) -> list[Example]:

@@ -175,6 +175,8 @@ def token_spans(tokenizer, texts: list[str]) -> list[list[tuple[int, int]]]:
     own characters rather than re-decoded from tokens (decoding would rewrite its spacing).
     Needs a fast tokenizer (tokenizer.json), which `checkpoint.load_tokenizer` gives."""
     if not getattr(tokenizer, "is_fast", False):
+        if type(tokenizer).__name__ == "ByT5Tokenizer":  # one token per UTF-8 byte of each character
+            return [[(i, i + 1) for i, c in enumerate(t) for _ in c.encode("utf-8")] for t in texts]
         raise DataError("cutting documents to fit needs a fast tokenizer (tokenizer.json) for character offsets")
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     return [[tuple(o) for o in offsets] for offsets in enc["offset_mapping"]]
