@@ -80,6 +80,8 @@ class Model:
         return self.model.device
 
     def save_pretrained(self, folder: str | os.PathLike) -> None:
+        if getattr(self.model, "quantization", None):
+            raise InputError("a quantized model is not saved: save the float checkpoint, quantize when loading it")
         checkpoint.save(self.model, folder, tokenizer=self.tokenizer)
 
     # -- encoding ---------------------------------------------------------------------------
@@ -276,13 +278,22 @@ def load(
     dtype: torch.dtype | str = torch.float32,
     tokenizer: str | os.PathLike | None = None,
     max_input_length: int | None = None,
+    quantize: str | None = None,
 ) -> Model:
     """Load a Hugging Face T5 checkpoint folder (or hub id) and its tokenizer. A LoRA adapter
     folder (adapter_config.json, no config.json) loads its base and merges the adapter in.
 
     tokenizer: a folder to take the tokenizer from when the checkpoint has none.
     max_input_length: the longest document accepted without truncation (default: config.json's
-    n_positions, else 512)."""
+    n_positions, else 512).
+    quantize: None, or "int8": int8 weights and dynamically quantized int8 activations in every
+    linear layer but the LM head, for inference (see `pidec.quantize`)."""
+    from . import quantize as quant
+
+    try:
+        quantize = quant.check_method(quantize)
+    except quant.QuantizeError as e:
+        raise InputError(str(e)) from None
     overrides = {} if max_input_length is None else {"max_input_length": int(max_input_length)}
     folder = checkpoint.resolve(path)
     if lora.is_adapter(folder):  # a LoRA adapter: its base with the deltas merged in, tokenizer from either
@@ -302,4 +313,9 @@ def load(
         raise checkpoint.CheckpointError(
             f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}"
         )
+    if quantize is not None:
+        try:
+            quant.quantize_model(model.eval(), quantize)
+        except quant.QuantizeError as e:
+            raise InputError(str(e)) from None
     return Model(model, tok)

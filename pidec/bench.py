@@ -45,12 +45,45 @@ keys/values held while decoding, and the speed-up over hf-pie.
 
 A cross-check: on the first document, the first 2 tokens of 3 rows of pidec-pid are compared
 with hf-pid-expanded (``agree`` in the result; transformers forbids EOS before min_new_tokens,
-so a pidec row is only compared up to its first EOS).
+so a pidec row is only compared up to its first EOS), and likewise ct2-pie with pidec-pie
+(``agree_ct2``), which checks the conversion.
+
+More configurations, asked for by name (``ALL_CONFIGS``; the default run is ``CONFIGS``):
+
+- ``pidec-seq-int8``, ``pidec-pie-int8``, ``pidec-pid-int8``: the same pidec model with int8
+  linear layers (`pidec.quantize`: int8 weights, activations quantized per call, LM head float).
+  ``quantize="int8"`` (``--quantize int8``) turns every pidec and ct2 configuration of the run
+  into its int8 form; transformers configurations stay float.
+- ``ct2-pie``: CTranslate2 (optional extra ``pidec[ct2]``) on the same checkpoint converted with
+  its `TransformersConverter`: K sources of prompt + document, every row L steps as hf-pie.
+- ``ct2-prefix``: CTranslate2 with the document K times as the sources and the prompts as
+  ``target_prefix`` (left-padded with the pad token to the longest prompt, since CTranslate2's
+  decoding length counts the prefix and is one number for the batch), L steps after it.
+- ``ct2-pie-int8``, ``ct2-prefix-int8``: the same with ``compute_type="int8"``.
+  When ctranslate2 is not installed these configurations are skipped, and the result says so
+  (``skipped``) instead of failing.
+
+How far each row is from the machine (`measure_ceiling`, `pidec.roofline`): at start the
+harness times a float matrix product (in the run's dtype) and an int8 one (``torch._int_mm``)
+of the workload's own shape, encoder tokens x d_model x d_ff, again at the end, and keeps the
+best of those trials as the machine's ceiling in GFLOP/s (on a shared machine a busy spell
+lowers a single measurement; a fraction above 100 % says the ceiling was still measured low).
+Per configuration: achieved GFLOP/s (analytic FLOPs per document / median latency), its
+fraction of the ceiling (the int8 ceiling for int8 rows), and the mean bytes moved per
+decoding step after the prefill (weights read by a decoder pass + cross-attention cache read +
+self-attention cache read, `roofline`).
+
+Memory scaling (``memory_budget``, `memory_report`): how many documents of the workload's
+largest shape (longest prompts, every output at the longest length) a configuration can decode
+together within a budget, analytically: weights + the working memory of encoding one document
++ n x (cross cache + preallocated self cache + kept encoder output + one step's logits); see
+`roofline.decode_memory`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import os
 import random
@@ -62,10 +95,25 @@ from dataclasses import dataclass
 
 import torch
 
+from . import roofline
 from .generate import sync
 from .model import T5, T5Config
 
-CONFIGS = ["hf-pie", "hf-pid-expanded", "pidec-seq", "pidec-pie", "pidec-pid"]
+CONFIGS = ["hf-pie", "hf-pid-expanded", "pidec-seq", "pidec-pie", "pidec-pid"]  # the default run
+INT8_CONFIGS = ["pidec-seq-int8", "pidec-pie-int8", "pidec-pid-int8"]
+CT2_CONFIGS = ["ct2-pie", "ct2-prefix", "ct2-pie-int8", "ct2-prefix-int8"]
+ALL_CONFIGS = CONFIGS + INT8_CONFIGS + CT2_CONFIGS
+CT2_INSTALL = "pip install 'pidec[ct2]'  (or: pip install ctranslate2)"
+
+
+def base_config(name: str) -> str:
+    """The layout a configuration runs: its name without the -int8 suffix."""
+    return name.removesuffix("-int8")
+
+
+def is_int8(name: str) -> bool:
+    return name.endswith("-int8")
+
 
 # T5 v1.1 shapes (gated-GELU, untied LM head, vocabulary 32128). "tiny" is for tests.
 MODEL_SIZES: dict[str, dict] = {
@@ -243,41 +291,143 @@ def decoding_flops(
 
 def cross_cache_bytes(cfg: T5Config, rows: int, length: int, element_size: int) -> int:
     """K and V of every decoder layer for `rows` encoder rows of `length` tokens."""
-    return 2 * cfg.num_decoder_layers * rows * cfg.num_heads * length * cfg.d_kv * element_size
+    return roofline.kv_bytes(cfg, rows, length, element_size)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a configuration computes and holds for one document: `enc_rows` encoder rows of
+    `enc_len` tokens, cross-attention keys/values for `cross_rows` of them, and `rows` decoder
+    rows after a `prefix` of positions, row i writing lengths[i] tokens."""
+
+    enc_rows: int
+    enc_len: int
+    cross_rows: int
+    prefix: int
+    lengths: list[int]
+    compaction: bool  # rows leave the batch when done
+    head_on_prefix: bool = False  # the LM head runs on every prefix position (transformers)
+    packed: list[int] | None = None  # pidec's packed prefill: each row's own prefix length
+    family: str = "pidec"  # pidec | hf | ct2
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+
+def config_shape(name: str, d: DocDraw) -> Shape:
+    """The layout of configuration `name` (an -int8 suffix changes nothing here) for document `d`."""
+    K, S, L = d.k, len(d.document), d.longest
+    base = base_config(name)
+    if base == "hf-pie":
+        return Shape(K, d.pie_len, K, 1, [L] * K, False, head_on_prefix=True, family="hf")
+    if base == "hf-pid-expanded":
+        return Shape(1, S, K, d.pid_prefix, [L] * K, False, head_on_prefix=True, family="hf")
+    if base == "pidec-pie":
+        return Shape(K, d.pie_len, K, 1, list(d.out_lens), True)
+    if base == "pidec-pid":
+        return Shape(1, S, 1, d.pid_prefix, list(d.out_lens), True, packed=[1 + len(p) for p in d.prompts])
+    if base == "pidec-seq":
+        return Shape(1, S, 1, 1, [d.seq_len], True)
+    if base == "ct2-pie":
+        return Shape(K, d.pie_len, K, 1, [L] * K, False, family="ct2")
+    if base == "ct2-prefix":
+        return Shape(K, S, K, d.pid_prefix, [L] * K, False, family="ct2")
+    raise ValueError(f"unknown configuration {name!r}")
 
 
 def config_flops(name: str, cfg: T5Config, d: DocDraw) -> int:
     """What configuration `name` computes for document `d`."""
-    K, S = d.k, len(d.document)
-    if name in ("hf-pie", "pidec-pie"):
-        enc_rows, enc_len, cross_rows = K, d.pie_len, K
-    elif name == "hf-pid-expanded":
-        enc_rows, enc_len, cross_rows = 1, S, K
-    else:
-        enc_rows, enc_len, cross_rows = 1, S, 1
-    total = enc_rows * enc_len * encoder_token_flops(cfg, enc_len) + cross_rows * enc_len * cross_kv_flops(cfg)
-    if name == "hf-pie":
-        total += decoding_flops(cfg, 1, [d.longest] * K, enc_len, compaction=False, head_on_prefix=True)
-    elif name == "hf-pid-expanded":
-        total += decoding_flops(cfg, d.pid_prefix, [d.longest] * K, enc_len, compaction=False, head_on_prefix=True)
-    elif name == "pidec-pie":
-        total += decoding_flops(cfg, 1, d.out_lens, enc_len, compaction=True)
-    elif name == "pidec-pid":
-        packed = [1 + len(p) for p in d.prompts]
-        total += decoding_flops(cfg, d.pid_prefix, d.out_lens, enc_len, compaction=True, packed=packed)
-    elif name == "pidec-seq":
-        total += decoding_flops(cfg, 1, [d.seq_len], enc_len, compaction=True)
-    else:
-        raise ValueError(f"unknown configuration {name!r}")
-    return total
+    sh = config_shape(name, d)
+    total = sh.enc_rows * sh.enc_len * encoder_token_flops(cfg, sh.enc_len)
+    total += sh.cross_rows * sh.enc_len * cross_kv_flops(cfg)
+    return total + decoding_flops(
+        cfg, sh.prefix, sh.lengths, sh.enc_len, sh.compaction, head_on_prefix=sh.head_on_prefix, packed=sh.packed
+    )
 
 
 def config_cross_bytes(name: str, cfg: T5Config, d: DocDraw, element_size: int) -> int:
-    if name in ("hf-pie", "pidec-pie"):
-        return cross_cache_bytes(cfg, d.k, d.pie_len, element_size)
-    if name == "hf-pid-expanded":
-        return cross_cache_bytes(cfg, d.k, len(d.document), element_size)
-    return cross_cache_bytes(cfg, 1, len(d.document), element_size)
+    sh = config_shape(name, d)
+    return cross_cache_bytes(cfg, sh.cross_rows, sh.enc_len, element_size)
+
+
+def config_step_bytes(name: str, cfg: T5Config, d: DocDraw, element_size: int) -> dict:
+    """Mean bytes per decoding step of configuration `name` on document `d` (`roofline`)."""
+    sh = config_shape(name, d)
+    return roofline.decoding_step_bytes(
+        cfg,
+        sh.prefix,
+        sh.lengths,
+        sh.enc_len,
+        cross_per_row=sh.cross_rows > 1,
+        compaction=sh.compaction,
+        element_size=element_size,
+        int8=is_int8(name),
+        head_int8=is_int8(name) and sh.family == "ct2",  # pidec keeps its LM head float
+    )
+
+
+def largest_draw(workload: Workload, doc_tokens: int | None = None, subtasks: int | None = None) -> DocDraw:
+    """The workload's largest document: every prompt and every output at its longest."""
+    S = workload.doc_tokens if doc_tokens is None else doc_tokens
+    K = workload.subtasks if subtasks is None else subtasks
+    longest = max(workload.long_range[1], workload.short_len if workload.short_fraction > 0 else 0)
+    return DocDraw([TOKEN_LOW] * (S - 1) + [DOC_EOS], [[TOKEN_LOW] * workload.prompt_range[1]] * K, [longest] * K)
+
+
+def memory_report(
+    configs: list[str],
+    cfg: T5Config,
+    workload: str,
+    budget: int | str,
+    element_size: int = 4,
+    doc_tokens: int | None = None,
+    subtasks: int | None = None,
+) -> dict:
+    """How many documents of `workload` each configuration decodes together within `budget`
+    bytes (analytic: `largest_draw`, `roofline.decode_memory`)."""
+    budget = roofline.parse_bytes(budget)
+    d = largest_draw(WORKLOADS[workload], doc_tokens, subtasks)
+    rows = []
+    for name in configs:
+        sh = config_shape(name, d)
+        int8 = is_int8(name)
+        weights = roofline.model_weight_bytes(cfg, element_size, int8, head_int8=int8 and sh.family == "ct2")
+        est = roofline.decode_memory(
+            cfg,
+            element_size,
+            weights,
+            sh.enc_rows,
+            sh.enc_len,
+            sh.cross_rows,
+            sh.rows,
+            sh.prefix + max(sh.lengths),
+            keeps_encoder_output=sh.family != "pidec",
+            per_row_scores=sh.family != "pidec",
+        )
+        rows.append(
+            {
+                "config": name,
+                "docs_fit": est.fit(budget),
+                "weights_mb": est.weights / 2**20,
+                "transient_mb": est.transient / 2**20,
+                "per_doc_mb": est.per_doc / 2**20,
+                "per_doc_parts_mb": {k: v / 2**20 for k, v in est.parts.items()},
+            }
+        )
+    return {
+        "budget_bytes": budget,
+        "workload": workload,
+        "document": {
+            "doc_tokens": len(d.document),
+            "subtasks": d.k,
+            "prompt_tokens": len(d.prompts[0]),
+            "output_tokens": d.longest,
+        },
+        "method": "analytic: weights + encoding one document + n x (cross cache + self cache at full "
+        "length + kept encoder output + one step's logits)",
+        "rows": rows,
+    }
 
 
 # -- models ---------------------------------------------------------------------------------
@@ -505,13 +655,141 @@ def _run_pidec_pid(ours, hf, d: DocDraw, device):
     return res.tokens, res.stats.cross_cache_bytes
 
 
+# -- CTranslate2 --------------------------------------------------------------------------
+# The checkpoint has token ids, not text: the converter is given a vocabulary that names each id
+# ("t123"; the pad, EOS and an unknown token by their usual names), and the runners translate
+# id lists to those names and back.
+
+
+def ct2_missing() -> str | None:
+    """Why the CTranslate2 configurations cannot run here, or None when they can."""
+    try:
+        import ctranslate2  # noqa: F401
+    except ImportError as e:
+        return f"ctranslate2 is not installed ({e}): {CT2_INSTALL}"
+    return None
+
+
+class _IdVocabulary:
+    """What ctranslate2's T5 converter asks of a tokenizer: one name per id, and the special tokens."""
+
+    def __init__(self, cfg: T5Config):
+        self.size = cfg.vocab_size
+        unk = next(i for i in range(3) if i not in (cfg.pad_token_id, cfg.eos_token_id))
+        self.special = {cfg.pad_token_id: "<pad>", cfg.eos_token_id: "</s>", unk: "<unk>"}
+        self.ids = {name: i for i, name in self.special.items()}
+        self.pad_token, self.eos_token, self.unk_token = "<pad>", "</s>", "<unk>"
+
+    def token(self, i: int) -> str:
+        return self.special.get(i) or f"t{i}"
+
+    def id(self, token: str) -> int:
+        return self.ids[token] if token in self.ids else int(token[1:])
+
+    def get_vocab(self) -> dict[str, int]:
+        return {self.token(i): i for i in range(self.size)}
+
+    def convert_ids_to_tokens(self, i):
+        return [self.token(x) for x in i] if isinstance(i, (list, tuple)) else self.token(i)
+
+
+def convert_ct2(folder, out_dir, cfg: T5Config) -> _IdVocabulary:
+    """Convert the Hugging Face checkpoint `folder` with ctranslate2's TransformersConverter
+    (float32 weights; int8 is chosen when loading, with compute_type)."""
+    import ctranslate2
+
+    vocab = _IdVocabulary(cfg)
+
+    class Converter(ctranslate2.converters.TransformersConverter):
+        def load_tokenizer(self, tokenizer_class, model_name_or_path, **kwargs):
+            return vocab
+
+    from .quantize import quiet_import
+
+    with _quiet_transformers(), quiet_import():  # transformers may import torchao, which logs
+        Converter(str(folder)).convert(str(out_dir), force=True)
+    return vocab
+
+
+@dataclass
+class _Ct2:
+    translator: object
+    vocab: _IdVocabulary
+    compute_type: str
+
+
+def _load_ct2(folder, tmp, cfg: T5Config, device: torch.device, dtype: str, kinds: set[str]) -> dict[str, _Ct2]:
+    """One translator per precision asked for ("float", "int8"), threads as torch's."""
+    import ctranslate2
+
+    out = os.path.join(tmp, "ct2")
+    vocab = convert_ct2(folder, out, cfg)
+    types = {"float": dtype, "int8": "int8" if dtype == "float32" else f"int8_{dtype}"}
+    engines = {}
+    for kind in sorted(kinds):
+        tr = ctranslate2.Translator(
+            out,
+            device=device.type,
+            device_index=device.index or 0,
+            compute_type=types[kind],
+            inter_threads=1,
+            intra_threads=torch.get_num_threads() if device.type == "cpu" else 0,
+        )
+        engines[kind] = _Ct2(tr, vocab, types[kind])
+    return engines
+
+
+def _run_ct2_pie(ours, ct2: _Ct2, d: DocDraw, device):
+    tok = ct2.vocab.token
+    L = d.longest
+    sources = [[tok(t) for t in p + d.document] for p in d.prompts]
+    res = ct2.translator.translate_batch(
+        sources, beam_size=1, max_decoding_length=L, min_decoding_length=L, max_input_length=0
+    )
+    return [[ct2.vocab.id(t) for t in r.hypotheses[0]] for r in res], None
+
+
+def _run_ct2_prefix(ours, ct2: _Ct2, d: DocDraw, device):
+    tok = ct2.vocab.token
+    L, P = d.longest, max(len(p) for p in d.prompts)
+    pad = tok(ours.config.pad_token_id)
+    source = [tok(t) for t in d.document]
+    prefixes = [[pad] * (P - len(p)) + [tok(t) for t in p] for p in d.prompts]
+    res = ct2.translator.translate_batch(
+        [source] * d.k,
+        target_prefix=prefixes,
+        beam_size=1,
+        max_decoding_length=P + L,  # CTranslate2 counts the prefix in the decoding length
+        min_decoding_length=P + L,
+        max_input_length=0,
+    )
+    return [[ct2.vocab.id(t) for t in r.hypotheses[0][P:]] for r in res], None
+
+
 _RUNNERS = {
     "hf-pie": _run_hf_pie,
     "hf-pid-expanded": _run_hf_pid_expanded,
     "pidec-seq": _run_pidec_seq,
     "pidec-pie": _run_pidec_pie,
     "pidec-pid": _run_pidec_pid,
+    "ct2-pie": _run_ct2_pie,
+    "ct2-prefix": _run_ct2_prefix,
 }
+
+
+@dataclass
+class _Engines:
+    ours: T5
+    hf: object = None
+    ours_int8: T5 | None = None
+    ct2: dict | None = None
+
+    def run(self, name: str, d: DocDraw, device):
+        """Decode document `d` with configuration `name`."""
+        base = base_config(name)
+        if base.startswith("ct2-"):
+            return _RUNNERS[base](self.ours, self.ct2["int8" if is_int8(name) else "float"], d, device)
+        return _RUNNERS[base](self.ours_int8 if is_int8(name) else self.ours, self.hf, d, device)
 
 
 def _agree(pid_tokens: list[list[int]], hf_tokens: list[list[int]], eos: int, n_tokens: int = 2) -> bool:
@@ -527,43 +805,96 @@ def _agree(pid_tokens: list[list[int]], hf_tokens: list[list[int]], eos: int, n_
     return True
 
 
-def _expected_lengths(name: str, d: DocDraw) -> list[int]:
-    if name.startswith("hf-"):
-        return [d.longest] * d.k
-    if name == "pidec-seq":
-        return [d.seq_len]
-    return list(d.out_lens)
-
-
 def _check_lengths(name: str, tokens: list[list[int]], d: DocDraw) -> None:
     """Every configuration must generate exactly what the workload asks for, or the timings
     compare different work."""
     got = [len(t) for t in tokens]
-    want = _expected_lengths(name, d)
+    want = config_shape(name, d).lengths
     if got != want:
         raise RuntimeError(f"{name} generated {got} tokens per row, the workload asks for {want}")
+
+
+# -- the machine's ceiling -------------------------------------------------------------------
+
+
+def _best_rate(fn, flops: int, device: torch.device, min_time_s: float, trials: int) -> float:
+    """Best of `trials` rates (FLOP/s), each over as many calls as fill `min_time_s`."""
+    fn()
+    sync(device)
+    best = 0.0
+    for _ in range(trials):
+        n, t0 = 0, time.perf_counter()
+        while True:
+            fn()
+            n += 1
+            sync(device)
+            elapsed = time.perf_counter() - t0
+            if elapsed >= min_time_s:
+                break
+        best = max(best, n * flops / elapsed)
+    return best
+
+
+def measure_ceiling(
+    m: int,
+    k: int,
+    n: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    min_time_s: float = 0.1,
+    trials: int = 3,
+) -> dict:
+    """The machine's own matrix-product speed at a workload's shape ([m, k] x [k, n], 2mkn
+    FLOPs): the best of `trials` timings in `dtype` and in int8 (`torch._int_mm`, uint8 x int8
+    on the CPU, the operand pair VNNI multiplies natively, else int8 x int8), with the threads
+    torch has now. Returns {"shape", "dtype", "float_gflops", "int8_gops", "int8_error"}; the
+    int8 rate is None where torch has no int8 product for the device."""
+    device = torch.device(device)
+    flops = 2 * m * k * n
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
+    float_rate = _best_rate(lambda: torch.mm(a, b), flops, device, min_time_s, trials)
+    b8 = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=gen).to(device)
+    int8_rate, error = None, None
+    for low, high, kind in ((0, 256, torch.uint8), (-127, 128, torch.int8)):
+        a8 = torch.randint(low, high, (m, k), dtype=kind, generator=gen).to(device)
+        try:
+            int8_rate = _best_rate(lambda a8=a8: torch._int_mm(a8, b8), flops, device, min_time_s, trials)
+            error = None
+            break
+        except (RuntimeError, NotImplementedError) as e:
+            error = f"torch._int_mm: {e}".splitlines()[0]
+    return {
+        "shape": [m, k, n],
+        "dtype": str(dtype).removeprefix("torch."),
+        "float_gflops": float_rate / 1e9,
+        "int8_gops": None if int8_rate is None else int8_rate / 1e9,
+        "int8_error": error,
+        "trials": trials,
+    }
+
+
+def _best_ceiling(a: dict, b: dict) -> dict:
+    """Two measurements of the same ceiling: the faster of each, trials added up."""
+    out = dict(a, trials=a["trials"] + b["trials"], float_gflops=max(a["float_gflops"], b["float_gflops"]))
+    rates = [r for r in (a["int8_gops"], b["int8_gops"]) if r is not None]
+    out["int8_gops"] = max(rates) if rates else None
+    out["int8_error"] = None if rates else a["int8_error"]
+    return out
 
 
 # -- the harness ----------------------------------------------------------------------------
 
 
 def _check_args(
-    workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks
+    workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks, quantize
 ) -> tuple[list[str], torch.device, torch.dtype]:
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
     if model_dir is None and model_size not in MODEL_SIZES:
         raise ValueError(f"unknown model size {model_size!r}: expected one of {', '.join(MODEL_SIZES)}")
-    if configs is None:
-        configs = list(CONFIGS)
-    if isinstance(configs, str) or not all(isinstance(c, str) for c in configs):
-        raise ValueError(f"configs must be a list of names from {', '.join(CONFIGS)}")
-    bad = [c for c in configs if c not in CONFIGS]
-    if bad:
-        raise ValueError(f"unknown configuration {bad[0]!r}: expected names from {', '.join(CONFIGS)}")
-    configs = list(dict.fromkeys(configs))
-    if not configs:
-        raise ValueError(f"no configuration to run: expected names from {', '.join(CONFIGS)}")
+    configs = _check_configs(configs, quantize)
     for name, value in (("docs", docs), ("repeats", repeats)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -588,6 +919,30 @@ def _check_args(
     return configs, dev, DTYPES[dtype]
 
 
+def _check_configs(configs, quantize) -> list[str]:
+    """Known names, in order, once each; quantize="int8" turns pidec and ct2 names into their
+    -int8 forms (transformers has no int8 configuration here and stays float)."""
+    from .quantize import QuantizeError, check_method
+
+    if configs is None:
+        configs = list(CONFIGS)
+    if isinstance(configs, str) or not all(isinstance(c, str) for c in configs):
+        raise ValueError(f"configs must be a list of names from {', '.join(ALL_CONFIGS)}")
+    bad = [c for c in configs if c not in ALL_CONFIGS]
+    if bad:
+        raise ValueError(f"unknown configuration {bad[0]!r}: expected names from {', '.join(ALL_CONFIGS)}")
+    try:
+        quantize = check_method(quantize)
+    except QuantizeError as e:
+        raise ValueError(str(e)) from None
+    if quantize == "int8":
+        configs = [c if c.startswith("hf-") or is_int8(c) else f"{c}-int8" for c in configs]
+    configs = list(dict.fromkeys(configs))
+    if not configs:
+        raise ValueError(f"no configuration to run: expected names from {', '.join(ALL_CONFIGS)}")
+    return configs
+
+
 def run_bench(
     workload: str = "dst",
     model_size: str = "base",
@@ -602,29 +957,109 @@ def run_bench(
     *,
     doc_tokens: int | None = None,
     subtasks: int | None = None,
+    quantize: str | None = None,
+    memory_budget: int | str | None = None,
+    ceiling: bool = True,
 ) -> dict:
     """Time `configs` on `docs` documents of `workload`, `repeats` passes each; see the module
-    docstring. `doc_tokens` / `subtasks` shrink the workload (tests)."""
+    docstring. `doc_tokens` / `subtasks` shrink the workload (tests). `quantize="int8"`: the
+    pidec and ct2 configurations in int8. `memory_budget` (bytes or '8GiB'): add the analytic
+    documents-per-budget report. `ceiling=False` skips timing the machine's ceiling."""
     configs, dev, torch_dtype = _check_args(
-        workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks
+        workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks, quantize
     )
+    if memory_budget is not None:
+        memory_budget = roofline.parse_bytes(memory_budget)
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(
-            workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed, doc_tokens, subtasks
+        result = _run(
+            workload,
+            model_size,
+            model_dir,
+            configs,
+            docs,
+            repeats,
+            dev,
+            dtype,
+            torch_dtype,
+            seed,
+            doc_tokens,
+            subtasks,
+            ceiling,
         )
     finally:
         if threads is not None:
             torch.set_num_threads(old_threads)
+    if memory_budget is not None:
+        cfg = T5Config(**{k: v for k, v in result["model"]["config"].items()})
+        result["memory"] = memory_report(
+            configs, cfg, workload, memory_budget, torch_dtype.itemsize, doc_tokens, subtasks
+        )
+    return result
+
+
+def run_memory(
+    workload: str = "dst",
+    model_size: str = "base",
+    model_dir: str | None = None,
+    configs: list[str] | None = None,
+    memory_budget: int | str = "8GiB",
+    dtype: str = "float32",
+    quantize: str | None = None,
+    doc_tokens: int | None = None,
+    subtasks: int | None = None,
+) -> dict:
+    """The memory report alone, without building a model or timing anything."""
+    from . import checkpoint
+
+    if workload not in WORKLOADS:
+        raise ValueError(f"unknown workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
+    if model_dir is None and model_size not in MODEL_SIZES:
+        raise ValueError(f"unknown model size {model_size!r}: expected one of {', '.join(MODEL_SIZES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    configs = _check_configs(configs, quantize)
+    if model_dir is None:
+        cfg = T5Config(**_V11, **MODEL_SIZES[model_size])
+    else:
+        cfg = checkpoint.read_config(checkpoint.resolve(model_dir))
+    mem = memory_report(configs, cfg, workload, memory_budget, DTYPES[dtype].itemsize, doc_tokens, subtasks)
+    mem["model"] = {"size": model_size} if model_dir is None else {"path": str(model_dir)}
+    mem["dtype"] = dtype
+    return mem
 
 
 def _run(
-    workload, model_size, model_dir, configs, docs, repeats, dev, dtype, torch_dtype, seed, doc_tokens, subtasks
+    workload,
+    model_size,
+    model_dir,
+    configs,
+    docs,
+    repeats,
+    dev,
+    dtype,
+    torch_dtype,
+    seed,
+    doc_tokens,
+    subtasks,
+    ceiling,
 ) -> dict:
     from . import checkpoint
+    from . import quantize as quant
 
+    skipped = []
+
+    def skip(names: list[str], reason: str) -> None:
+        nonlocal configs
+        if names:
+            skipped.append({"configs": names, "reason": reason})
+            configs = [c for c in configs if c not in names]
+
+    why = ct2_missing()
+    if why is not None:
+        skip([c for c in configs if c.startswith("ct2-")], why)
     need_hf = any(c.startswith("hf-") for c in configs)
     with tempfile.TemporaryDirectory(prefix="pidec-bench-") as tmp:
         if model_dir is None:
@@ -635,10 +1070,21 @@ def _run(
         else:
             folder = checkpoint.resolve(model_dir)
         ours, hf = _load_models(folder, dev, torch_dtype, need_hf)
+        engines = _Engines(ours, hf)
+        int8_pidec = [c for c in configs if is_int8(c) and c.startswith("pidec-")]
+        if int8_pidec:
+            try:
+                engines.ours_int8 = quant.quantize_model(copy.deepcopy(ours), "int8")
+            except quant.QuantizeError as e:
+                skip(int8_pidec, str(e))
+        kinds = {"int8" if is_int8(c) else "float" for c in configs if c.startswith("ct2-")}
+        if kinds:
+            engines.ct2 = _load_ct2(folder, tmp, ours.config, dev, dtype, kinds)
     cfg = ours.config
     draws = draw_documents(WORKLOADS[workload], docs, seed, cfg.vocab_size, doc_tokens, subtasks)
     element_size = torch.empty((), dtype=torch_dtype).element_size()
     mean_answer_tokens = statistics.mean(d.answer_tokens for d in draws)
+    ceil = measure_ceiling(len(draws[0].document), cfg.d_model, cfg.d_ff, dev, torch_dtype) if ceiling else None
 
     # Peak memory: each configuration alone on the first document (this is also its warm-up).
     # Timing: round-robin over the configurations, so a slow spell of the machine falls on all
@@ -648,7 +1094,7 @@ def _run(
     with torch.inference_mode():
         for name in configs:
             with _PeakMemory(dev) as mem:
-                tokens, cross = _RUNNERS[name](ours, hf, draws[0], dev)
+                tokens, cross = engines.run(name, draws[0], dev)
             _check_lengths(name, tokens, draws[0])
             first_tokens[name], peaks[name] = tokens, mem.peak_bytes
             cross_measured[name] = cross or 0
@@ -659,24 +1105,40 @@ def _run(
                 for name in configs:
                     sync(dev)
                     t0 = time.perf_counter()
-                    _, cross = _RUNNERS[name](ours, hf, d, dev)
+                    _, cross = engines.run(name, d, dev)
                     sync(dev)
                     times[name].append(time.perf_counter() - t0)
                     cross_measured[name] = max(cross_measured[name], cross or 0)
+
+    if ceil is not None:  # again at the end: a busy spell at the start must not lower the ceiling
+        ceil = _best_ceiling(ceil, measure_ceiling(*ceil["shape"], dev, torch_dtype))
 
     results = []
     for name in configs:
         latency = statistics.median(times[name])
         cross_bytes = cross_measured[name] or max(config_cross_bytes(name, cfg, d, element_size) for d in draws)
+        gflops = statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9
+        steps = [config_step_bytes(name, cfg, d, element_size) for d in draws]
+        steps = [s for s in steps if s["passes"]]
+        limit = None if ceil is None else ceil["int8_gops"] if is_int8(name) else ceil["float_gflops"]
         results.append(
             {
                 "config": name,
+                "precision": "int8" if is_int8(name) else dtype,
                 "latency_s_median": latency,
                 "docs_per_s": 1.0 / latency,
                 "tokens_per_s": mean_answer_tokens / latency,
                 "peak_mem_mb": peaks[name] / 2**20,
-                "gflops_per_doc": statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9,
+                "gflops_per_doc": gflops,
+                "achieved_gflops_per_s": gflops / latency,
+                "ceiling_fraction": None if not limit else gflops / latency / limit,
                 "cross_cache_mb": cross_bytes / 2**20,
+                "step_mb": statistics.mean(s["total"] for s in steps) / 2**20 if steps else None,
+                "step_parts_mb": {
+                    part: statistics.mean(s[part] for s in steps) / 2**20 for part in ("weights", "cross", "self")
+                }
+                if steps
+                else None,
                 "speedup_vs_hf_pie": None,
             }
         )
@@ -688,9 +1150,14 @@ def _run(
     agree = None
     if "pidec-pid" in first_tokens and "hf-pid-expanded" in first_tokens:
         agree = _agree(first_tokens["pidec-pid"], first_tokens["hf-pid-expanded"], cfg.eos_token_id)
+    agree_ct2 = None
+    if "pidec-pie" in first_tokens and "ct2-pie" in first_tokens:
+        agree_ct2 = _agree(first_tokens["pidec-pie"], first_tokens["ct2-pie"], cfg.eos_token_id)
 
     model_info = {"size": model_size} if model_dir is None else {"path": str(model_dir)}
     model_info.update(params=ours.num_parameters(), config=cfg.to_dict())
+    if engines.ours_int8 is not None:
+        model_info["int8"] = quant.describe(engines.ours_int8)
     w = WORKLOADS[workload]
     return {
         "workload": workload,
@@ -706,7 +1173,10 @@ def _run(
         "torch_threads": torch.get_num_threads(),
         "docs": docs,
         "repeats": repeats,
+        "ceiling": ceil,
         "agree": agree,
+        "agree_ct2": agree_ct2,
+        "skipped": skipped,
         "results": results,
     }
 
@@ -724,17 +1194,62 @@ def format_table(result: dict) -> str:
         f"device {result['device']}  dtype {result['dtype']}  threads {result['torch_threads']}  "
         f"docs {result['docs']} x repeats {result['repeats']}",
     ]
+    if model.get("int8"):
+        lines.append(f"int8 pidec model: {model['int8']}")
+    ceil = result.get("ceiling")
+    if ceil:
+        m, k, n = ceil["shape"]
+        int8 = f"{ceil['int8_gops']:.1f} GOP/s" if ceil["int8_gops"] else f"n/a ({ceil['int8_error']})"
+        lines.append(
+            f"machine ceiling ({m}x{k} @ {k}x{n} matmul, best of {ceil['trials']}): "
+            f"{ceil['dtype']} {ceil['float_gflops']:.1f} GFLOP/s, int8 {int8}"
+        )
     header = (
         f"{'config':<16} {'latency_s':>10} {'docs/s':>8} {'tok/s':>9} {'peak_MB':>9} "
-        f"{'GFLOP/doc':>10} {'cross_MB':>9} {'speedup':>8}"
+        f"{'GFLOP/doc':>10} {'GFLOP/s':>8} {'%ceil':>6} {'cross_MB':>9} {'MB/step':>8} {'speedup':>8}"
     )
     lines += [header, "-" * len(header)]
     for r in result["results"]:
+        frac = r.get("ceiling_fraction")
         lines.append(
             f"{r['config']:<16} {r['latency_s_median']:>10.4f} {r['docs_per_s']:>8.3f} {r['tokens_per_s']:>9.1f} "
-            f"{r['peak_mem_mb']:>9.1f} {r['gflops_per_doc']:>10.2f} {r['cross_cache_mb']:>9.2f} "
+            f"{r['peak_mem_mb']:>9.1f} {r['gflops_per_doc']:>10.2f} {r['achieved_gflops_per_s']:>8.1f} "
+            f"{_fmt(None if frac is None else 100 * frac, '>6.1f')} {r['cross_cache_mb']:>9.2f} "
+            f"{_fmt(r.get('step_mb'), '>8.1f')} "
             f"{_fmt(r['speedup_vs_hf_pie'], '>7.2f') + ('x' if r['speedup_vs_hf_pie'] is not None else ''):>8}"
         )
     if result.get("agree") is not None:
         lines.append(f"pidec-pid vs hf-pid-expanded first tokens agree: {result['agree']}")
+    if result.get("agree_ct2") is not None:
+        lines.append(f"pidec-pie vs ct2-pie first tokens agree: {result['agree_ct2']}")
+    for s in result.get("skipped") or []:
+        lines.append(f"skipped {', '.join(s['configs'])}: {s['reason']}")
+    if result.get("memory"):
+        lines += ["", format_memory(result["memory"])]
+    return "\n".join(lines)
+
+
+def format_memory(mem: dict) -> str:
+    """The documents-per-budget table of `memory_report`."""
+    d = mem["document"]
+    lines = [
+        (
+            f"memory budget {mem['budget_bytes'] / 2**30:.2f} GiB, workload {mem['workload']} at its largest "
+            f"({d['doc_tokens']}-token document, {d['subtasks']} prompts of {d['prompt_tokens']} tokens, "
+            f"outputs of {d['output_tokens']} tokens)"
+        ),
+        f"method: {mem['method']}",
+    ]
+    header = (
+        f"{'config':<16} {'docs_fit':>9} {'weights_MB':>11} {'encode_MB':>10} {'per_doc_MB':>11} "
+        f"{'cross':>9} {'self':>8} {'enc_out':>8} {'logits':>7}"
+    )
+    lines += [header, "-" * len(header)]
+    for r in mem["rows"]:
+        p = r["per_doc_parts_mb"]
+        lines.append(
+            f"{r['config']:<16} {r['docs_fit']:>9d} {r['weights_mb']:>11.1f} {r['transient_mb']:>10.1f} "
+            f"{r['per_doc_mb']:>11.2f} {p['cross']:>9.2f} {p['self']:>8.2f} {p['encoder_output']:>8.2f} "
+            f"{p['logits']:>7.2f}"
+        )
     return "\n".join(lines)

@@ -24,6 +24,11 @@ from pidec.model import T5Config
 K, DOC = 4, 64
 RESULT_KEYS = {
     "config",
+    "precision",
+    "achieved_gflops_per_s",
+    "ceiling_fraction",
+    "step_mb",
+    "step_parts_mb",
     "latency_s_median",
     "docs_per_s",
     "tokens_per_s",
