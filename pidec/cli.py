@@ -17,6 +17,16 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+def _check_quantize(value: Optional[str]) -> Optional[str]:
+    """--quantize is checked before anything is loaded."""
+    from pidec.quantize import QuantizeError, check_method
+
+    try:
+        return check_method(value)
+    except QuantizeError as e:
+        _fail(str(e))
+
+
 def _read_text(path: str, what: str) -> str:
     if path == "-":
         return sys.stdin.read()
@@ -64,6 +74,9 @@ def generate(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=_check_quantize
+    ),
 ) -> None:
     """Answer every prompt about one document; prints {"outputs": [...], "timings": {...}}."""
     import pidec
@@ -81,7 +94,7 @@ def generate(
         _fail("no prompts: give --prompt P (repeatable) or --prompts-file F")
     text = _read_text(document, "document")
     try:
-        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer)
+        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize)
         result = m.generate(
             text,
             prompts,
@@ -115,10 +128,39 @@ def bench(
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON here"),
     train_mode: bool = typer.Option(False, "--train", help="time training steps of the layouts instead"),
     layouts: str = typer.Option("pid,pie", "--layouts", help="with --train: comma list of pid, pie, seq"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: the pidec and ct2 configurations in int8", callback=_check_quantize
+    ),
+    memory_budget: Optional[str] = typer.Option(
+        None, "--memory-budget", help="e.g. 8GiB: also report how many documents fit (analytic)"
+    ),
+    memory_only: bool = typer.Option(False, "--memory-only", help="with --memory-budget: only that report, no timing"),
 ) -> None:
-    """Time the configurations side by side on one workload and print a table."""
-    from pidec.bench import format_table, run_bench
+    """Time the configurations side by side on one workload and print a table. More configurations:
+    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
+    from pidec.bench import format_memory, format_table, run_bench, run_memory
 
+    if memory_only:
+        if memory_budget is None:
+            _fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
+        try:
+            mem = run_memory(
+                workload,
+                model_size,
+                model,
+                [c.strip() for c in configs.split(",") if c.strip()],
+                memory_budget,
+                dtype,
+                quantize,
+            )
+        except ValueError as e:
+            _fail(str(e))
+        typer.echo(format_memory(mem))
+        if json_out:
+            Path(json_out).write_text(json.dumps(mem, indent=2) + "\n")
+        return
+    if train_mode and (quantize or memory_budget):
+        _fail("--train times training steps: --quantize and --memory-budget apply to decoding")
     if train_mode:
         from pidec.bench_train import format_train_table, run_train_bench
 
@@ -152,6 +194,8 @@ def bench(
             dtype=dtype,
             seed=seed,
             threads=threads,
+            quantize=quantize,
+            memory_budget=memory_budget,
         )
     except ValueError as e:
         _fail(str(e))
@@ -184,6 +228,12 @@ def train(
     grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adafactor"),
     lr: float = typer.Option(3e-4, "--lr"),
+    position_lr_scale: float = typer.Option(
+        1.0, "--position-lr-scale", help="the relative-position biases learn at lr x this"
+    ),
+    position_init_std: Optional[float] = typer.Option(
+        None, "--position-init-std", help="from scratch: initial std of the position biases"
+    ),
     weight_decay: float = typer.Option(0.0, "--weight-decay"),
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     schedule: str = typer.Option("linear", "--schedule", help="linear | cosine | constant (after warm-up)"),
@@ -244,6 +294,8 @@ def train(
                 grad_accum=grad_accum,
                 optimizer=optimizer,
                 lr=lr,
+                position_lr_scale=position_lr_scale,
+                position_init_std=position_init_std,
                 weight_decay=weight_decay,
                 warmup_steps=warmup_steps,
                 schedule=schedule,
@@ -289,6 +341,8 @@ def compare(
     batch_tokens: int = typer.Option(4096, "--batch-tokens", help="padded encoder+decoder tokens per step"),
     optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adafactor"),
     lr: float = typer.Option(1e-3, "--lr"),
+    position_lr_scale: float = typer.Option(1.0, "--position-lr-scale", help="position biases learn at lr x this"),
+    position_init_std: Optional[float] = typer.Option(None, "--position-init-std", help="their initial std"),
     warmup_steps: int = typer.Option(0, "--warmup-steps"),
     schedule: str = typer.Option("cosine", "--schedule", help="linear | cosine | constant"),
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length"),
@@ -323,6 +377,8 @@ def compare(
             batch_tokens=batch_tokens,
             optimizer=optimizer,
             lr=lr,
+            position_lr_scale=position_lr_scale,
+            position_init_std=position_init_std,
             warmup_steps=warmup_steps,
             schedule=schedule,
             max_input_length=max_input_length,
@@ -348,6 +404,7 @@ def export_checkpoint(
     out: str = typer.Option(..., "--out", help="folder to write the Hugging Face checkpoint to"),
     merge_lora: bool = typer.Option(False, "--merge-lora", help="merge a LoRA adapter into its base model"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: as stored)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="not here: quantize when loading"),
 ) -> None:
     """Write a plain Hugging Face checkpoint: a LoRA adapter merged into its base, or a checkpoint re-saved."""
     import pidec
@@ -355,6 +412,11 @@ def export_checkpoint(
     from pidec.api import parse_dtype
     from pidec.checkpoint import CheckpointError
 
+    if quantize is not None:
+        _fail(
+            f"--quantize {quantize}: export writes float weights in the Hugging Face format; int8 is made when "
+            "loading: pidec generate / eval / serve / bench --quantize int8"
+        )
     if not Path(checkpoint_dir).is_dir():
         _fail(f"--checkpoint {checkpoint_dir}: no such folder")
     adapter = lora.is_adapter(checkpoint_dir)
@@ -397,6 +459,9 @@ def eval_task(
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=_check_quantize
+    ),
 ) -> None:
     """Score a model on a task's split; prints {"metrics": ..., "speed": ...} and, with --out,
     writes TASK-SPLIT-LAYOUT.metrics.json and .predictions.jsonl."""
@@ -414,7 +479,9 @@ def eval_task(
     try:
         spec = registry.get(task)
         examples = spec.load(split, data, limit=limit)
-        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, max_input_length=max_input_length)
+        m = pidec.load(
+            model, device=device, dtype=dtype, tokenizer=tokenizer, max_input_length=max_input_length, quantize=quantize
+        )
         result = evaluate(m, spec, examples, layout, max_new_tokens, num_beams, batch_size)
     except (pidec.InputError, CheckpointError, ValueError) as e:
         _fail(str(e))
@@ -431,6 +498,9 @@ def serve(
     port: int = typer.Option(8000, "--port", help="0 picks a free port"),
     device: str = typer.Option("cpu", "--device"),
     dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=_check_quantize
+    ),
     tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="PIDEC_API_KEY", help="require 'Authorization: Bearer KEY' (prefer PIDEC_API_KEY)"
@@ -485,7 +555,7 @@ def serve(
             _fail(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer)
+        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize)
         settings.checked(m)
     except (pidec.InputError, CheckpointError, ValueError) as e:
         _fail(str(e))
@@ -530,7 +600,7 @@ def loadtest(
 @app.command()
 def demo(
     output: str = typer.Option("pidec-demo", "--output", "-o", help="folder for the data, model, table and plot"),
-    steps: int = typer.Option(1300, "--steps", help="training steps"),
+    steps: int = typer.Option(1400, "--steps", help="training steps"),
     train_examples: int = typer.Option(12000, "--train-examples"),
     test_examples: int = typer.Option(300, "--test-examples"),
     seed: int = typer.Option(0, "--seed"),

@@ -22,7 +22,16 @@ from . import synthetic
 from .data import write_jsonl
 from .train import TrainConfig, exact_match, train
 
-MODEL: dict = {}  # changes on top of the "tiny" size (d_model 128, d_ff 256, 2+2 layers, 4 heads)
+# on top of the "tiny" size (d_model 128, d_ff 256, 2+2 layers): 8 heads of 16 rather than 4 of
+# 32, as the slots are told apart by where their values stand (more, smaller heads learnt faster)
+MODEL: dict = {"num_heads": 8, "d_kv": 16}
+# The relative-position biases start at std 1 and learn at 100x the lr: at T5's defaults a model
+# this small stays nearly order-blind for thousands of steps and confuses the slots that share
+# a kind of value (restaurant day / hotel day, ...). Measured: 86% of slots and 14% of examples
+# right after 1000 steps at the defaults; with these, 98.5% and 83% after 600 steps, 99.7% and
+# 97% after 900 (a 1200-step schedule).
+POSITION_LR_SCALE = 100.0
+POSITION_INIT_STD = 1.0
 
 
 def build_tokenizer(examples, folder: Path, vocab_size: int = 1000):
@@ -116,7 +125,7 @@ def run_demo(
     output: str | Path = "pidec-demo",
     train_examples: int = 12000,
     test_examples: int = 300,
-    steps: int = 1300,
+    steps: int = 1400,
     batch_tokens: int = 4096,
     lr: float = 2e-3,
     seed: int = 0,
@@ -145,6 +154,8 @@ def run_demo(
         steps=steps,
         batch_tokens=batch_tokens,
         lr=lr,
+        position_lr_scale=POSITION_LR_SCALE,
+        position_init_std=POSITION_INIT_STD,
         warmup_steps=max(1, steps // 25),
         schedule="cosine",
         dropout=0.0,

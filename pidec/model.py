@@ -97,7 +97,8 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     the other way round, weight @ x^T: CPU BLAS then streams a weight that is not in cache about
     1.3x (6 rows) to 3x (2 rows) faster, and decoding steps are bound by streaming the weights."""
     rows = x.numel() // x.shape[-1]
-    if rows <= FEW_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+    plain = type(weight) in (nn.Parameter, Tensor)  # a quantized weight (tensor subclass) has its own F.linear
+    if plain and rows <= FEW_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
         return torch.mm(weight, x.reshape(rows, -1).t()).t().reshape(*x.shape[:-1], weight.shape[0])
     return F.linear(x, weight)
 
@@ -545,7 +546,9 @@ class T5(nn.Module):
     def logits(self, hidden: Tensor) -> Tensor:
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model**-0.5)
-        return linear(hidden, self.embed.weight if self.lm_head is None else self.lm_head.weight)
+        if self.lm_head is None:
+            return linear(hidden, self.embed.weight)
+        return self.lm_head(hidden)  # the module, so that a quantized head is called as such
 
     def forward(
         self,
@@ -577,13 +580,13 @@ class T5(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
-    def init_weights(self, generator: torch.Generator | None = None) -> T5:
+    def init_weights(self, generator: torch.Generator | None = None, position_std: float | None = None) -> T5:
         """T5's initialisation (Mesh TensorFlow's, as transformers also does it), for training
         from scratch: each projection N(0, fan_in**-0.5), with queries further scaled by
         d_kv**-0.5 because T5 attention has no 1/sqrt(d) factor; embedding N(0, 1); an untied head
         N(0, d_model**-0.5), so that the first logits are of unit scale (transformers draws it
         N(0, 1), which starts training from scratch at a loss of ~30); relative biases
-        N(0, d_model**-0.5); norms 1."""
+        N(0, d_model**-0.5) unless `position_std` is given; norms 1."""
         cfg = self.config
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -593,7 +596,8 @@ class T5(nn.Module):
             elif name == "lm_head.weight":
                 p.normal_(0.0, cfg.d_model**-0.5, generator=generator)
             elif "rel_bias" in name:
-                p.normal_(0.0, cfg.d_model**-0.5, generator=generator)
+                std = cfg.d_model**-0.5 if position_std is None else position_std
+                p.normal_(0.0, std, generator=generator)
             elif name.endswith((".q.weight",)):
                 p.normal_(0.0, (cfg.d_model * cfg.d_kv) ** -0.5, generator=generator)
             else:  # k, v, o, wi*, wo: N(0, fan_in**-0.5)

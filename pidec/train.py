@@ -70,6 +70,8 @@ class TrainConfig:
     grad_accum: int = 1
     optimizer: str = "adamw"
     lr: float = 3e-4
+    position_lr_scale: float = 1.0  # the relative-position biases learn at lr x this (see make_optimizer)
+    position_init_std: float | None = None  # from scratch: their initial std (None: T5's d_model**-0.5)
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "linear"
@@ -126,6 +128,10 @@ class TrainConfig:
             bad("epochs", f"must be > 0, got {self.epochs}")
         if not self.lr > 0:
             bad("lr", f"must be > 0, got {self.lr}")
+        if not self.position_lr_scale > 0:
+            bad("position_lr_scale", f"must be > 0, got {self.position_lr_scale}")
+        if self.position_init_std is not None and not self.position_init_std >= 0:
+            bad("position_init_std", f"must be >= 0, got {self.position_init_std}")
         if self.optimizer not in OPTIMIZERS:
             bad("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
@@ -474,17 +480,29 @@ def build_model(cfg: TrainConfig) -> tuple[T5, object, str | None]:
         tok = build_tokenizer(cfg) or checkpoint.load_tokenizer(folder)
         return model, tok, str(folder)
     tok = build_tokenizer(cfg)
-    model = T5(scratch_config(cfg, tok)).init_weights(torch.Generator().manual_seed(cfg.seed))
+    model = T5(scratch_config(cfg, tok)).init_weights(
+        torch.Generator().manual_seed(cfg.seed), position_std=cfg.position_init_std
+    )
     return model, tok, None
 
 
 def make_optimizer(cfg: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW (weight decay on matrices only) or Adafactor. The relative-position biases form a
+    group of their own at lr x position_lr_scale, without decay: they are T5's only source of word
+    order, a few hundred numbers that must grow to several units before attention can prefer
+    near words, and at the lr that suits the matrices a small model trained from scratch stays
+    close to order-blind for thousands of steps (measured on the demo's task: `pidec.demo`)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    position = [p for n, p in named if "rel_bias" in n]
+    params = [p for n, p in named if "rel_bias" not in n]
     if cfg.optimizer == "adafactor":
-        return torch.optim.Adafactor(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    decay = [p for p in params if p.ndim >= 2]
-    rest = [p for p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+        groups = [{"params": params}, {"params": position, "lr": cfg.lr * cfg.position_lr_scale, "weight_decay": 0.0}]
+        return torch.optim.Adafactor([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        {"params": position, "weight_decay": 0.0, "lr": cfg.lr * cfg.position_lr_scale},
+    ]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr)
 
 

@@ -18,7 +18,7 @@ from transformers import ByT5Tokenizer
 
 from pidec import checkpoint
 from pidec.data import Example, Subtask, write_jsonl
-from pidec.layouts import TrainTokenizer
+from pidec.layouts import InputError, TrainTokenizer
 from pidec.model import T5, T5Config
 from pidec.train import (
     IGNORE,
@@ -30,6 +30,7 @@ from pidec.train import (
     epoch_batches,
     loss_sum,
     lr_lambda,
+    make_optimizer,
     padded_tokens,
     select_rows,
 )
@@ -206,6 +207,35 @@ def test_schedules():
     cos = lr_lambda(TrainConfig(output="x", schedule="cosine"), 100)
     assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
     assert lr_lambda(TrainConfig(output="x", schedule="constant"), 100)(99) == 1.0
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_position_biases_get_their_own_learning_rate(optimizer):
+    model = tiny_model()
+    cfg = TrainConfig(output="x", lr=1e-3, position_lr_scale=30.0, optimizer=optimizer, weight_decay=0.1)
+    opt = make_optimizer(cfg, model)
+    position = {id(model.encoder.rel_bias.weight), id(model.decoder.rel_bias.weight)}
+    seen = set()
+    for g in opt.param_groups:
+        ids = {id(p) for p in g["params"]}
+        seen |= ids
+        if ids & position:
+            assert ids == position and g["lr"] == pytest.approx(0.03) and g["weight_decay"] == 0.0
+        else:
+            assert g["lr"] == pytest.approx(1e-3)
+    assert seen == {id(p) for p in model.parameters()}  # every parameter once
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(TrainConfig(output="x", warmup_steps=2), 10))
+    assert sorted(scheduler.get_last_lr()) == pytest.approx(sorted(g["lr"] for g in opt.param_groups))
+    assert min(scheduler.get_last_lr()) == pytest.approx(0.5e-3)  # warm-up scales every group
+
+
+def test_position_init_std():
+    std = tiny_model().encoder.rel_bias.weight.std().item()
+    assert std == pytest.approx(32**-0.5, rel=0.35)  # T5's d_model**-0.5
+    model = T5(tiny_model().config).init_weights(torch.Generator().manual_seed(0), position_std=2.0)
+    assert model.decoder.rel_bias.weight.std().item() == pytest.approx(2.0, rel=0.35)
+    with pytest.raises(InputError, match="--position-lr-scale"):
+        TrainConfig(output="x", train="t.jsonl", size="tiny", tokenizer="byte", steps=1, position_lr_scale=0).check()
 
 
 def test_recover_after_a_kill_inside_a_save(tmp_path):
