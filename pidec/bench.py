@@ -960,11 +960,14 @@ def run_bench(
     quantize: str | None = None,
     memory_budget: int | str | None = None,
     ceiling: bool = True,
+    compile: bool = False,
 ) -> dict:
     """Time `configs` on `docs` documents of `workload`, `repeats` passes each; see the module
     docstring. `doc_tokens` / `subtasks` shrink the workload (tests). `quantize="int8"`: the
     pidec and ct2 configurations in int8. `memory_budget` (bytes or '8GiB'): add the analytic
-    documents-per-budget report. `ceiling=False` skips timing the machine's ceiling."""
+    documents-per-budget report. `ceiling=False` skips timing the machine's ceiling.
+    `compile=True`: the float pidec configurations decode their steps through torch.compile
+    (`generate.compile_steps`), compiled on the first document before anything is measured."""
     configs, dev, torch_dtype = _check_args(
         workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks, quantize
     )
@@ -988,6 +991,7 @@ def run_bench(
             doc_tokens,
             subtasks,
             ceiling,
+            compile,
         )
     finally:
         if threads is not None:
@@ -1045,6 +1049,7 @@ def _run(
     doc_tokens,
     subtasks,
     ceiling,
+    compile=False,
 ) -> dict:
     from . import checkpoint
     from . import quantize as quant
@@ -1089,6 +1094,18 @@ def _run(
     # Peak memory: each configuration alone on the first document (this is also its warm-up).
     # Timing: round-robin over the configurations, so a slow spell of the machine falls on all
     # of them alike instead of on whichever happened to run then.
+    compile_s = None
+    if compile:  # compile before anything is measured: inductor's own memory and time are not the decoder's
+        from .generate import compile_steps
+
+        compile_steps(ours)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for name in configs:
+                if name.startswith("pidec-") and not is_int8(name):
+                    engines.run(name, draws[0], dev)
+        compile_s = time.perf_counter() - t0
+
     first_tokens, peaks, cross_measured = {}, {}, dict.fromkeys(configs, 0)
     times: dict[str, list[float]] = {name: [] for name in configs}
     with torch.inference_mode():
@@ -1177,6 +1194,8 @@ def _run(
         "agree": agree,
         "agree_ct2": agree_ct2,
         "skipped": skipped,
+        "compile": bool(compile),
+        "compile_s": compile_s,
         "results": results,
     }
 
@@ -1194,6 +1213,8 @@ def format_table(result: dict) -> str:
         f"device {result['device']}  dtype {result['dtype']}  threads {result['torch_threads']}  "
         f"docs {result['docs']} x repeats {result['repeats']}",
     ]
+    if result.get("compile"):
+        lines.append(f"float pidec configurations: steps through torch.compile (compiling took {result['compile_s']:.1f} s)")
     if model.get("int8"):
         lines.append(f"int8 pidec model: {model['int8']}")
     ceil = result.get("ceiling")

@@ -77,6 +77,9 @@ def generate(
     quantize: Optional[str] = typer.Option(
         None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=_check_quantize
     ),
+    compile_steps: bool = typer.Option(
+        False, "--compile", help="decoding steps through torch.compile (slow start, faster steps)"
+    ),
 ) -> None:
     """Answer every prompt about one document; prints {"outputs": [...], "timings": {...}}."""
     import pidec
@@ -94,7 +97,9 @@ def generate(
         _fail("no prompts: give --prompt P (repeatable) or --prompts-file F")
     text = _read_text(document, "document")
     try:
-        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize)
+        m = pidec.load(
+            model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize, compile=compile_steps
+        )
         result = m.generate(
             text,
             prompts,
@@ -116,8 +121,11 @@ def bench(
     workload: str = typer.Option("dst", "--workload", help="dst | summ | qa"),
     model_size: str = typer.Option("base", "--model-size", help="tiny | small | base | large (random weights)"),
     model: Optional[str] = typer.Option(None, "--model", help="a checkpoint folder instead of --model-size"),
-    configs: str = typer.Option(
-        "hf-pie,hf-pid-expanded,pidec-seq,pidec-pie,pidec-pid", "--configs", help="comma list of configurations"
+    configs: Optional[str] = typer.Option(
+        None,
+        "--configs",
+        help="comma list of configurations (default: hf-pie,hf-pid-expanded,pidec-seq,pidec-pie,pidec-pid; "
+        "with --sweep-k: hf-pie,ct2-pie-int8,pidec-pie,pidec-pid,pidec-pid-int8)",
     ),
     docs: int = typer.Option(2, "--docs", help="documents per configuration"),
     repeats: int = typer.Option(3, "--repeats", help="passes over the documents"),
@@ -135,11 +143,54 @@ def bench(
         None, "--memory-budget", help="e.g. 8GiB: also report how many documents fit (analytic)"
     ),
     memory_only: bool = typer.Option(False, "--memory-only", help="with --memory-budget: only that report, no timing"),
+    sweep_k: Optional[str] = typer.Option(
+        None, "--sweep-k", help="e.g. 1,2,4,8,16,32,64: latency per document against the number of prompts K"
+    ),
+    plot: Optional[str] = typer.Option(None, "--plot", help="with --sweep-k: write a log-log PNG plot here"),
+    compile_steps: bool = typer.Option(
+        False, "--compile", help="the float pidec configurations decode through torch.compile"
+    ),
 ) -> None:
     """Time the configurations side by side on one workload and print a table. More configurations:
     pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
     from pidec.bench import format_memory, format_table, run_bench, run_memory
 
+    names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
+    if compile_steps and (train_mode or sweep_k or memory_only):
+        _fail("--compile applies to a timed decoding run: leave out --train, --sweep-k and --memory-only")
+    if plot and not sweep_k:
+        _fail("--plot draws the --sweep-k results: give --sweep-k too")
+    if sweep_k:
+        if train_mode or memory_budget or quantize:
+            _fail("--sweep-k times decoding per K: leave out --train, --memory-budget and --quantize")
+        from pidec.bench_sweep import format_sweep, parse_ks, plot_sweep, run_sweep
+
+        try:
+            sweep = run_sweep(
+                parse_ks(sweep_k),
+                names,
+                workload,
+                model_size,
+                model,
+                docs=docs,
+                repeats=repeats,
+                dtype=dtype,
+                seed=seed,
+                threads=threads,
+                progress=lambda k, r: typer.echo(
+                    f"K={k}: " + ", ".join(f"{x['config']} {x['latency_s_median']:.3f}s" for x in r["results"])
+                ),
+            )
+        except ValueError as e:
+            _fail(str(e))
+        typer.echo(format_sweep(sweep))
+        if json_out:
+            Path(json_out).write_text(json.dumps(sweep, indent=2) + "\n")
+            typer.echo(f"wrote {json_out}")
+        if plot:
+            plot_sweep(sweep, plot)
+            typer.echo(f"wrote {plot}")
+        return
     if memory_only:
         if memory_budget is None:
             _fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
@@ -148,7 +199,7 @@ def bench(
                 workload,
                 model_size,
                 model,
-                [c.strip() for c in configs.split(",") if c.strip()],
+                names,
                 memory_budget,
                 dtype,
                 quantize,
@@ -181,7 +232,6 @@ def bench(
             Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
         return
 
-    names = [c.strip() for c in configs.split(",") if c.strip()]
     try:
         result = run_bench(
             workload=workload,
@@ -196,6 +246,7 @@ def bench(
             threads=threads,
             quantize=quantize,
             memory_budget=memory_budget,
+            compile=compile_steps,
         )
     except ValueError as e:
         _fail(str(e))

@@ -15,6 +15,7 @@ is dropped from the cross-attention cache once enough of them have gone.
 from __future__ import annotations
 
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -104,6 +105,40 @@ class _Rows:
         self.origin = self.origin.index_select(0, index)
 
 
+# -- torch.compile ---------------------------------------------------------------------------
+# The one-token decoding steps of the models given to `compile_steps` run through one compiled
+# `T5.decode` (inductor, dynamic shapes: the row count, the cache position and the document
+# length are symbolic, so a model compiles a few graphs, not one per step); the prefill and the
+# encoder stay eager (they are a few large matrix products, where compiling gains nothing).
+
+_compiled_decode: Callable | None = None
+_compiled_models: weakref.WeakSet = weakref.WeakSet()
+
+
+def compile_steps(model: T5) -> T5:
+    """Decode `model`'s steps through torch.compile from now on (greedy, beams, `DecodeSession`).
+    The compilation happens on the first steps decoded, about a minute for T5 small on two
+    cores; on the CPU it makes a step 5-10 % faster (docs/performance.md)."""
+    global _compiled_decode
+    if getattr(model, "quantization", None):
+        raise ValueError("compile: not with an int8 model (its dynamic int8 layers run eagerly); pick one of the two")
+    if _compiled_decode is None:
+        _compiled_decode = torch.compile(T5.decode, dynamic=True)
+    _compiled_models.add(model)
+    return model
+
+
+def is_compiled(model: T5) -> bool:
+    return model in _compiled_models
+
+
+def step_decode(model: T5) -> Callable:
+    """`model.decode`, or its compiled form for the models given to `compile_steps`."""
+    if model in _compiled_models:
+        return lambda *args: _compiled_decode(model, *args)
+    return model.decode
+
+
 def check_rows(rows: list[Row], cross: CrossCache) -> None:
     """Every row has a budget, a prefix and a document that was encoded."""
     for i, r in enumerate(rows):
@@ -168,8 +203,8 @@ def decode(
     stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=int(cross.lengths.sum()))
     G = len(rows)
     P = max(len(r.prefix) for r in rows)
-    max_new = torch.tensor([r.max_new_tokens for r in rows], device=device)
-    capacity = P + int(max_new.max())
+    limits = [r.max_new_tokens for r in rows]
+    capacity = P + max(limits)
 
     # Every row's cache is aligned so that the prefixes end together at P: row i's keys sit at
     # [P - len(prefix_i), P) and the positions before are masked out for good.
@@ -177,54 +212,46 @@ def decode(
     for i, r in enumerate(rows):
         key_keep[i, : P - len(r.prefix)] = False
     key_keep = key_keep.to(device)
-    padded = not bool(key_keep.all())
+    padded = any(len(r.prefix) < P for r in rows)
     doc = torch.tensor([r.doc for r in rows], device=device)
     state = _Rows(doc, key_keep, torch.arange(G, device=device))
 
     cache = KVCache(len(model.decoder.layers), G, cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
-    pos = torch.arange(capacity, device=device)
     logits = _prefill(model, cross, rows, cache, P, pad)  # [G, vocab]
     stats.prefill_tokens = sum(len(r.prefix) for r in rows)
     stats.self_cache_bytes = cache.nbytes() * num_beams
     groups = RowGroups.from_doc(state.doc, cross.docs)
 
-    beam = (
-        _BeamState(G, num_beams, int(max_new.max()), device, length_penalty, early_stopping) if num_beams > 1 else None
-    )
-    if beam is not None:
+    if num_beams > 1:
+        max_new = torch.tensor(limits, device=device)
+        beam = _BeamState(G, num_beams, max(limits), device, length_penalty, early_stopping)
+        greedy = None
         cache.repeat_rows(num_beams)
         state.select(torch.arange(G, device=device).repeat_interleave(num_beams))
         logits = logits.repeat_interleave(num_beams, dim=0)
+    else:
+        beam, greedy = None, _Greedy(limits, eos, pad, compaction)
 
-    out = torch.full((G, int(max_new.max())), pad, dtype=torch.long, device=device)
-    lengths = torch.zeros(G, dtype=torch.long, device=device)
-    done = torch.zeros(G, dtype=torch.bool, device=device)
+    # A step's additive mask is the relative bias of the query at position p against keys 0..p,
+    # with the slots before a short prompt masked: the bias is a slice of one table computed here
+    # (T5's bias depends only on key - query), not a bucketing of distances at every step.
+    table = model.decoder.rel_bias.step_table(capacity, model.dtype)  # [1, heads, 1, capacity]
+    neg = torch.finfo(model.dtype).min
+
     live_docs = cross
+    forward = step_decode(model)
     step = 0
     while True:
-        limit = max_new.index_select(0, state.origin)  # [R]
-        if beam is None:
-            nxt = logits.argmax(-1)  # [R]
-            # without compaction, rows that are done stay in the batch: they compute, nothing is kept
-            active = ~done.index_select(0, state.origin)
-            finished = (step + 1 >= limit) if eos is None else (nxt == eos) | (step + 1 >= limit)
-            finished = finished & active
-            written = state.origin[active]
-            out[written, step] = nxt[active]
-            lengths[written] += 1
-            done[state.origin] |= finished
-            if bool(done.all()):
+        if greedy is not None:
+            feed, keep_index = greedy.step(logits)
+            if feed is None:
                 break
-            keep_index = (~finished).nonzero().squeeze(1) if compaction and bool(finished.any()) else None
-            feed = torch.where(active & ~finished, nxt, pad)
-            if keep_index is not None:
-                feed = feed.index_select(0, keep_index)
         else:
             # beam rows are reordered every step (each new beam continues one parent), and the
             # rows of finished groups are left out of the same index when compacting
+            limit = max_new.index_select(0, state.origin)  # [R]
             feed, keep_index = beam.step(logits, state.origin, limit, step, eos, compaction)
-            done = beam.done
-            if bool(done.all()):
+            if bool(beam.done.all()):
                 break
         if keep_index is not None:
             cache.select(keep_index)
@@ -235,12 +262,10 @@ def decode(
         if should_stop is not None and should_stop():
             raise Aborted(f"stopped after {step} steps")
         p = cache.pos
-        bias = model.decoder.rel_bias(pos[p : p + 1], pos[: p + 1]).unsqueeze(0).to(model.dtype)  # [1, heads, 1, p+1]
+        mask = table[..., capacity - 1 - p :]  # [1, heads, 1, p+1], a view
         if padded:
-            mask = bias.masked_fill(~state.key_keep[:, None, None, : p + 1], torch.finfo(model.dtype).min)
-        else:
-            mask = bias
-        hidden = model.decode(feed[:, None], live_docs, groups, mask, cache)
+            mask = mask.masked_fill(~state.key_keep[:, None, None, : p + 1], neg)
+        hidden = forward(feed[:, None], live_docs, groups, mask, cache)
         logits = model.logits(hidden[:, -1])
         stats.steps += 1
         stats.row_steps += feed.numel()
@@ -250,15 +275,58 @@ def decode(
     if beam is not None:
         result, scores = beam.results(eos)
     else:
-        out_cpu, len_cpu = out.cpu(), lengths.cpu()
-        result, scores = [], None
-        for i in range(G):
-            seq = out_cpu[i, : int(len_cpu[i])].tolist()
-            if seq and eos is not None and seq[-1] == eos:
-                seq.pop()
-            result.append(seq)
+        result, scores = greedy.results(), None
     stats.output_tokens = sum(len(t) for t in result)  # EOS not counted
     return Decoded(result, scores, stats)
+
+
+class _Greedy:
+    """Greedy bookkeeping on the host. A step copies the chosen tokens to the host once (the one
+    synchronisation a step needs: which rows ended decides the next batch) and keeps the rest in
+    Python lists, instead of a dozen small tensor operations and several synchronisations."""
+
+    def __init__(self, limits: list[int], eos: int | None, pad: int, compaction: bool):
+        self.limits, self.eos, self.pad, self.compaction = limits, eos, pad, compaction
+        self.tokens: list[list[int]] = [[] for _ in limits]  # per caller row, EOS included
+        self.alive = list(range(len(limits)))  # caller row of each batch row
+        self.done = [False] * len(limits)
+        self.remaining = len(limits)
+        self.idle: Tensor | None = None  # without compaction: batch rows that have ended
+
+    def step(self, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Take each row's next token from logits [R, vocab]. Returns the tokens to feed [R'] (None
+        once every row has ended) and the batch rows to keep (None: the batch stays as it is)."""
+        nxt = logits.argmax(-1)  # [R]
+        keep, ended = [], False
+        for b, (i, token) in enumerate(zip(self.alive, nxt.tolist())):
+            if self.done[i]:  # without compaction, rows that ended stay in the batch
+                continue
+            out = self.tokens[i]
+            out.append(token)
+            if token == self.eos or len(out) >= self.limits[i]:
+                self.done[i] = True
+                self.remaining -= 1
+                ended = True
+            else:
+                keep.append(b)
+        if self.remaining == 0:
+            return None, None
+        if ended and self.compaction:
+            index = torch.tensor(keep, device=nxt.device)
+            self.alive = [self.alive[b] for b in keep]
+            return nxt.index_select(0, index), index
+        if ended:  # no compaction: rows that ended compute on, fed pad, and nothing is kept
+            self.idle = torch.tensor([self.done[i] for i in self.alive], device=nxt.device)
+        return (nxt if self.idle is None else nxt.masked_fill(self.idle, self.pad)), None
+
+    def results(self) -> list[list[int]]:
+        """Tokens per caller row, a final EOS removed."""
+        out = []
+        for seq in self.tokens:
+            if seq and self.eos is not None and seq[-1] == self.eos:
+                seq = seq[:-1]
+            out.append(seq)
+        return out
 
 
 PACK_TOKENS = 256  # longest packed prefill segment (its attention is segment x segment)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .generate import Row, _drop_empty_docs, _prefill, check_rows
+from .generate import Row, _drop_empty_docs, _prefill, check_rows, step_decode
 from .model import T5, CrossCache, KVCache, RowGroups, additive_mask
 
 
@@ -82,6 +82,7 @@ class DecodeSession:
         self.groups: RowGroups | None = None
         self.ids: list[int] = []  # row id of each row, in batch order
         self.tokens: dict[int, list[int]] = {}
+        self._table: Tensor | None = None  # the decoding steps' relative bias, [1, heads, 1, capacity]
 
     @property
     def rows(self) -> int:
@@ -219,13 +220,14 @@ class DecodeSession:
 
     def _forward(self, feed: Tensor) -> None:
         model = self.model
-        p = self.cache.pos
-        pos = torch.arange(p + 1, device=feed.device)
-        mask = model.decoder.rel_bias(pos[p:], pos).unsqueeze(0).to(model.dtype)  # [1, heads, 1, p+1]
+        p, capacity = self.cache.pos, self.cache.capacity
+        if self._table is None or self._table.shape[-1] != capacity:  # the capacity changes when rows join
+            self._table = model.decoder.rel_bias.step_table(capacity, model.dtype)
+        mask = self._table[..., capacity - 1 - p :]  # [1, heads, 1, p+1]: the bias of this step (see decode)
         keep = self.key_keep[:, : p + 1]
         if not bool(keep.all()):
             mask = mask.masked_fill(~keep[:, None, None, :], torch.finfo(model.dtype).min)
-        hidden = model.decode(feed[:, None], self.cross, self.groups, mask, self.cache)
+        hidden = step_decode(model)(feed[:, None], self.cross, self.groups, mask, self.cache)
         self.logits = model.logits(hidden[:, -1])
         self.steps += 1
         self.row_steps += feed.numel()
