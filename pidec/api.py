@@ -290,8 +290,8 @@ def load(
     quantize: None, or "int8": int8 weights and dynamically quantized int8 activations in every
     linear layer but the LM head, for inference (see `pidec.quantize`).
     compile: decode through torch.compile (`generate.compile_steps`): the first generation
-    compiles (about a minute for T5 small on two CPU cores), later decoding steps are 5-10 %
-    faster on the CPU; not with quantize."""
+    compiles (60-100 s for T5 small or base on two CPU cores), later decoding steps take 13-24 %
+    less time there; not with quantize."""
     from . import quantize as quant
 
     if compile and quantize is not None:

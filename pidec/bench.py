@@ -1214,7 +1214,9 @@ def format_table(result: dict) -> str:
         f"docs {result['docs']} x repeats {result['repeats']}",
     ]
     if result.get("compile"):
-        lines.append(f"float pidec configurations: steps through torch.compile (compiling took {result['compile_s']:.1f} s)")
+        lines.append(
+            f"float pidec configurations: steps through torch.compile (compiling took {result['compile_s']:.1f} s)"
+        )
     if model.get("int8"):
         lines.append(f"int8 pidec model: {model['int8']}")
     ceil = result.get("ceiling")

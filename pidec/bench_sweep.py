@@ -109,11 +109,12 @@ def run_sweep(
 def format_sweep(sweep: dict) -> str:
     """Seconds per document, one row per configuration, one column per K."""
     model = sweep["model"].get("size") or sweep["model"].get("path")
-    lines = [
+    title = (
         f"K sweep: workload {sweep['workload']}  model {model}  dtype {sweep['dtype']}  "
         f"threads {sweep['torch_threads']}  docs {sweep['docs']} x repeats {sweep['repeats']}  "
         "(seconds per document)"
-    ]
+    )
+    lines = [title]
     header = f"{'config':<16}" + "".join(f"{'K=' + str(k):>10}" for k in sweep["ks"])
     lines += [header, "-" * len(header)]
     for name in sweep["configs"]:

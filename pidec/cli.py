@@ -97,9 +97,7 @@ def generate(
         _fail("no prompts: give --prompt P (repeatable) or --prompts-file F")
     text = _read_text(document, "document")
     try:
-        m = pidec.load(
-            model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize, compile=compile_steps
-        )
+        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize, compile=compile_steps)
         result = m.generate(
             text,
             prompts,

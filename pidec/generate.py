@@ -107,9 +107,12 @@ class _Rows:
 
 # -- torch.compile ---------------------------------------------------------------------------
 # The one-token decoding steps of the models given to `compile_steps` run through one compiled
-# `T5.decode` (inductor, dynamic shapes: the row count, the cache position and the document
-# length are symbolic, so a model compiles a few graphs, not one per step); the prefill and the
-# encoder stay eager (they are a few large matrix products, where compiling gains nothing).
+# `T5.decode` (inductor). Shapes are dynamic rather than padded to buckets: the row count, the
+# cache position and the document length are symbolic, so a model compiles about three graphs
+# (documents with unequal row counts, with equal row counts, with one row each), not one per
+# step, and no step computes padding rows. The prefill and the encoder stay eager: their shapes
+# change with every batch, and they are large matrix products that the BLAS already runs near
+# the machine's speed, where a step is many small operations around products that stream weights.
 
 _compiled_decode: Callable | None = None
 _compiled_models: weakref.WeakSet = weakref.WeakSet()
@@ -117,8 +120,8 @@ _compiled_models: weakref.WeakSet = weakref.WeakSet()
 
 def compile_steps(model: T5) -> T5:
     """Decode `model`'s steps through torch.compile from now on (greedy, beams, `DecodeSession`).
-    The compilation happens on the first steps decoded, about a minute for T5 small on two
-    cores; on the CPU it makes a step 5-10 % faster (docs/performance.md)."""
+    The compilation happens on the first steps decoded: 60-100 s for T5 small and base on two
+    CPU cores, after which a step took 13-24 % less time there (docs/performance.md)."""
     global _compiled_decode
     if getattr(model, "quantization", None):
         raise ValueError("compile: not with an int8 model (its dynamic int8 layers run eagerly); pick one of the two")

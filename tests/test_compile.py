@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from pidec.generate import Row, compile_steps, decode, encode, is_compiled
+from pidec.generate import compile_steps, decode, encode, is_compiled
 from pidec.session import DecodeSession
 
 from .test_generate import _docs, _rows
