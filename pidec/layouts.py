@@ -236,9 +236,10 @@ def parse_seq(text: str, prompts: list[str]) -> list[str]:
     return [a or "" for a in answers]
 
 
-def format_seq(prompts: list[str], answers: list[str]) -> str:
-    """The seq layout's target text (used for training and by tests)."""
-    return SEQ_SEPARATOR.join(f"{p}: {a}" for p, a in zip(prompts, answers))
+def format_seq(prompts: list[str], answers: list[str], omit: str | None = None) -> str:
+    """The seq layout's target text (used for training and by tests). Pairs whose answer is
+    `omit` are left out (`parse_seq` gives "" for them)."""
+    return SEQ_SEPARATOR.join(f"{p}: {a}" for p, a in zip(prompts, answers) if omit is None or a != omit)
 
 
 def collect(plan: Plan, tokens: list[list[int]], tokenizer) -> list[list[str]]:
@@ -280,6 +281,7 @@ class TrainTokenizer:
         decoder_start_token_id: int,
         truncate: str | None = None,
         seq_instruction: str | None = None,
+        seq_omit: str | None = None,
     ):
         self.tok = tokenizer
         self.layout = check_layout(layout)
@@ -287,6 +289,7 @@ class TrainTokenizer:
         self.start = decoder_start_token_id
         self.truncate = truncate
         self.seq_instruction = seq_instruction
+        self.seq_omit = seq_omit
         self.eos = tokenizer.eos_token_id
         self._cache: dict[str, list[int]] = {}
 
@@ -301,7 +304,7 @@ class TrainTokenizer:
     def target_tokens(self, prompts: list[str], targets: list[str]) -> list[int]:
         """Target tokens with EOS, per row of the layout (seq: one row holding every answer)."""
         if self.layout == "seq":
-            return [len(self.tok(format_seq(prompts, targets), add_special_tokens=False)["input_ids"]) + 1]
+            return [len(self.tok(format_seq(prompts, targets, self.seq_omit), add_special_tokens=False)["input_ids"]) + 1]
         return [len(self.ids(t)) + 1 for t in targets]
 
     def item(self, i: int, document: str, prompts: list[str], targets: list[str]) -> TrainItem:
@@ -314,8 +317,9 @@ class TrainTokenizer:
                 f"example {i}: document",
                 [self.eos],
             )
-            target = self.tok(format_seq(prompts, targets), add_special_tokens=False)["input_ids"] + [self.eos]
-            return TrainItem(i, [ids], [(0, [self.start], target)], [format_seq(prompts, targets)], cut)
+            text = format_seq(prompts, targets, self.seq_omit)
+            target = self.tok(text, add_special_tokens=False)["input_ids"] + [self.eos]
+            return TrainItem(i, [ids], [(0, [self.start], target)], [text], cut)
         targets_ids = [self.ids(t) + [self.eos] for t in targets]
         if self.layout == "pid":
             ids, cut = fit(

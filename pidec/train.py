@@ -236,6 +236,12 @@ def _recover(folder: Path) -> None:
 # -- data ------------------------------------------------------------------------------------
 
 
+def _task_seq_omit(cfg: TrainConfig) -> str | None:
+    from . import tasks
+
+    return tasks.get(cfg.task).seq_omit if cfg.task else None
+
+
 def load_examples(
     cfg: TrainConfig, split: str, tokenizer, max_input_length: int = 512
 ) -> tuple[list[Example], DataReport | None]:
@@ -645,6 +651,7 @@ class Run:
             model.config.decoder_start_token_id,
             cfg.truncate,
             cfg.seq_instruction,
+            _task_seq_omit(cfg),
         )
         examples, self.train_report = load_examples(cfg, "train", tok, model.config.max_input_length)
         self.items = tokenize(examples, coder, self.train_report, cfg.on_bad)

@@ -231,6 +231,27 @@ def test_seq_outputs_are_parsed_back_into_the_thirty_slots():
         assert m["joint_goal_accuracy"] == 0.0 and m["slot_accuracy"] == pytest.approx(100 * 27 / 30)
 
 
+def test_seq_training_targets_list_only_the_filled_slots(tok):
+    from pidec.layouts import TrainTokenizer
+
+    gold = {"hotel-area": "east", "train-day": "friday"}
+    ex, _ = turn(gold)
+    prompts = list(PROMPTS)
+    assert TASK.seq_omit == "none"
+    short = format_seq(prompts, ex.targets, TASK.seq_omit)
+    assert short == "hotel area: east; train day: friday"
+    assert TASK.score([ex], [parse_seq(short, prompts)])["joint_goal_accuracy"] == 100.0
+    empty, _ = turn({})
+    assert format_seq(prompts, empty.targets, TASK.seq_omit) == ""
+    assert TASK.score([empty], [parse_seq("", prompts)])["joint_goal_accuracy"] == 100.0
+    coder = TrainTokenizer(tok, "seq", 512, 0, "left", None, TASK.seq_omit)
+    item = coder.item(0, ex.document, prompts, ex.targets)
+    assert item.values == [short]
+    assert coder.target_tokens(prompts, ex.targets) == [len(tok(short, add_special_tokens=False)["input_ids"]) + 1]
+    full = TrainTokenizer(tok, "seq", 512, 0, "left").target_tokens(prompts, ex.targets)[0]
+    assert full > 5 * coder.target_tokens(prompts, ex.targets)[0]
+
+
 def test_score_rejects_mismatched_predictions():
     ex, pred = turn({})
     with pytest.raises(ValueError, match="1 predictions for 2 examples"):

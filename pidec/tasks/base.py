@@ -85,6 +85,10 @@ class Task:
     max_new_tokens: int = 32  # decoding budget per subtask, unless the caller gives one
     long_documents: str = "cut"  # "cut": one piece per example; "windows": several, merged by score
     no_answer: str | None = None  # an answer that means "not in this piece" (windows are merged past it)
+    # seq targets leave out the subtasks whose answer is this one (MultiWOZ: the empty slots), as
+    # seq state trackers usually do; the parser returns "" for a missing subtask, which
+    # `normalize` must map back to this answer.
+    seq_omit: str | None = None
 
     # -- reading ------------------------------------------------------------------------------
 

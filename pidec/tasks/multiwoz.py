@@ -378,6 +378,7 @@ class MultiWOZ(Task):
     splits = ("train", "dev", "test")
     split_aliases: ClassVar[dict[str, str]] = {"val": "dev", "valid": "dev", "validation": "dev"}
     main_metric = "joint_goal_accuracy"
+    seq_omit = NONE  # a seq target lists the filled slots only; a slot it leaves out reads as none
     max_new_tokens = 16
 
     def read(self, split: str, path: Path, report: TaskReport) -> list[Example]:
