@@ -405,6 +405,7 @@ def compare(
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="per subtask (default: the task's)"),
     seed: int = typer.Option(0, "--seed"),
     device: str = typer.Option("auto", "--device"),
+    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (autocast)"),
 ) -> None:
     """Train seq, pie and pid on the same budget (steps x tokens per step) and compare metric and speed."""
     from pidec import train as training
@@ -437,6 +438,7 @@ def compare(
             downsample=training.parse_downsample(downsample),
             seed=seed,
             device=device,
+            precision=precision,
         )
         cfg.check()
         result = run_comparison(

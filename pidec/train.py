@@ -236,6 +236,10 @@ def _recover(folder: Path) -> None:
 # -- data ------------------------------------------------------------------------------------
 
 
+class TrainingDiverged(ValueError):
+    """The loss or the gradients became NaN or infinite; no optimizer step was taken with them."""
+
+
 def _task_seq_omit(cfg: TrainConfig) -> str | None:
     from . import tasks
 
@@ -853,6 +857,13 @@ class Run:
             torch.distributed.all_reduce(sums)
             sums = sums.cpu()
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+        if not (math.isfinite(sums[0].item()) and math.isfinite(float(norm))):
+            # stop before the step writes NaN into the weights: the last checkpoint stays usable
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1}: the loss or the gradient norm is not finite "
+                f"(loss sum {sums[0].item()}, gradient norm {float(norm)}, precision {self.precision}); "
+                "lower --lr or --position-lr-scale, or train with --precision fp32"
+            )
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()

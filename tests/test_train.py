@@ -433,3 +433,35 @@ def test_lora_train_merge_reload(tmp_path):
     # an adapter must be merged to export
     refused = pidec("export", "--checkpoint", str(out / "final"), "--out", str(tmp_path / "x"))
     assert refused.returncode == 2 and "merge-lora" in refused.stderr
+
+
+def test_a_non_finite_loss_stops_training_before_the_weights_are_touched(tmp_path):
+    train, evalf = write_data(tmp_path, train=16, test=4)
+    model = tiny_model(vocab_size=384)
+    model.config.max_input_length = 512
+    with torch.no_grad():
+        model.lm_head.weight[5, 0] = float("inf")  # every logit row sees it: the loss is not finite
+    checkpoint.save(model, tmp_path / "bad")
+    TOK.save_pretrained(tmp_path / "bad")
+    run = pidec(
+        "train",
+        "--train",
+        str(train),
+        "--model",
+        str(tmp_path / "bad"),
+        "--output",
+        str(tmp_path / "run"),
+        "--steps",
+        "3",
+        "--batch-tokens",
+        "1024",
+    )
+    assert run.returncode != 0
+    assert "training diverged at step 1" in run.stderr and "--precision fp32" in run.stderr
+    assert "Traceback" not in run.stderr
+    steps = (
+        [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines() if '"train"' in x]
+        if (tmp_path / "run" / "log.jsonl").exists()
+        else []
+    )
+    assert steps == []  # no step was taken, none logged
