@@ -280,6 +280,7 @@ def load(
     max_input_length: int | None = None,
     quantize: str | None = None,
     compile: bool = False,
+    pack_weights: bool | None = None,
 ) -> Model:
     """Load a Hugging Face T5 checkpoint folder (or hub id) and its tokenizer. A LoRA adapter
     folder (adapter_config.json, no config.json) loads its base and merges the adapter in.
@@ -291,7 +292,13 @@ def load(
     linear layer but the LM head, for inference (see `pidec.quantize`).
     compile: decode through torch.compile (`generate.compile_steps`): the first generation
     compiles (60-100 s for T5 small or base on two CPU cores), later decoding steps take 13-24 %
-    less time there; not with quantize."""
+    less time there; not with quantize.
+    pack_weights: keep a oneDNN-packed copy of each float32 linear weight for CPU inference
+    (`pidec.packing`): decoding steps and encoding run faster, the linear weights are held
+    twice (with quantize, only the float LM head is packed). None (the default): on for a
+    float32 model on the CPU that is not compiled, where torch has oneDNN; True where that does
+    not hold is an error."""
+    from . import packing
     from . import quantize as quant
 
     if compile and quantize is not None:
@@ -327,4 +334,11 @@ def load(
             raise InputError(str(e)) from None
     if compile:
         compile_steps(model.eval())
+    can_pack = packing.available() and model.device.type == "cpu" and model.dtype == torch.float32
+    if pack_weights and not (can_pack and not compile):
+        raise InputError("pack_weights=True needs a float32 model on the CPU, not compiled, and torch with oneDNN")
+    if pack_weights is None:
+        pack_weights = can_pack and not compile
+    if pack_weights:  # after quantizing: what is left in float (an int8 model's LM head) is packed
+        packing.pack(model)
     return Model(model, tok)

@@ -383,9 +383,11 @@ def memory_report(
     element_size: int = 4,
     doc_tokens: int | None = None,
     subtasks: int | None = None,
+    packed: bool = True,
 ) -> dict:
     """How many documents of `workload` each configuration decodes together within `budget`
-    bytes (analytic: `largest_draw`, `roofline.decode_memory`)."""
+    bytes (analytic: `largest_draw`, `roofline.decode_memory`). `packed`: pidec's float32
+    weights have their oneDNN-packed copies too (`pidec.packing`, the CPU default)."""
     budget = roofline.parse_bytes(budget)
     d = largest_draw(WORKLOADS[workload], doc_tokens, subtasks)
     rows = []
@@ -393,6 +395,8 @@ def memory_report(
         sh = config_shape(name, d)
         int8 = is_int8(name)
         weights = roofline.model_weight_bytes(cfg, element_size, int8, head_int8=int8 and sh.family == "ct2")
+        if packed and sh.family == "pidec" and element_size == 4:
+            weights += roofline.packed_weight_bytes(cfg, int8)
         est = roofline.decode_memory(
             cfg,
             element_size,
@@ -425,7 +429,8 @@ def memory_report(
             "output_tokens": d.longest,
         },
         "method": "analytic: weights + encoding one document + n x (cross cache + self cache at full "
-        "length + kept encoder output + one step's logits)",
+        "length + kept encoder output + one step's logits)"
+        + ("; pidec float32 weights counted twice (their oneDNN-packed copies)" if packed else ""),
         "rows": rows,
     }
 
@@ -847,14 +852,27 @@ def measure_ceiling(
     """The machine's own matrix-product speed at a workload's shape ([m, k] x [k, n], 2mkn
     FLOPs): the best of `trials` timings in `dtype` and in int8 (`torch._int_mm`, uint8 x int8
     on the CPU, the operand pair VNNI multiplies natively, else int8 x int8), with the threads
-    torch has now. Returns {"shape", "dtype", "float_gflops", "int8_gops", "int8_error"}; the
-    int8 rate is None where torch has no int8 product for the device."""
+    torch has now. The float rate is the faster of two kernels: BLAS (`torch.mm`) and, in
+    float32 on the CPU, oneDNN with the weight packed ahead (`pidec.packing`, what pidec's
+    linear layers use), so that a fraction of the ceiling is measured against the best
+    product this machine has, not the one pidec happens to call. Returns {"shape", "dtype",
+    "float_gflops", "float_kernels", "int8_gops", "int8_error"}; the int8 rate is None where
+    torch has no int8 product for the device."""
     device = torch.device(device)
     flops = 2 * m * k * n
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
-    float_rate = _best_rate(lambda: torch.mm(a, b), flops, device, min_time_s, trials)
+    kernels = {"blas": _best_rate(lambda: torch.mm(a, b), flops, device, min_time_s, trials)}
+    if device.type == "cpu" and dtype == torch.float32:
+        from . import packing
+
+        if packing.available():  # the packed path pidec's linear layers take by default
+            w = b.t().contiguous()  # [n, k], the layout of a linear weight
+            kernels["onednn_packed"] = _best_rate(
+                lambda: packing.linear(a, w), flops, device, min_time_s, trials
+            )
+    float_rate = max(kernels.values())
     b8 = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=gen).to(device)
     int8_rate, error = None, None
     for low, high, kind in ((0, 256, torch.uint8), (-127, 128, torch.int8)):
@@ -869,6 +887,7 @@ def measure_ceiling(
         "shape": [m, k, n],
         "dtype": str(dtype).removeprefix("torch."),
         "float_gflops": float_rate / 1e9,
+        "float_kernels": {name: rate / 1e9 for name, rate in kernels.items()},
         "int8_gops": None if int8_rate is None else int8_rate / 1e9,
         "int8_error": error,
         "trials": trials,
@@ -878,6 +897,9 @@ def measure_ceiling(
 def _best_ceiling(a: dict, b: dict) -> dict:
     """Two measurements of the same ceiling: the faster of each, trials added up."""
     out = dict(a, trials=a["trials"] + b["trials"], float_gflops=max(a["float_gflops"], b["float_gflops"]))
+    ka, kb = a.get("float_kernels") or {}, b.get("float_kernels") or {}
+    if ka or kb:
+        out["float_kernels"] = {name: max(ka.get(name, 0.0), kb.get(name, 0.0)) for name in {**ka, **kb}}
     rates = [r for r in (a["int8_gops"], b["int8_gops"]) if r is not None]
     out["int8_gops"] = max(rates) if rates else None
     out["int8_error"] = None if rates else a["int8_error"]
@@ -961,13 +983,17 @@ def run_bench(
     memory_budget: int | str | None = None,
     ceiling: bool = True,
     compile: bool = False,
+    pack: bool = True,
 ) -> dict:
     """Time `configs` on `docs` documents of `workload`, `repeats` passes each; see the module
     docstring. `doc_tokens` / `subtasks` shrink the workload (tests). `quantize="int8"`: the
     pidec and ct2 configurations in int8. `memory_budget` (bytes or '8GiB'): add the analytic
     documents-per-budget report. `ceiling=False` skips timing the machine's ceiling.
     `compile=True`: the float pidec configurations decode their steps through torch.compile
-    (`generate.compile_steps`), compiled on the first document before anything is measured."""
+    (`generate.compile_steps`), compiled on the first document before anything is measured.
+    `pack` (float32 on the CPU, not compiled): pidec's linear layers multiply through
+    oneDNN-packed weights (`pidec.packing`), as `pidec.load` sets them up by default; False
+    times the plain BLAS path."""
     configs, dev, torch_dtype = _check_args(
         workload, model_size, model_dir, configs, docs, repeats, device, dtype, threads, doc_tokens, subtasks, quantize
     )
@@ -992,6 +1018,7 @@ def run_bench(
             subtasks,
             ceiling,
             compile,
+            pack,
         )
     finally:
         if threads is not None:
@@ -999,7 +1026,7 @@ def run_bench(
     if memory_budget is not None:
         cfg = T5Config(**{k: v for k, v in result["model"]["config"].items()})
         result["memory"] = memory_report(
-            configs, cfg, workload, memory_budget, torch_dtype.itemsize, doc_tokens, subtasks
+            configs, cfg, workload, memory_budget, torch_dtype.itemsize, doc_tokens, subtasks, result["packed_weights"]
         )
     return result
 
@@ -1014,9 +1041,11 @@ def run_memory(
     quantize: str | None = None,
     doc_tokens: int | None = None,
     subtasks: int | None = None,
+    pack: bool = True,
 ) -> dict:
-    """The memory report alone, without building a model or timing anything."""
-    from . import checkpoint
+    """The memory report alone, without building a model or timing anything. `pack`: count
+    pidec's packed weight copies, as a CPU run would hold them (`run_bench`'s `pack`)."""
+    from . import checkpoint, packing
 
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
@@ -1029,7 +1058,9 @@ def run_memory(
         cfg = T5Config(**_V11, **MODEL_SIZES[model_size])
     else:
         cfg = checkpoint.read_config(checkpoint.resolve(model_dir))
-    mem = memory_report(configs, cfg, workload, memory_budget, DTYPES[dtype].itemsize, doc_tokens, subtasks)
+    packed = pack and packing.available()
+    mem = memory_report(configs, cfg, workload, memory_budget, DTYPES[dtype].itemsize, doc_tokens, subtasks, packed)
+    mem["packed_weights"] = packed
     mem["model"] = {"size": model_size} if model_dir is None else {"path": str(model_dir)}
     mem["dtype"] = dtype
     return mem
@@ -1050,8 +1081,9 @@ def _run(
     subtasks,
     ceiling,
     compile=False,
+    pack=True,
 ) -> dict:
-    from . import checkpoint
+    from . import checkpoint, packing
     from . import quantize as quant
 
     skipped = []
@@ -1075,6 +1107,10 @@ def _run(
         else:
             folder = checkpoint.resolve(model_dir)
         ours, hf = _load_models(folder, dev, torch_dtype, need_hf)
+        # packed before the int8 copy is made, so that its float LM head is packed as well
+        packed = pack and not compile and packing.available() and dev.type == "cpu" and torch_dtype == torch.float32
+        if packed:
+            packing.pack(ours)
         engines = _Engines(ours, hf)
         int8_pidec = [c for c in configs if is_int8(c) and c.startswith("pidec-")]
         if int8_pidec:
@@ -1196,6 +1232,7 @@ def _run(
         "skipped": skipped,
         "compile": bool(compile),
         "compile_s": compile_s,
+        "packed_weights": packed,
         "results": results,
     }
 
@@ -1227,6 +1264,11 @@ def format_table(result: dict) -> str:
             f"machine ceiling ({m}x{k} @ {k}x{n} matmul, best of {ceil['trials']}): "
             f"{ceil['dtype']} {ceil['float_gflops']:.1f} GFLOP/s, int8 {int8}"
         )
+        kernels = ceil.get("float_kernels") or {}
+        if len(kernels) > 1:
+            lines.append("  float kernels: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in kernels.items()))
+    if "packed_weights" in result:
+        lines.append(f"pidec float32 linear layers: {'oneDNN-packed weights' if result['packed_weights'] else 'BLAS'}")
     header = (
         f"{'config':<16} {'latency_s':>10} {'docs/s':>8} {'tok/s':>9} {'peak_MB':>9} "
         f"{'GFLOP/doc':>10} {'GFLOP/s':>8} {'%ceil':>6} {'cross_MB':>9} {'MB/step':>8} {'speedup':>8}"

@@ -46,10 +46,12 @@ def run_sweep(
     threads: int | None = None,
     doc_tokens: int | None = None,
     progress=None,
+    pack: bool = True,
 ) -> dict:
     """Time `configs` on `workload` with K prompts per document, for each K in `ks`.
     Returns {"ks", "configs", "latency_s": {config: [seconds per document, one per K]}, "runs": [...]}.
-    `progress(k, result)`, when given, is called after each K (the CLI prints a line)."""
+    `progress(k, result)`, when given, is called after each K (the CLI prints a line). `pack`:
+    as in `run_bench`."""
     from . import checkpoint
 
     ks = list(DEFAULT_KS if ks is None else ks)
@@ -78,6 +80,7 @@ def run_sweep(
                 doc_tokens=doc_tokens,
                 subtasks=k,
                 ceiling=False,
+                pack=pack,
             )
             runs.append({"k": k, "result": result})
             if progress is not None:

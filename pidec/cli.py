@@ -80,6 +80,9 @@ def generate(
     compile_steps: bool = typer.Option(
         False, "--compile", help="decoding steps through torch.compile (slow start, faster steps)"
     ),
+    no_pack: bool = typer.Option(
+        False, "--no-pack", help="plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
+    ),
 ) -> None:
     """Answer every prompt about one document; prints {"outputs": [...], "timings": {...}}."""
     import pidec
@@ -97,7 +100,15 @@ def generate(
         _fail("no prompts: give --prompt P (repeatable) or --prompts-file F")
     text = _read_text(document, "document")
     try:
-        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize, compile=compile_steps)
+        m = pidec.load(
+            model,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            quantize=quantize,
+            compile=compile_steps,
+            pack_weights=False if no_pack else None,
+        )
         result = m.generate(
             text,
             prompts,
@@ -148,6 +159,9 @@ def bench(
     compile_steps: bool = typer.Option(
         False, "--compile", help="the float pidec configurations decode through torch.compile"
     ),
+    no_pack: bool = typer.Option(
+        False, "--no-pack", help="pidec's float32 CPU linear layers through plain BLAS, not oneDNN-packed weights"
+    ),
 ) -> None:
     """Time the configurations side by side on one workload and print a table. More configurations:
     pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
@@ -175,6 +189,7 @@ def bench(
                 dtype=dtype,
                 seed=seed,
                 threads=threads,
+                pack=not no_pack,
                 progress=lambda k, r: typer.echo(
                     f"K={k}: " + ", ".join(f"{x['config']} {x['latency_s_median']:.3f}s" for x in r["results"])
                 ),
@@ -201,6 +216,7 @@ def bench(
                 memory_budget,
                 dtype,
                 quantize,
+                pack=not no_pack,
             )
         except ValueError as e:
             _fail(str(e))
@@ -245,6 +261,7 @@ def bench(
             quantize=quantize,
             memory_budget=memory_budget,
             compile=compile_steps,
+            pack=not no_pack,
         )
     except ValueError as e:
         _fail(str(e))
@@ -513,6 +530,9 @@ def eval_task(
     quantize: Optional[str] = typer.Option(
         None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=_check_quantize
     ),
+    no_pack: bool = typer.Option(
+        False, "--no-pack", help="plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
+    ),
 ) -> None:
     """Score a model on a task's split; prints {"metrics": ..., "speed": ...} and, with --out,
     writes TASK-SPLIT-LAYOUT.metrics.json and .predictions.jsonl."""
@@ -531,7 +551,13 @@ def eval_task(
         spec = registry.get(task)
         examples = spec.load(split, data, limit=limit)
         m = pidec.load(
-            model, device=device, dtype=dtype, tokenizer=tokenizer, max_input_length=max_input_length, quantize=quantize
+            model,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            max_input_length=max_input_length,
+            quantize=quantize,
+            pack_weights=False if no_pack else None,
         )
         result = evaluate(m, spec, examples, layout, max_new_tokens, num_beams, batch_size)
     except (pidec.InputError, CheckpointError, ValueError) as e:
@@ -574,6 +600,9 @@ def serve(
     max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="(1 MiB)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
+    no_pack: bool = typer.Option(
+        False, "--no-pack", help="plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
+    ),
 ) -> None:
     """HTTP service: POST /v1/generate batches concurrent requests into shared-cache decoding;
     GET /healthz, /readyz, /metrics. On SIGTERM it stops accepting, finishes what it holds, exits."""
@@ -606,7 +635,9 @@ def serve(
             _fail(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        m = pidec.load(model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize)
+        m = pidec.load(
+            model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize, pack_weights=False if no_pack else None
+        )
         settings.checked(m)
     except (pidec.InputError, CheckpointError, ValueError) as e:
         _fail(str(e))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from . import packing
 from .model import T5, CrossCache, KVCache, PackedPrefill, RowGroups
 
 
@@ -127,6 +128,7 @@ def compile_steps(model: T5) -> T5:
         raise ValueError("compile: not with an int8 model (its dynamic int8 layers run eagerly); pick one of the two")
     if _compiled_decode is None:
         _compiled_decode = torch.compile(T5.decode, dynamic=True)
+    packing.unpack(model)  # inductor lays out the weights its own way; the packed ops are eager-only
     _compiled_models.add(model)
     return model
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import packing
+
 
 @dataclass
 class T5Config:
@@ -92,10 +94,14 @@ def _activation(name: str):
 FEW_ROWS = 16  # up to this many rows, CPU inference computes a linear layer as W @ x^T
 
 
-def linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x @ weight^T. With few rows on the CPU at inference (decoding steps), the product is taken
-    the other way round, weight @ x^T: CPU BLAS then streams a weight that is not in cache about
-    1.3x (6 rows) to 3x (2 rows) faster, and decoding steps are bound by streaming the weights."""
+def linear(x: Tensor, weight: Tensor, packed: bool = False) -> Tensor:
+    """x @ weight^T. `packed` (a layer of a model given to `pidec.packing.pack`): on the CPU in
+    float32 at inference, through the weight's oneDNN-packed copy. Otherwise, with few rows on
+    the CPU at inference (decoding steps), the product is taken the other way round,
+    weight @ x^T: CPU BLAS then streams a weight that is not in cache about 1.3x (6 rows) to 3x
+    (2 rows) faster, and decoding steps are bound by streaming the weights."""
+    if packed and packing.usable(x, weight):
+        return packing.linear(x, weight)
     rows = x.numel() // x.shape[-1]
     plain = type(weight) in (nn.Parameter, Tensor)  # a quantized weight (tensor subclass) has its own F.linear
     if plain and rows <= FEW_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
@@ -105,13 +111,15 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
 
 class Linear(nn.Linear):
     """A bias-free nn.Linear (so PEFT, quantizers and checkpoints see the usual module) whose
-    forward takes the few-rows path above."""
+    forward takes the packed or few-rows path above."""
+
+    packed = False  # set by pidec.packing.pack
 
     def __init__(self, in_features: int, out_features: int):
         super().__init__(in_features, out_features, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return linear(x, self.weight)
+        return linear(x, self.weight, self.packed)
 
 
 class RMSNorm(nn.Module):
@@ -488,6 +496,7 @@ class T5(nn.Module):
         self.decoder = Decoder(config)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.d_model, config.vocab_size)
         self.gradient_checkpointing = False
+        self.packed = False  # oneDNN-packed linear weights for CPU inference (pidec.packing)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -569,7 +578,7 @@ class T5(nn.Module):
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model**-0.5)
         if self.lm_head is None:
-            return linear(hidden, self.embed.weight)
+            return linear(hidden, self.embed.weight, self.packed)
         return self.lm_head(hidden)  # the module, so that a quantized head is called as such
 
     def forward(

@@ -49,6 +49,19 @@ def step_weight_bytes(cfg: T5Config, element_size: int, int8: bool = False, head
     return cfg.num_decoder_layers * per_layer + d * element_size + head
 
 
+def packed_weight_bytes(cfg: T5Config, int8: bool = False) -> int:
+    """The oneDNN-packed float32 copies a packed model keeps beside its weights
+    (`pidec.packing`): every linear layer of both stacks and the LM head (the embedding when
+    tied); with int8 layers, the float head only."""
+    d = cfg.d_model
+    head = d * cfg.vocab_size * 4
+    if int8:
+        return head
+    enc = sum(i * o for i, o in _attention_shapes(cfg) + _ffn_shapes(cfg))
+    dec = sum(i * o for i, o in _attention_shapes(cfg) * 2 + _ffn_shapes(cfg))
+    return (cfg.num_layers * enc + cfg.num_decoder_layers * dec) * 4 + head
+
+
 def model_weight_bytes(cfg: T5Config, element_size: int, int8: bool = False, head_int8: bool = False) -> int:
     """Every weight of the model: embedding, both stacks, norms, relative biases, untied head."""
     d = cfg.d_model

@@ -107,6 +107,17 @@ def test_subset_of_configs_without_hf():
     assert "pidec-pid" in table and "pidec-seq" in table
 
 
+def test_packed_weights_are_the_default_and_can_be_turned_off(full):
+    from pidec import packing
+
+    assert full["packed_weights"] is packing.available()  # float32 on the CPU: packed, as pidec.load does
+    assert ("oneDNN-packed" in format_table(full)) is packing.available()
+    plain = run_bench(
+        "qa", "tiny", configs=["pidec-pid"], docs=1, repeats=1, threads=1, doc_tokens=32, subtasks=3, pack=False
+    )
+    assert plain["packed_weights"] is False and "BLAS" in format_table(plain)
+
+
 def test_format_table_names_every_config(full):
     table = format_table(full)
     for name in CONFIGS:

@@ -5,7 +5,7 @@ on a model small enough to count on paper."""
 import pytest
 import torch
 
-from pidec import bench, roofline
+from pidec import bench, packing, roofline
 from pidec.bench import DocDraw, config_flops, config_shape, config_step_bytes, largest_draw, measure_ceiling
 from pidec.model import T5, T5Config
 
@@ -104,7 +104,9 @@ def test_memory_report_by_hand():
     #            transient (39*32 + 2*13*13)*4 = 6344
     # hf-pie:    as pie + encoder output 39*4*4 = 624 -> 3048; scores per row: (39*32 + 3*2*169)*4 = 9048
     budget = weights + 9048 + 7 * 3048
-    mem = bench.memory_report(["pidec-pid", "pidec-pie", "hf-pie"], CFG, "dst", budget, 4, doc_tokens=5, subtasks=3)
+    mem = bench.memory_report(
+        ["pidec-pid", "pidec-pie", "hf-pie"], CFG, "dst", budget, 4, doc_tokens=5, subtasks=3, packed=False
+    )
     rows = {r["config"]: r for r in mem["rows"]}
     assert rows["pidec-pid"]["per_doc_mb"] * 2**20 == 2104 and rows["pidec-pid"]["transient_mb"] * 2**20 == 840
     assert rows["pidec-pie"]["per_doc_mb"] * 2**20 == 2424 and rows["pidec-pie"]["transient_mb"] * 2**20 == 6344
@@ -114,6 +116,15 @@ def test_memory_report_by_hand():
     assert rows["pidec-pid"]["docs_fit"] == (budget - weights - 840) // 2104
     assert mem["budget_bytes"] == budget and "analytic" in mem["method"]
     assert "docs_fit" in bench.format_memory(mem)
+    # packed (the CPU default): pidec's float32 linear weights once more. Encoder: attention
+    # 4 x (4x4) + gated FFN 2 x (4x8) + 8x4 = 160 elements; decoder: 2 attentions 128 + FFN 96 = 224;
+    # head 4x10 = 40: (160 + 224 + 40) x 4 bytes = 1696. transformers holds no such copy.
+    assert roofline.packed_weight_bytes(CFG) == 1696 and roofline.packed_weight_bytes(CFG, int8=True) == 160
+    packed = bench.memory_report(["pidec-pid", "hf-pie"], CFG, "dst", budget, 4, doc_tokens=5, subtasks=3)
+    prow = {r["config"]: r for r in packed["rows"]}
+    assert prow["pidec-pid"]["weights_mb"] * 2**20 == weights + 1696
+    assert prow["pidec-pid"]["docs_fit"] == (budget - weights - 1696 - 840) // 2104
+    assert prow["hf-pie"]["weights_mb"] * 2**20 == weights and "packed" in packed["method"]
 
 
 @pytest.mark.parametrize(
@@ -151,16 +162,47 @@ def test_measure_ceiling_times_the_workload_shape(monkeypatch):
 
     monkeypatch.setattr(bench, "_best_rate", fake_rate)
     ceil = measure_ceiling(32, 64, 48)
-    assert seen[0] == (2 * 32 * 64 * 48, torch.float32, (32, 48))  # 2mkn FLOPs, float product
-    assert seen[1] == (2 * 32 * 64 * 48, torch.int32, (32, 48))  # int8 product, int32 result
+    flops = 2 * 32 * 64 * 48
+    assert seen[0] == (flops, torch.float32, (32, 48))  # 2mkn FLOPs, float product (BLAS)
+    if packing.available():  # the same product through the oneDNN-packed weight
+        assert seen[1] == (flops, torch.float32, (32, 48))
+        kernels = {"blas": 1.0, "onednn_packed": 2.0}
+    else:
+        kernels = {"blas": 1.0}
+    assert seen[-1] == (flops, torch.int32, (32, 48))  # int8 product, int32 result
     assert ceil == {
         "shape": [32, 64, 48],
         "dtype": "float32",
-        "float_gflops": 1.0,
-        "int8_gops": 2.0,
+        "float_gflops": max(kernels.values()),  # the faster float kernel is the ceiling
+        "float_kernels": kernels,
+        "int8_gops": float(len(seen)),
         "int8_error": None,
         "trials": 3,
     }
+
+
+def test_measure_ceiling_packed_product_is_the_same_product():
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(32, 64, generator=gen), torch.randn(64, 48, generator=gen)
+    if not packing.available():
+        pytest.skip("torch without oneDNN")
+    torch.testing.assert_close(packing.linear(a, b.t().contiguous()), a @ b, rtol=1e-4, atol=1e-4)
+
+
+def test_best_ceiling_keeps_the_faster_of_each_kernel():
+    a = {
+        "shape": [1, 1, 1],
+        "dtype": "float32",
+        "float_gflops": 5.0,
+        "float_kernels": {"blas": 5.0, "onednn_packed": 3.0},
+        "int8_gops": None,
+        "int8_error": "none here",
+        "trials": 3,
+    }
+    b = dict(a, float_gflops=6.0, float_kernels={"blas": 2.0, "onednn_packed": 6.0}, int8_gops=9.0, int8_error=None)
+    out = bench._best_ceiling(a, b)
+    assert out["float_gflops"] == 6.0 and out["float_kernels"] == {"blas": 5.0, "onednn_packed": 6.0}
+    assert out["int8_gops"] == 9.0 and out["int8_error"] is None and out["trials"] == 6
 
 
 def test_measure_ceiling_for_real_is_positive():
