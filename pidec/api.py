@@ -291,8 +291,9 @@ def load(
     quantize: None, or "int8": int8 weights and dynamically quantized int8 activations in every
     linear layer but the LM head, for inference (see `pidec.quantize`).
     compile: decode through torch.compile (`generate.compile_steps`): the first generation
-    compiles (60-100 s for T5 small or base on two CPU cores), later decoding steps take 13-24 %
-    less time there; not with quantize.
+    compiles (about a minute for T5 small or base on two CPU cores); on that CPU it was not
+    faster over a whole document than the packed eager default (docs/performance.md); not with
+    quantize.
     pack_weights: keep a oneDNN-packed copy of each float32 linear weight for CPU inference
     (`pidec.packing`): decoding steps and encoding run faster, the linear weights are held
     twice (with quantize, only the float LM head is packed). None (the default): on for a

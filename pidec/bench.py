@@ -1107,7 +1107,7 @@ def _run(
         else:
             folder = checkpoint.resolve(model_dir)
         ours, hf = _load_models(folder, dev, torch_dtype, need_hf)
-        # packed before the int8 copy is made, so that its float LM head is packed as well
+        # the CPU default, as pidec.load sets it up (an int8 copy made below packs its float head)
         packed = pack and not compile and packing.available() and dev.type == "cpu" and torch_dtype == torch.float32
         if packed:
             packing.pack(ours)
@@ -1116,6 +1116,8 @@ def _run(
         if int8_pidec:
             try:
                 engines.ours_int8 = quant.quantize_model(copy.deepcopy(ours), "int8")
+                if packed:  # its float LM head: packed now, not during the warm-up that measures peak memory
+                    packing.pack(engines.ours_int8)
             except quant.QuantizeError as e:
                 skip(int8_pidec, str(e))
         kinds = {"int8" if is_int8(c) else "float" for c in configs if c.startswith("ct2-")}

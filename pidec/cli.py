@@ -434,7 +434,8 @@ def compare(
         names = parse_layouts(layouts)
         cfg = training.TrainConfig(
             output=output,
-            layout=names[0],
+            # checked as a pid/pie run where there is one: their subtask sampling is left out for seq
+            layout=next((n for n in names if n != "seq"), names[0]),
             task=task,
             data=data,
             model=model,

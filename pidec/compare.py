@@ -4,7 +4,9 @@ Each layout gets the same model (size, tokenizer, seed: the same initial weights
 optimizer and schedule, the same number of optimizer steps and the same token budget per step
 (padded encoder + decoder tokens), so the same training compute. What differs is what a budget
 buys: a pie step spends its tokens on K copies of the document, a pid step on one copy and K
-short decoder rows, so within one budget pid sees more documents.
+short decoder rows, so within one budget pid sees more documents. `--downsample` and `--max-subtasks` sample the
+subtask rows of pid and pie; seq, which has one target per document, trains without them (a
+task's seq target can leave out its default answer instead: `Task.seq_omit`).
 
 Per layout it reports, from the run's own log (every step is logged) and from `pidec.evaluate`
 on the evaluation split:
@@ -91,6 +93,8 @@ def run_comparison(
     results["config"] = {k: v for k, v in asdict(base).items() if k not in ("output", "layout", "progress")}
     for layout in layouts:
         cfg = replace(base, output=str(out / layout), layout=layout, log_every=1, eval=None, eval_split=None)
+        if layout == "seq":  # subtask sampling is for pid and pie rows; seq trains on the whole target
+            cfg = replace(cfg, downsample={}, max_subtasks=None)
         t0 = time.perf_counter()
         train(cfg)
         wall = time.perf_counter() - t0

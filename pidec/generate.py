@@ -121,8 +121,10 @@ _compiled_models: weakref.WeakSet = weakref.WeakSet()
 
 def compile_steps(model: T5) -> T5:
     """Decode `model`'s steps through torch.compile from now on (greedy, beams, `DecodeSession`).
-    The compilation happens on the first steps decoded: 60-100 s for T5 small and base on two
-    CPU cores, after which a step took 13-24 % less time there (docs/performance.md)."""
+    The compilation happens on the first steps decoded: about a minute for T5 small and base on
+    two CPU cores. There, a compiled step took 13-24 % less time than an eager BLAS one when this
+    was added, but a whole document was no faster than with the packed eager default
+    (docs/performance.md). The model is unpacked (`pidec.packing`)."""
     global _compiled_decode
     if getattr(model, "quantization", None):
         raise ValueError("compile: not with an int8 model (its dynamic int8 layers run eagerly); pick one of the two")

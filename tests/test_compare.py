@@ -71,3 +71,17 @@ def test_bad_layout_lists_are_refused(bad):
 def test_compare_cli_refuses_a_bad_layout_in_one_line(tmp_path):
     r = runner.invoke(app, ["compare", "-o", str(tmp_path), "--task", "jsonl", "--steps", "1", "--layouts", "pid,x"])
     assert r.exit_code == 2 and "unknown layout 'x'" in r.output
+
+
+def test_compare_samples_subtasks_for_pid_and_pie_but_not_seq(data, tmp_path):
+    out = tmp_path / "cmp"
+    args = ["compare", "--output", str(out), "--task", "jsonl", "--data", str(data), "--layouts", "seq,pid"]
+    args += ["--size", "tiny", "--tokenizer", "byte", "--steps", "2", "--batch-tokens", "8000"]
+    args += ["--max-input-length", "512", "--max-new-tokens", "3", "--device", "cpu", "--downsample", "none:0.0"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output  # seq is not refused for a sampling it cannot do
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["downsample"] == {"none": 0.0}
+    seq_cfg = json.loads((out / "seq" / "run_config.json").read_text())
+    pid_cfg = json.loads((out / "pid" / "run_config.json").read_text())
+    assert seq_cfg["downsample"] == {} and pid_cfg["downsample"] == {"none": 0.0}
