@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from . import checkpoint
+from . import checkpoint, packing
 from .checkpoint import CheckpointError
 from .model import T5
 
@@ -139,6 +139,8 @@ def merge(model: T5) -> T5:
         del model.peft_config
     for p in model.parameters():
         p.requires_grad_(True)
+    if packing.is_packed(model):  # PEFT may write the merged weight through .data, which no stamp sees
+        packing.pack(model)
     return model
 
 

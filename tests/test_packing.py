@@ -139,3 +139,25 @@ def test_load_packs_by_default_on_the_cpu(tmp_path):
     assert not packing.is_packed(pidec.load(folder, dtype="bfloat16").model)  # only float32 is packed
     with pytest.raises(pidec.InputError, match="float32"):
         pidec.load(folder, dtype="bfloat16", pack_weights=True)
+
+
+def test_merging_lora_into_a_packed_model_uses_the_merged_weights(pair):
+    pytest.importorskip("peft")
+    from pidec import lora
+
+    _, plain, packed = pair
+    for model in (plain, packed):
+        lora.add_lora(model, r=2, alpha=4.0)
+        gen = torch.Generator().manual_seed(7)
+        with torch.no_grad():  # the same trained adapter in both (B no longer zero)
+            for name, p in sorted(model.named_parameters()):
+                if "lora_" in name:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+        model.eval()
+    with_adapter = _teacher_forced(packed)  # the frozen base weight packed, the deltas beside it
+    torch.testing.assert_close(with_adapter, _teacher_forced(plain), rtol=1e-4, atol=1e-4)
+    for model in (plain, packed):
+        lora.merge(model)
+    merged = _teacher_forced(packed)
+    torch.testing.assert_close(merged, _teacher_forced(plain), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(merged, with_adapter, rtol=1e-4, atol=1e-4)
