@@ -117,6 +117,7 @@ def evaluate(
         for k in usage:
             usage[k] += result.usage.get(k, 0)
 
+    outputs = fill_omitted(outputs, task, layout)
     t1 = time.perf_counter()
     predictions, at = [], 0
     for ex, group in zip(examples, groups):
@@ -145,6 +146,15 @@ def evaluate(
         "output_tokens_per_s": round(usage["output_tokens"] / gen_s, 1) if gen_s else None,
     }
     return Evaluation(task.name, layout, metrics, speed, list(examples), predictions, [len(g) for g in groups], report)
+
+
+def fill_omitted(outputs: list[list[str]], task: Task, layout: str) -> list[list[str]]:
+    """A task whose seq targets leave out its default answer (`Task.seq_omit`, MultiWOZ's none)
+    trains seq to list only the other subtasks, so a subtask its output does not name (parsed
+    as "") has the default answer. Other layouts and tasks are returned as they are."""
+    if layout != "seq" or task.seq_omit is None:
+        return outputs
+    return [[a if a.strip() else task.seq_omit for a in answers] for answers in outputs]
 
 
 def merge(model, task: Task, group: list[Example], answers: list[list[str]], layout: str, seq_instruction=None):

@@ -252,6 +252,17 @@ def test_seq_training_targets_list_only_the_filled_slots(tok):
     assert full > 5 * coder.target_tokens(prompts, ex.targets)[0]
 
 
+def test_seq_predictions_name_the_omitted_slots_none():
+    from pidec.evaluate import fill_omitted
+
+    prompts = list(PROMPTS)
+    parsed = parse_seq("hotel area: east; train day: friday", prompts)
+    assert parsed.count("") == 28  # the parser knows nothing of the task's default
+    filled = fill_omitted([parsed], TASK, "seq")[0]
+    assert filled.count("none") == 28 and filled[prompts.index("hotel area")] == "east"
+    assert fill_omitted([parsed], TASK, "pid") == [parsed]  # an empty pid answer is the model's own
+
+
 def test_score_rejects_mismatched_predictions():
     ex, pred = turn({})
     with pytest.raises(ValueError, match="1 predictions for 2 examples"):
