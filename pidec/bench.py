@@ -46,7 +46,11 @@ keys/values held while decoding, and the speed-up over hf-pie.
 A cross-check: on the first document, the first 2 tokens of 3 rows of pidec-pid are compared
 with hf-pid-expanded (``agree`` in the result; transformers forbids EOS before min_new_tokens,
 so a pidec row is only compared up to its first EOS), and likewise ct2-pie with pidec-pie
-(``agree_ct2``), which checks the conversion.
+(``agree_ct2``), which checks the conversion. Random weights leave near-ties between the top
+logits, where two correct float32 stacks that round differently can choose differently, so the
+same 3 rows are also run teacher-forced through float64 copies of pidec and transformers and
+their logits compared (``logits_gap``: the largest difference over the largest logit;
+``logits_agree``: at most ``LOGITS_RTOL``).
 
 More configurations, asked for by name (``ALL_CONFIGS``; the default run is ``CONFIGS``):
 
@@ -810,6 +814,30 @@ def _agree(pid_tokens: list[list[int]], hf_tokens: list[list[int]], eos: int, n_
     return True
 
 
+LOGITS_RTOL = 1e-6  # max |pidec - transformers| over the largest |logit|, teacher-forced in float64
+
+
+def _logits_gap(ours: T5, hf, d: DocDraw, device) -> float:
+    """The same 3 rows as `_agree`, teacher-forced through float64 copies of both stacks on the
+    document and [start] + prompt: the largest logit difference over the largest logit
+    magnitude. Random weights leave the top logits of a row a hundredth apart, and a deep
+    random network amplifies float32 rounding (about 1e-2 of the largest logit at base size,
+    BLAS or packed), so a greedy token can differ between two correct float32 stacks; in
+    float64 the same function gives differences near 1e-12, and a wrong one does not."""
+    start = ours.config.decoder_start_token_id
+    doc = torch.tensor([d.document], device=device)
+    a_model, b_model = copy.deepcopy(ours).double(), copy.deepcopy(hf).double()
+    worst = 0.0
+    with torch.inference_mode():
+        for i in sorted({0, d.k // 2, d.k - 1}):
+            dec = torch.tensor([[start] + d.prompts[i]], device=device)
+            a = a_model(doc, dec)
+            b = b_model(input_ids=doc, decoder_input_ids=dec).logits
+            worst = max(worst, float((a - b).abs().max() / b.abs().max()))
+    del a_model, b_model
+    return worst
+
+
 def _check_lengths(name: str, tokens: list[list[int]], d: DocDraw) -> None:
     """Every configuration must generate exactly what the workload asks for, or the timings
     compare different work."""
@@ -869,9 +897,7 @@ def measure_ceiling(
 
         if packing.available():  # the packed path pidec's linear layers take by default
             w = b.t().contiguous()  # [n, k], the layout of a linear weight
-            kernels["onednn_packed"] = _best_rate(
-                lambda: packing.linear(a, w), flops, device, min_time_s, trials
-            )
+            kernels["onednn_packed"] = _best_rate(lambda: packing.linear(a, w), flops, device, min_time_s, trials)
     float_rate = max(kernels.values())
     b8 = torch.randint(-127, 128, (k, n), dtype=torch.int8, generator=gen).to(device)
     int8_rate, error = None, None
@@ -1202,9 +1228,10 @@ def _run(
     if base is not None:
         for r in results:
             r["speedup_vs_hf_pie"] = base / r["latency_s_median"]
-    agree = None
+    agree, logits_gap = None, None
     if "pidec-pid" in first_tokens and "hf-pid-expanded" in first_tokens:
         agree = _agree(first_tokens["pidec-pid"], first_tokens["hf-pid-expanded"], cfg.eos_token_id)
+        logits_gap = _logits_gap(ours, hf, draws[0], dev)
     agree_ct2 = None
     if "pidec-pie" in first_tokens and "ct2-pie" in first_tokens:
         agree_ct2 = _agree(first_tokens["pidec-pie"], first_tokens["ct2-pie"], cfg.eos_token_id)
@@ -1230,6 +1257,8 @@ def _run(
         "repeats": repeats,
         "ceiling": ceil,
         "agree": agree,
+        "logits_gap": logits_gap,
+        "logits_agree": None if logits_gap is None else logits_gap <= LOGITS_RTOL,
         "agree_ct2": agree_ct2,
         "skipped": skipped,
         "compile": bool(compile),
@@ -1287,6 +1316,11 @@ def format_table(result: dict) -> str:
         )
     if result.get("agree") is not None:
         lines.append(f"pidec-pid vs hf-pid-expanded first tokens agree: {result['agree']}")
+    if result.get("logits_gap") is not None:
+        lines.append(
+            f"pidec vs transformers logits, teacher-forced in float64: max difference {result['logits_gap']:.1e} of the "
+            f"largest logit, agree (<= {LOGITS_RTOL:g}): {result['logits_agree']}"
+        )
     if result.get("agree_ct2") is not None:
         lines.append(f"pidec-pie vs ct2-pie first tokens agree: {result['agree_ct2']}")
     for s in result.get("skipped") or []:

@@ -637,7 +637,12 @@ def serve(
         torch.set_num_threads(threads)
     try:
         m = pidec.load(
-            model, device=device, dtype=dtype, tokenizer=tokenizer, quantize=quantize, pack_weights=False if no_pack else None
+            model,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            quantize=quantize,
+            pack_weights=False if no_pack else None,
         )
         settings.checked(m)
     except (pidec.InputError, CheckpointError, ValueError) as e:

@@ -304,7 +304,9 @@ class TrainTokenizer:
     def target_tokens(self, prompts: list[str], targets: list[str]) -> list[int]:
         """Target tokens with EOS, per row of the layout (seq: one row holding every answer)."""
         if self.layout == "seq":
-            return [len(self.tok(format_seq(prompts, targets, self.seq_omit), add_special_tokens=False)["input_ids"]) + 1]
+            return [
+                len(self.tok(format_seq(prompts, targets, self.seq_omit), add_special_tokens=False)["input_ids"]) + 1
+            ]
         return [len(self.ids(t)) + 1 for t in targets]
 
     def item(self, i: int, document: str, prompts: list[str], targets: list[str]) -> TrainItem:

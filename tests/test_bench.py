@@ -4,6 +4,7 @@ Timings themselves are not checked (they are what the harness is for, not someth
 import random
 
 import pytest
+import torch
 
 from pidec import bench
 from pidec.bench import (
@@ -72,6 +73,22 @@ def test_same_token_numerator_for_every_config(full):
 
 def test_fp32_cross_check_agrees(full):
     assert full["agree"] is True
+    # teacher-forced in float64, the two stacks give the same logits to rounding
+    assert full["logits_agree"] is True and 0 <= full["logits_gap"] <= bench.LOGITS_RTOL
+    assert "logits, teacher-forced in float64" in format_table(full)
+
+
+def test_logits_gap_sees_a_different_model(tmp_path):
+    from pidec import checkpoint
+    from pidec.bench import _load_models, _logits_gap
+
+    checkpoint.save(bench.build_random_model("tiny"), tmp_path)
+    ours, hf = _load_models(tmp_path, torch.device("cpu"), torch.float32, True)
+    d = bench.draw_documents(bench.WORKLOADS["dst"], 1, 0, ours.config.vocab_size, DOC, K)[0]
+    assert _logits_gap(ours, hf, d, torch.device("cpu")) <= bench.LOGITS_RTOL
+    with torch.no_grad():
+        ours.decoder.layers[0].ff.wo.weight.mul_(1.5)  # one layer off: no longer the same function
+    assert _logits_gap(ours, hf, d, torch.device("cpu")) > bench.LOGITS_RTOL
 
 
 def test_flops_order_for_dst(full):

@@ -498,8 +498,6 @@ def test_train_missing_train_file(tmp_path):
     assert line == f"error: data file {missing} not found"
 
 
-
-
 def test_train_resume_with_extra_flags_is_refused(trained):
     out, _ = trained
     before = (out / "run_config.json").read_text()
