@@ -335,7 +335,7 @@ def load(
             raise InputError(str(e)) from None
     if compile:
         compile_steps(model.eval())
-    can_pack = packing.available() and model.device.type == "cpu" and model.dtype == torch.float32
+    can_pack = packing.supported(model.device, model.dtype)
     if pack_weights and not (can_pack and not compile):
         raise InputError("pack_weights=True needs a float32 model on the CPU, not compiled, and torch with oneDNN")
     if pack_weights is None:

@@ -1134,7 +1134,7 @@ def _run(
             folder = checkpoint.resolve(model_dir)
         ours, hf = _load_models(folder, dev, torch_dtype, need_hf)
         # the CPU default, as pidec.load sets it up (an int8 copy made below packs its float head)
-        packed = pack and not compile and packing.available() and dev.type == "cpu" and torch_dtype == torch.float32
+        packed = pack and not compile and packing.supported(dev, torch_dtype)
         if packed:
             packing.pack(ours)
         engines = _Engines(ours, hf)

@@ -17,6 +17,9 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+NO_PACK_HELP = "plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
+
+
 def _check_quantize(value: Optional[str]) -> Optional[str]:
     """--quantize is checked before anything is loaded."""
     from pidec.quantize import QuantizeError, check_method
@@ -80,9 +83,7 @@ def generate(
     compile_steps: bool = typer.Option(
         False, "--compile", help="decoding steps through torch.compile (slow start, faster steps)"
     ),
-    no_pack: bool = typer.Option(
-        False, "--no-pack", help="plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
-    ),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
 ) -> None:
     """Answer every prompt about one document; prints {"outputs": [...], "timings": {...}}."""
     import pidec
@@ -159,9 +160,7 @@ def bench(
     compile_steps: bool = typer.Option(
         False, "--compile", help="the float pidec configurations decode through torch.compile"
     ),
-    no_pack: bool = typer.Option(
-        False, "--no-pack", help="pidec's float32 CPU linear layers through plain BLAS, not oneDNN-packed weights"
-    ),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
 ) -> None:
     """Time the configurations side by side on one workload and print a table. More configurations:
     pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
@@ -531,9 +530,7 @@ def eval_task(
     quantize: Optional[str] = typer.Option(
         None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=_check_quantize
     ),
-    no_pack: bool = typer.Option(
-        False, "--no-pack", help="plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
-    ),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
 ) -> None:
     """Score a model on a task's split; prints {"metrics": ..., "speed": ...} and, with --out,
     writes TASK-SPLIT-LAYOUT.metrics.json and .predictions.jsonl."""
@@ -601,9 +598,7 @@ def serve(
     max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="(1 MiB)"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
-    no_pack: bool = typer.Option(
-        False, "--no-pack", help="plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
-    ),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
 ) -> None:
     """HTTP service: POST /v1/generate batches concurrent requests into shared-cache decoding;
     GET /healthz, /readyz, /metrics. On SIGTERM it stops accepting, finishes what it holds, exits."""

@@ -5,7 +5,7 @@ every call. oneDNN can pack a weight once, ahead of time, into the blocked layou
 read (`torch.ops.mkldnn._reorder_linear_weight`), and then multiply by it directly
 (`torch.ops.mkldnn._linear_pointwise`); this is the path torch's own inductor takes for
 float32 linears on the CPU. On the two-core machine of docs/performance.md a T5-base linear
-layer ran 1.2-1.4x faster this way at encoder shapes (512 rows) and 1.5-2.5x faster at the few
+layer ran 1.2-1.4x faster this way at encoder shapes (512 rows) and 1.4-3.2x faster at the few
 rows of a decoding step, where the time is the weight streaming from memory.
 
 The cost is memory: the packed copy sits next to the weight (training, checkpoints, LoRA and
@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-# weight -> (its _version when packed, packed copy); weak, so a dropped model frees its copies
+# weight -> (its stamp when packed, packed copy); weak, so a dropped model frees its copies
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 PACK_ROWS_HINT = 512  # the row count oneDNN is told to expect; measured best over 1-512 rows
@@ -72,15 +72,28 @@ def linear(x: Tensor, weight: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, _packed_copy(weight), None, "none", [], "")
 
 
-def _layers(model: nn.Module) -> list[nn.Module]:
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` in `dtype` can be packed here: float32 on the CPU, oneDNN present."""
+    return torch.device(device).type == "cpu" and dtype == torch.float32 and available()
+
+
+def _marked(model: nn.Module, packed: bool | None) -> list[Tensor]:
+    """The weights the `packed` flag covers: every linear layer's and, when the LM head is tied
+    to the embedding, the embedding's. `packed` True or False also sets the flag on each layer
+    and on the model; None leaves the flags as they are."""
     from .model import Linear
 
-    return [m for m in model.modules() if isinstance(m, Linear)]
-
-
-def _head_weight(model: nn.Module) -> Tensor | None:
-    """The weight `T5.logits` multiplies by when the head is tied to the embedding."""
-    return model.embed.weight if getattr(model, "lm_head", 0) is None else None
+    weights = []
+    for layer in model.modules():
+        if isinstance(layer, Linear):
+            if packed is not None:
+                layer.packed = packed
+            weights.append(layer.weight)
+    if packed is not None:
+        model.packed = packed
+    if getattr(model, "lm_head", 0) is None:  # `T5.logits` multiplies by the embedding
+        weights.append(model.embed.weight)
+    return weights
 
 
 def pack(model: nn.Module) -> int:
@@ -89,16 +102,8 @@ def pack(model: nn.Module) -> int:
     this torch has no oneDNN."""
     if not available():
         raise RuntimeError("weight packing needs torch built with oneDNN (torch.backends.mkldnn)")
-    weights = []
-    for layer in _layers(model):
-        layer.packed = True
-        weights.append(layer.weight)
-    model.packed = True
-    head = _head_weight(model)
-    if head is not None:
-        weights.append(head)
     n = 0
-    for w in weights:
+    for w in _marked(model, True):
         _packed.pop(w, None)  # packed afresh: pack() is also how a write the stamp cannot see is taken in
         if packable(w):
             _packed_copy(w)
@@ -108,13 +113,8 @@ def pack(model: nn.Module) -> int:
 
 def unpack(model: nn.Module) -> None:
     """Back to the usual path for every layer of `model`; the packed copies are freed."""
-    for layer in _layers(model):
-        layer.packed = False
-        _packed.pop(layer.weight, None)
-    model.packed = False
-    head = _head_weight(model)
-    if head is not None:
-        _packed.pop(head, None)
+    for w in _marked(model, False):
+        _packed.pop(w, None)
 
 
 def is_packed(model: nn.Module) -> bool:
@@ -123,8 +123,4 @@ def is_packed(model: nn.Module) -> bool:
 
 def packed_bytes(model: nn.Module) -> int:
     """Memory held by `model`'s packed copies (the same element count as the weights)."""
-    weights = [layer.weight for layer in _layers(model)]
-    head = _head_weight(model)
-    if head is not None:
-        weights.append(head)
-    return sum(w.numel() * w.element_size() for w in weights if w in _packed)
+    return sum(w.numel() * w.element_size() for w in _marked(model, None) if w in _packed)
