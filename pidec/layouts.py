@@ -190,12 +190,14 @@ def build_encoded(tokenizer, prompts: list[str], max_new_tokens: int | list[int]
 def _pie(plan, tokenizer, i, document, prompts, prompt_ids, limits, limit, start, truncate, eos):
     texts = [f"{p} {document}" for p in prompts]
     rows = tokenizer(texts)["input_ids"]
+    doc_ids = None  # the document alone, tokenized once if some row must be cut
     for j, ids in enumerate(rows):
         if len(ids) > limit:
             if truncate is None:
                 fit(ids[:-1], limit, None, f"example {i}: prompt {j} + document", [eos])
             # cut the document, never the prompt
-            doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+            if doc_ids is None:
+                doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
             room = limit - len(prompt_ids[j]) - 1
             if room < 1:
                 raise InputError(
