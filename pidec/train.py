@@ -149,7 +149,10 @@ class TrainConfig:
         if self.max_subtasks is not None and self.max_subtasks < 1:
             bad("max_subtasks", f"must be >= 1, got {self.max_subtasks}")
         if self.layout == "seq" and (self.max_subtasks or self.downsample):
-            bad("max_subtasks", "subtask sampling applies to pid and pie; seq trains on every subtask's answer")
+            bad(
+                "downsample" if self.downsample else "max_subtasks",
+                "subtask sampling applies to pid and pie; seq trains on every subtask's answer",
+            )
         for value, keep in self.downsample.items():
             if not 0 <= keep <= 1:
                 bad("downsample", f"keep probability for {value!r} must be in [0, 1], got {keep}")

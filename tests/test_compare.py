@@ -73,6 +73,14 @@ def test_compare_cli_refuses_a_bad_layout_in_one_line(tmp_path):
     assert r.exit_code == 2 and "unknown layout 'x'" in r.output
 
 
+def test_compare_seq_alone_refuses_subtask_sampling_naming_the_option(data, tmp_path):
+    args = ["compare", "-o", str(tmp_path / "cmp"), "--task", "jsonl", "--data", str(data), "--layouts", "seq"]
+    args += ["--size", "tiny", "--tokenizer", "byte", "--steps", "1", "--downsample", "none:0.3"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 2 and "--downsample: " in r.output and "seq" in r.output
+    assert not (tmp_path / "cmp" / "seq").exists()
+
+
 def test_compare_samples_subtasks_for_pid_and_pie_but_not_seq(data, tmp_path):
     out = tmp_path / "cmp"
     args = ["compare", "--output", str(out), "--task", "jsonl", "--data", str(data), "--layouts", "seq,pid"]

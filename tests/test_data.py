@@ -471,7 +471,7 @@ def test_train_seq_with_max_subtasks(tmp_path, train_file):
 
 def test_train_seq_with_downsample(tmp_path, train_file):
     line = cli_error([*base_args(tmp_path, train_file), *TINY, "--layout", "seq", "--downsample", "none:0.5"])
-    assert line.startswith("error: --max-subtasks: ") and "seq" in line
+    assert line.startswith("error: --downsample: ") and "seq" in line
 
 
 @pytest.mark.parametrize("spec", ["none", ":0.3", "none:lots", "none:0.3,x"])
