@@ -1,4 +1,4 @@
-"""Time T5-base linear layers through BLAS (`pidec.model.linear` unpacked: `x @ W^T`, or
+"""Time T5-base linear layers through BLAS (`pidec.packing.linear` unpacked: `x @ W^T`, or
 `W @ x^T` at up to 16 rows) and through their oneDNN-packed weights (`pidec.packing`) at the
 row counts pidec meets: 1-30 rows in decoding steps, ~170 in a dst prefill, 512 in encoding.
 
@@ -15,7 +15,7 @@ import time
 import torch
 
 from pidec import packing
-from pidec.model import linear
+from pidec.packing import linear
 
 p = argparse.ArgumentParser()
 p.add_argument("--rows", default="1,6,30,170,512")
@@ -46,7 +46,7 @@ with torch.inference_mode():
                 return statistics.median(ts)
 
             blas = timed(lambda x, ws: [linear(x, w) for w in ws])
-            packed = timed(lambda x, ws: [packing.linear(x, w) for w in ws])
+            packed = timed(lambda x, ws: [packing.packed_product(x, w) for w in ws])
             print(
                 f"{f'{k}->{n}':<14} {m:>5} {flops / blas / 1e9:>13.1f} {flops / packed / 1e9:>15.1f} "
                 f"{nbytes / blas / 1e9:>10.1f} {nbytes / packed / 1e9:>12.1f} {blas / packed:>8.2f}x"

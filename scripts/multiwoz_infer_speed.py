@@ -16,8 +16,9 @@ import argparse
 import tempfile
 import time
 
-from pidec import bench, checkpoint, tasks
+from pidec import checkpoint, tasks
 from pidec.api import load
+from pidec.bench import harness as bench
 from pidec.tasks.base import data_root
 
 p = argparse.ArgumentParser()

@@ -12,8 +12,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pidec import bench
-from pidec.model import Linear
+from pidec.bench import harness as bench
+from pidec.packing import Linear
 
 p = argparse.ArgumentParser()
 p.add_argument("--size", default="base")

@@ -6,10 +6,9 @@ import random
 import pytest
 import torch
 
-from pidec import bench
-from pidec.bench import (
+from pidec.bench import harness as bench
+from pidec.bench.harness import (
     CONFIGS,
-    MODEL_SIZES,
     WORKLOADS,
     config_cross_bytes,
     config_flops,
@@ -20,7 +19,7 @@ from pidec.bench import (
     format_table,
     run_bench,
 )
-from pidec.model import T5Config
+from pidec.model import PRESETS, T5Config
 
 K, DOC = 4, 64
 RESULT_KEYS = {
@@ -53,7 +52,7 @@ def test_schema(full):
     assert full["workload"] == "dst" and full["device"] == "cpu" and full["dtype"] == "float32"
     assert full["docs"] == 1 and full["repeats"] == 1 and full["torch_threads"] >= 1
     assert full["model"]["size"] == "tiny" and full["model"]["params"] > 0
-    assert full["model"]["config"]["d_model"] == MODEL_SIZES["tiny"]["d_model"]
+    assert full["model"]["config"]["d_model"] == PRESETS["tiny"]["d_model"]
     assert [r["config"] for r in full["results"]] == CONFIGS
     for r in full["results"]:
         assert set(r) == RESULT_KEYS
@@ -80,7 +79,7 @@ def test_fp32_cross_check_agrees(full):
 
 def test_logits_gap_sees_a_different_model(tmp_path):
     from pidec import checkpoint
-    from pidec.bench import _load_models, _logits_gap
+    from pidec.bench.harness import _load_models, _logits_gap
 
     checkpoint.save(bench.build_random_model("tiny"), tmp_path)
     ours, hf = _load_models(tmp_path, torch.device("cpu"), torch.float32, True)
@@ -100,7 +99,7 @@ def test_flops_order_for_dst(full):
 def test_cross_cache_sizes(full):
     r = by_config(full)
     d = draw_documents(WORKLOADS["dst"], 1, 0, doc_tokens=DOC, subtasks=K)[0]
-    cfg = T5Config(**bench._V11, **MODEL_SIZES["tiny"])
+    cfg = T5Config.from_name("tiny")
     # pid holds one document; pie holds K rows of (longest prompt + document)
     assert r["pidec-pid"]["cross_cache_mb"] * 2**20 == cross_cache_bytes(cfg, 1, DOC, 4)
     ratio = r["pidec-pid"]["cross_cache_mb"] / r["pidec-pie"]["cross_cache_mb"]
@@ -176,7 +175,7 @@ def test_encoder_token_flops_by_hand():
 
 
 def test_decoding_flops_compaction():
-    cfg = T5Config(**bench._V11, **MODEL_SIZES["tiny"])
+    cfg = T5Config.from_name("tiny")
     short = decoding_flops(cfg, 3, [2, 5], 16, compaction=True)
     full = decoding_flops(cfg, 3, [5, 5], 16, compaction=True)
     assert decoding_flops(cfg, 3, [2, 5], 16, compaction=False) == full
@@ -203,7 +202,7 @@ def test_workload_draws():
 
 
 def test_config_flops_accounts_for_padding_and_rows():
-    cfg = T5Config(**bench._V11, **MODEL_SIZES["tiny"])
+    cfg = T5Config.from_name("tiny")
     d = draw_documents(WORKLOADS["qa"], 1, 0, doc_tokens=40, subtasks=3)[0]
     flops = {name: config_flops(name, cfg, d) for name in CONFIGS}
     assert flops["pidec-pid"] < flops["hf-pid-expanded"]

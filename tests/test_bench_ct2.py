@@ -10,8 +10,8 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from pidec import bench
-from pidec.bench import ALL_CONFIGS, CT2_CONFIGS, format_table, run_bench
+from pidec.bench import harness as bench
+from pidec.bench.harness import ALL_CONFIGS, CT2_CONFIGS, format_table, run_bench
 from pidec.cli import app
 
 runner = CliRunner()

@@ -6,8 +6,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pidec import bench_sweep
-from pidec.bench_sweep import format_sweep, parse_ks, plot_sweep, run_sweep
+from pidec.bench import sweep as bench_sweep
+from pidec.bench.sweep import format_sweep, parse_ks, plot_sweep, run_sweep
 from pidec.cli import app
 
 runner = CliRunner()

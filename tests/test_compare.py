@@ -6,11 +6,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from pidec import synthetic
 from pidec.cli import app
-from pidec.compare import parse_layouts, training_totals
 from pidec.data import write_jsonl
-from pidec.layouts import InputError
+from pidec.demo import synthetic
+from pidec.errors import InputError
+from pidec.training.compare import parse_layouts, training_totals
 
 runner = CliRunner()
 

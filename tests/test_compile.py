@@ -28,6 +28,7 @@ def pair(tmp_path_factory):
     return v, eager, compiled
 
 
+@pytest.mark.slow
 def test_compiled_steps_give_the_same_greedy_tokens(pair):
     v, eager, compiled = pair
     assert is_compiled(compiled) and not is_compiled(eager)
@@ -44,6 +45,7 @@ def test_compiled_steps_give_the_same_greedy_tokens(pair):
     assert full.tokens == decode(eager, cross, rows, eos_token_id=None).tokens
 
 
+@pytest.mark.slow
 def test_compiled_session_steps_give_the_same_tokens(pair):
     v, eager, compiled = pair
     docs = _docs(v.vocab, seed=132)

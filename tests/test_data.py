@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from pidec.cli import app
 from pidec.data import DataError, DataReport, Example, Subtask, check, read_jsonl, write_jsonl
-from pidec.layouts import InputError
+from pidec.errors import InputError
 
 runner = CliRunner()
 

@@ -2,8 +2,8 @@
 
 import json
 
-from pidec import synthetic
-from pidec.demo import build_tokenizer, format_result, run_demo
+from pidec.demo import synthetic
+from pidec.demo.run import build_tokenizer, format_result, run_demo
 
 
 def test_tokenizer_round_trips_and_appends_eos(tmp_path):

@@ -319,17 +319,17 @@ def test_finished_documents_are_dropped_without_changing_outputs(variant, num_be
             rows.append(Row(d, [0] + random_tokens(g, (d + k) % 4, variant.vocab), n + k))
 
     seen = []
-    real = gen_mod._drop_empty_docs
+    real = gen_mod.drop_empty_docs
 
     def spy(cross, doc):
         out_cross, out_doc = real(cross, doc)
         seen.append((cross.docs, out_cross.docs))
         return out_cross, out_doc
 
-    monkeypatch.setattr(gen_mod, "_drop_empty_docs", spy)
+    monkeypatch.setattr(gen_mod, "drop_empty_docs", spy)
     together = decode(model, encode(model, docs), rows, num_beams=num_beams)
     assert any(after < before for before, after in seen), seen  # documents were dropped
-    monkeypatch.setattr(gen_mod, "_drop_empty_docs", real)
+    monkeypatch.setattr(gen_mod, "drop_empty_docs", real)
 
     for d in range(len(docs)):
         mine = [i for i, r in enumerate(rows) if r.doc == d]

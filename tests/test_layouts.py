@@ -1,7 +1,8 @@
 import pytest
 
 from pidec import checkpoint
-from pidec.layouts import InputError, build, collect, fit, format_seq, parse_seq
+from pidec.errors import InputError
+from pidec.layouts import build, collect, fit, format_seq, parse_seq
 
 from .shared_data import T5_TOKENIZER, require
 

@@ -1,12 +1,12 @@
-"""pidec.loadtest: the target guard, the workload shapes and the percentiles (the run itself is
+"""pidec.bench.loadtest: the target guard, the workload shapes and the percentiles (the run itself is
 exercised against a live server in test_serve)."""
 
 import random
 
 import pytest
 
-from pidec.bench import WORKLOADS
-from pidec.loadtest import check_url, draw_request, percentile
+from pidec.bench.harness import WORKLOADS
+from pidec.bench.loadtest import check_url, draw_request, percentile
 
 from .shared_data import T5_TOKENIZER, require
 

@@ -16,7 +16,7 @@ from pidec import checkpoint, lora
 from pidec.checkpoint import CheckpointError
 from pidec.cli import app
 from pidec.generate import Row, decode, encode
-from pidec.model import Linear
+from pidec.packing import Linear
 
 from .conftest import get_variant
 from .shared_data import tiny_checkpoint

@@ -255,7 +255,7 @@ def test_all_variants_listed():
 
 @pytest.mark.parametrize("shape", [(1, 24), (3, 2, 24), (16, 24), (17, 24), (40, 1, 24)])
 def test_few_rows_linear_matches_f_linear(shape):
-    from pidec.model import FEW_ROWS, Linear
+    from pidec.packing import FEW_ROWS, Linear
 
     torch.manual_seed(0)
     layer = Linear(24, 40)

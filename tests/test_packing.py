@@ -15,7 +15,7 @@ from torch import nn
 import pidec
 from pidec import packing
 from pidec.generate import compile_steps, decode, encode
-from pidec.model import Linear
+from pidec.packing import Linear
 
 from .shared_data import tiny_checkpoint
 from .test_generate import _docs, _rows
@@ -53,8 +53,8 @@ def test_packed_forward_matches_plain(pair):
 def test_packed_path_is_really_taken(pair, monkeypatch):
     _, plain, packed = pair
     calls = []
-    real = packing.linear
-    monkeypatch.setattr(packing, "linear", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
+    real = packing.packed_product
+    monkeypatch.setattr(packing, "packed_product", lambda x, w: calls.append(tuple(w.shape)) or real(x, w))
     _teacher_forced(plain)
     assert calls == []  # an unpacked model never goes there
     _teacher_forced(packed)
@@ -81,7 +81,7 @@ def test_training_and_other_dtypes_take_the_plain_path(pair, monkeypatch):
     def fail(x, w):
         raise AssertionError("packed path taken")
 
-    monkeypatch.setattr(packing, "linear", fail)
+    monkeypatch.setattr(packing, "packed_product", fail)
     gen = torch.Generator().manual_seed(3)
     vocab = packed.config.vocab_size
     ids = torch.randint(2, vocab, (2, 9), generator=gen)

@@ -15,7 +15,7 @@ import pidec
 from pidec import quantize as quant
 from pidec.cli import app
 from pidec.generate import Row, decode, encode
-from pidec.model import Linear
+from pidec.packing import Linear
 
 from .shared_data import tiny_checkpoint
 

@@ -1,12 +1,14 @@
-"""The counters that say how far a configuration is from the machine (`pidec.roofline`, the
-ceiling and the per-configuration shapes in `pidec.bench`), against values worked out by hand
+"""The counters that say how far a configuration is from the machine (`pidec.bench.roofline`, the
+ceiling and the per-configuration shapes in `pidec.bench.harness`), against values worked out by hand
 on a model small enough to count on paper."""
 
 import pytest
 import torch
 
-from pidec import bench, packing, roofline
-from pidec.bench import DocDraw, config_flops, config_shape, config_step_bytes, largest_draw, measure_ceiling
+from pidec import packing
+from pidec.bench import harness as bench
+from pidec.bench import roofline
+from pidec.bench.harness import DocDraw, config_flops, config_shape, config_step_bytes, largest_draw, measure_ceiling
 from pidec.model import T5, T5Config
 
 # 1 encoder and 1 decoder layer, d_model 4, 2 heads of d_kv 2 (inner 4), gated d_ff 8, vocabulary 10
@@ -186,7 +188,7 @@ def test_measure_ceiling_packed_product_is_the_same_product():
     a, b = torch.randn(32, 64, generator=gen), torch.randn(64, 48, generator=gen)
     if not packing.available():
         pytest.skip("torch without oneDNN")
-    torch.testing.assert_close(packing.linear(a, b.t().contiguous()), a @ b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packing.packed_product(a, b.t().contiguous()), a @ b, rtol=1e-4, atol=1e-4)
 
 
 def test_best_ceiling_keeps_the_faster_of_each_kernel():

@@ -1,4 +1,4 @@
-"""pidec.serve: the HTTP contract with an in-process client, every refusal and fault, batching
+"""pidec.serving.app: the HTTP contract with an in-process client, every refusal and fault, batching
 that leaves each answer equal to `Model.generate`, disconnects, and a graceful SIGTERM."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 import pidec
-from pidec.serve import ServeSettings, create_app
+from pidec.serving.app import ServeSettings, create_app
 
 from .shared_data import tiny_checkpoint
 
@@ -563,7 +563,7 @@ def test_sigterm_finishes_what_it_holds_then_exits(folder, model):
 
 
 def test_short_load_test_has_no_errors(model):
-    from pidec.loadtest import format_report, run_loadtest
+    from pidec.bench.loadtest import format_report, run_loadtest
 
     with live_server(model, max_wait_ms=2) as (url, service):
         report = run_loadtest(url, concurrency=4, duration_s=2.0, workload="qa", timeout_s=60)

@@ -2,9 +2,9 @@ import random
 
 import pytest
 
-from pidec import synthetic
 from pidec.data import read_jsonl, write_jsonl
-from pidec.synthetic import (
+from pidec.demo import synthetic
+from pidec.demo.synthetic import (
     CORRECTED,
     DECLINED,
     NONE,

@@ -18,20 +18,16 @@ from transformers import ByT5Tokenizer
 
 from pidec import checkpoint
 from pidec.data import Example, Subtask, write_jsonl
-from pidec.layouts import InputError, TrainTokenizer
+from pidec.errors import InputError
+from pidec.forcing import IGNORE, Part, collate, loss_sum, padded_tokens
+from pidec.layouts import TrainTokenizer
 from pidec.model import T5, T5Config
-from pidec.train import (
-    IGNORE,
-    Part,
+from pidec.training.loop import (
     TrainConfig,
-    _part,
     _recover,
-    collate,
     epoch_batches,
-    loss_sum,
     lr_lambda,
     make_optimizer,
-    padded_tokens,
     select_rows,
 )
 
@@ -84,7 +80,7 @@ def items_for(layout: str, examples: list[Example]):
 def test_labels_cover_targets_only():
     ex = car_examples(1)[0]
     items = items_for("pid", [ex])
-    batch = collate(items, [_part(items, 0, [0, 1, 2, 3])], pad=0)
+    batch = collate(items, [Part.of(items, 0, [0, 1, 2, 3])], pad=0)
     for r, s in enumerate(ex.subtasks):
         prompt = TOK(s.prompt, add_special_tokens=False)["input_ids"]
         target = TOK(s.target, add_special_tokens=False)["input_ids"] + [TOK.eos_token_id]
@@ -104,11 +100,11 @@ def test_prompt_tokens_do_not_change_the_loss_target_tokens_do():
     model = tiny_model()
     ex = car_examples(1)[0]
     items = items_for("pid", [ex])
-    batch = collate(items, [_part(items, 0, [0, 1])], pad=0)
+    batch = collate(items, [Part.of(items, 0, [0, 1])], pad=0)
     base = loss_sum(model, batch)
     # move the labels' prefix region: still IGNORE -> same loss
     assert (batch.labels[:, :3] == IGNORE).all()
-    changed = collate(items, [_part(items, 0, [0, 1])], pad=0)
+    changed = collate(items, [Part.of(items, 0, [0, 1])], pad=0)
     changed.labels[0, 6] = (changed.labels[0, 6] + 1) % 384  # a target token
     assert not torch.allclose(base, loss_sum(model, changed))
 
@@ -118,8 +114,8 @@ def test_loss_is_the_sum_of_per_subtask_losses(layout):
     model = tiny_model(1)
     examples = car_examples(3, seed=1)
     items = items_for(layout, examples)
-    together = loss_sum(model, collate(items, [_part(items, i, [0, 1, 2, 3]) for i in range(3)], pad=0))
-    alone = sum(loss_sum(model, collate(items, [_part(items, i, [j])], pad=0)) for i in range(3) for j in range(4))
+    together = loss_sum(model, collate(items, [Part.of(items, i, [0, 1, 2, 3]) for i in range(3)], pad=0))
+    alone = sum(loss_sum(model, collate(items, [Part.of(items, i, [j])], pad=0)) for i in range(3) for j in range(4))
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-4)
 
 
@@ -134,7 +130,7 @@ def test_loss_matches_transformers(layout, tmp_path):
     examples = car_examples(2, seed=2)
     items = items_for(layout, examples)
     rows = [0] if layout == "seq" else [0, 1, 2, 3]
-    batch = collate(items, [_part(items, i, rows) for i in range(2)], pad=0)
+    batch = collate(items, [Part.of(items, i, rows) for i in range(2)], pad=0)
     ours = loss_sum(model, batch)
     enc = batch.input_ids[batch.row_doc]
     mask = batch.attention_mask[batch.row_doc]
@@ -148,7 +144,7 @@ def test_loss_matches_transformers(layout, tmp_path):
 def test_gradient_checkpointing_gives_the_same_gradients():
     examples = car_examples(2)
     items = items_for("pid", examples)
-    batch = collate(items, [_part(items, i, [0, 1, 2, 3]) for i in range(2)], pad=0)
+    batch = collate(items, [Part.of(items, i, [0, 1, 2, 3]) for i in range(2)], pad=0)
     grads = []
     for flag in (False, True):
         model = tiny_model(3).train()

@@ -1,0 +1,331 @@
+"""The Python API: `pidec.load(...)` returns a `Model` that takes text and gives text.
+
+model = pidec.load("path/or/hub-id", device="cpu", dtype=torch.float32)
+answers = model.generate(document, prompts, max_new_tokens=32, layout="pid")
+batch = model.generate_batch([(document, prompts), ...])
+enc = model.encode(document)            # reusable across calls
+answers = model.generate(enc, prompts)  # decodes against it without re-encoding
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import checkpoint, layouts, lora, packing
+from . import quantize as quant
+from .errors import InputError
+from .generate import DecodeStats, Row, budget_ranges, compile_steps, decode, encode, sync
+from .layouts import Truncation
+from .model import T5, CrossCache
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise InputError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16")
+    return DTYPES[dtype]
+
+
+@dataclass
+class EncodedDocument:
+    """A document's cross-attention cache, computed once; pass it to `Model.generate` in place
+    of the text to decode new prompts without encoding again (pid layout)."""
+
+    cross: CrossCache
+    tokens: int
+    truncation: Truncation | None = None
+    encode_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    outputs: list[list[str]]  # per example, one answer per prompt
+    usage: dict = field(default_factory=dict)  # document_tokens, prompt_tokens, output_tokens
+    timings: dict = field(default_factory=dict)  # tokenize_ms, encode_ms, decode_ms, total_ms
+    truncations: list[Truncation] = field(default_factory=list)
+    stats: DecodeStats = field(default_factory=DecodeStats)
+
+    def to_dict(self) -> dict:
+        return {
+            "outputs": self.outputs,
+            "usage": self.usage,
+            "timings": self.timings,
+            "truncations": [asdict(t) for t in self.truncations],
+        }
+
+
+class Model:
+    """A T5 with its tokenizer, decoding decomposed tasks in the seq, pie or pid layout."""
+
+    def __init__(self, model: T5, tokenizer, max_batch_tokens: int = 16384):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch_tokens = max_batch_tokens  # encoder tokens encoded together in generate_batch
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def save_pretrained(self, folder: str | os.PathLike) -> None:
+        if getattr(self.model, "quantization", None):
+            raise InputError("a quantized model is not saved: save the float checkpoint, quantize when loading it")
+        checkpoint.save(self.model, folder, tokenizer=self.tokenizer)
+
+    # -- encoding ---------------------------------------------------------------------------
+
+    def encode(self, document: str, truncate: str | None = None) -> EncodedDocument:
+        if not isinstance(document, str) or not document.strip():
+            raise InputError("document is empty" if isinstance(document, str) else "document must be a string")
+        ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
+        full = len(ids) + 1
+        ids, cut = layouts.fit(ids, self.config.max_input_length, truncate, "document", [self.tokenizer.eos_token_id])
+        t0 = time.perf_counter()
+        cross = encode(self.model, [ids])
+        return EncodedDocument(
+            cross, len(ids), Truncation(0, None, truncate, full, len(ids)) if cut else None, time.perf_counter() - t0
+        )
+
+    # -- generation -------------------------------------------------------------------------
+
+    def generate(
+        self,
+        document: str | EncodedDocument,
+        prompts: list[str],
+        max_new_tokens: int | list[int] = 32,
+        num_beams: int = 1,
+        layout: str = "pid",
+        truncate: str | None = None,
+        return_details: bool = False,
+        **kwargs,
+    ) -> list[str] | GenerationResult:
+        """Answer every prompt about one document; outputs in prompt order.
+
+        max_new_tokens: one budget for every prompt, or a list with one per prompt."""
+        if isinstance(document, EncodedDocument):
+            result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, **kwargs)
+        else:
+            per_example = [max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
+            result = self.run([(document, prompts)], per_example, num_beams, layout, truncate, **kwargs)
+        return result if return_details else result.outputs[0]
+
+    def generate_batch(
+        self,
+        examples: list[tuple[str, list[str]]],
+        max_new_tokens: int | list = 32,
+        num_beams: int = 1,
+        layout: str = "pid",
+        truncate: str | None = None,
+        return_details: bool = False,
+        **kwargs,
+    ) -> list[list[str]] | GenerationResult:
+        """Many documents, each with its own prompts, decoded together.
+
+        max_new_tokens: an int for all, or one entry per example (an int, or one per prompt)."""
+        result = self.run(examples, max_new_tokens, num_beams, layout, truncate, **kwargs)
+        return result if return_details else result.outputs
+
+    def run(
+        self,
+        examples: list[tuple[str, list[str]]],
+        max_new_tokens: int | list = 32,
+        num_beams: int = 1,
+        layout: str = "pid",
+        truncate: str | None = None,
+        compaction: bool = True,
+        length_penalty: float = 1.0,
+        seq_instruction: str | None = None,
+    ) -> GenerationResult:
+        _check_decoding(num_beams)
+        examples = _check_examples(examples)
+        t0 = time.perf_counter()
+        plan = layouts.build(
+            self.tokenizer,
+            examples,
+            layout,
+            max_new_tokens,
+            self.config.max_input_length,
+            self.config.decoder_start_token_id,
+            truncate,
+            seq_instruction,
+        )
+        t_tok = time.perf_counter() - t0
+        stats = DecodeStats()
+        tokens: list[list[int]] = [[] for _ in plan.rows]
+        for doc_lo, doc_hi in budget_ranges([len(d) for d in plan.docs], self.max_batch_tokens):
+            t1 = time.perf_counter()
+            cross = encode(self.model, plan.docs[doc_lo:doc_hi])
+            sync(self.device)
+            enc_s = time.perf_counter() - t1
+            index = [k for k, r in enumerate(plan.rows) if doc_lo <= r.doc < doc_hi]
+            rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
+            out = decode(
+                self.model, cross, rows, num_beams=num_beams, compaction=compaction, length_penalty=length_penalty
+            )
+            out.stats.encode_s = enc_s
+            stats.add(out.stats)
+            for k, toks in zip(index, out.tokens):
+                tokens[k] = toks
+            del cross
+        t2 = time.perf_counter()
+        outputs = layouts.collect(plan, tokens, self.tokenizer)
+        t_detok = time.perf_counter() - t2
+        return GenerationResult(
+            outputs,
+            usage=_usage(sum(len(d) for d in plan.docs), plan, tokens),
+            timings=_timings(t_tok + t_detok, stats, time.perf_counter() - t0),
+            truncations=plan.truncations,
+            stats=stats,
+        )
+
+    def _generate_encoded(
+        self,
+        enc: EncodedDocument,
+        prompts,
+        max_new_tokens,
+        num_beams,
+        layout,
+        compaction: bool = True,
+        length_penalty: float = 1.0,
+    ) -> GenerationResult:
+        if layout != "pid":
+            raise InputError(
+                f"an encoded document decodes in the pid layout only (got layout={layout!r}): "
+                "pie puts each prompt in the encoder, seq needs its own encoder input"
+            )
+        _check_decoding(num_beams)
+        t0 = time.perf_counter()
+        plan = layouts.build_encoded(self.tokenizer, prompts, max_new_tokens, self.config.decoder_start_token_id)
+        t_tok = time.perf_counter() - t0
+        out = decode(
+            self.model, enc.cross, plan.rows, num_beams=num_beams, compaction=compaction, length_penalty=length_penalty
+        )
+        t1 = time.perf_counter()
+        outputs = layouts.collect(plan, out.tokens, self.tokenizer)
+        t_tok += time.perf_counter() - t1
+        return GenerationResult(
+            outputs,
+            _usage(enc.tokens, plan, out.tokens),
+            _timings(t_tok, out.stats, time.perf_counter() - t0),
+            stats=out.stats,
+        )
+
+
+def _usage(document_tokens: int, plan: layouts.Plan, tokens: list[list[int]]) -> dict:
+    return {
+        "document_tokens": document_tokens,
+        "prompt_tokens": plan.prompt_tokens,
+        "output_tokens": sum(len(t) for t in tokens),
+    }
+
+
+def _check_decoding(num_beams) -> None:
+    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+        raise InputError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+
+
+def _check_examples(examples) -> list[tuple[str, list[str]]]:
+    if isinstance(examples, tuple) and len(examples) == 2 and isinstance(examples[0], str):
+        raise InputError("generate_batch takes a list of (document, prompts) pairs; use generate for one")
+    out = []
+    for i, ex in enumerate(examples):
+        if not isinstance(ex, (tuple, list)) or len(ex) != 2:
+            raise InputError(f"example {i}: expected a (document, prompts) pair")
+        if isinstance(ex[0], EncodedDocument):
+            raise InputError(f"example {i}: encoded documents go to generate(), one at a time")
+        out.append((ex[0], ex[1]))
+    return out
+
+
+def _timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:
+    return {
+        "tokenize_ms": round(text_s * 1e3, 3),
+        "encode_ms": round(stats.encode_s * 1e3, 3),
+        "decode_ms": round(stats.decode_s * 1e3, 3),
+        "total_ms": round(total_s * 1e3, 3),
+    }
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    tokenizer: str | os.PathLike | None = None,
+    max_input_length: int | None = None,
+    quantize: str | None = None,
+    compile: bool = False,
+    pack_weights: bool | None = None,
+) -> Model:
+    """Load a Hugging Face T5 checkpoint folder (or hub id) and its tokenizer. A LoRA adapter
+    folder (adapter_config.json, no config.json) loads its base and merges the adapter in.
+
+    tokenizer: a folder to take the tokenizer from when the checkpoint has none.
+    max_input_length: the longest document accepted without truncation (default: config.json's
+    n_positions, else 512).
+    quantize: None, or "int8": int8 weights and dynamically quantized int8 activations in every
+    linear layer but the LM head, for inference (see `pidec.quantize`).
+    compile: decode through torch.compile (`generate.compile_steps`): the first generation
+    compiles (about a minute for T5 small or base on two CPU cores); on that CPU it was not
+    faster over a whole document than the packed eager default (docs/performance.md); not with
+    quantize.
+    pack_weights: keep a oneDNN-packed copy of each float32 linear weight for CPU inference
+    (`pidec.packing`): decoding steps and encoding run faster, the linear weights are held
+    twice (with quantize, only the float LM head is packed). None (the default): on for a
+    float32 model on the CPU that is not compiled, where torch has oneDNN; True where that does
+    not hold is an error."""
+
+    if compile and quantize is not None:
+        raise InputError("compile=True and quantize='int8' do not go together: pick one")
+
+    try:
+        quantize = quant.check_method(quantize)
+    except quant.QuantizeError as e:
+        raise InputError(str(e)) from None
+    overrides = {} if max_input_length is None else {"max_input_length": int(max_input_length)}
+    folder = checkpoint.resolve(path)
+    if lora.is_adapter(folder):  # a LoRA adapter: its base with the deltas merged in, tokenizer from either
+        model = lora.load_merged(folder, device=device, dtype=parse_dtype(dtype), **overrides)
+        folder = lora.tokenizer_folder(folder) or folder
+    else:
+        model = checkpoint.load_model(folder, device=device, dtype=parse_dtype(dtype), **overrides)
+    tok_source = tokenizer if tokenizer is not None else folder
+    if tokenizer is None and not any(
+        (folder / f).exists() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")
+    ):
+        raise checkpoint.CheckpointError(
+            f"{folder}: no tokenizer files (tokenizer.json, spiece.model); pass tokenizer=FOLDER"
+        )
+    tok = checkpoint.load_tokenizer(tok_source)
+    if len(tok) > model.config.vocab_size:
+        raise checkpoint.CheckpointError(
+            f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}"
+        )
+    if quantize is not None:
+        try:
+            quant.quantize_model(model.eval(), quantize)
+        except quant.QuantizeError as e:
+            raise InputError(str(e)) from None
+    if compile:
+        compile_steps(model.eval())
+    can_pack = packing.supported(model.device, model.dtype)
+    if pack_weights and not (can_pack and not compile):
+        raise InputError("pack_weights=True needs a float32 model on the CPU, not compiled, and torch with oneDNN")
+    if pack_weights is None:
+        pack_weights = can_pack and not compile
+    if pack_weights:  # after quantizing: what is left in float (an int8 model's LM head) is packed
+        packing.pack(model)
+    return Model(model, tok)

@@ -1,0 +1,350 @@
+"""seq / pie / pid: how one example (a document and its subtask prompts) becomes model rows.
+
+- `pid`: the document is encoded once (document tokens + EOS); each subtask is one decoder row
+  `[decoder_start] + prompt tokens`, and its answer is what the row generates after the prompt.
+- `pie`: K encoder rows `tokenizer(prompt + " " + document)`, each decoded from `[decoder_start]`.
+- `seq`: one encoder row (the document, after an optional instruction) and one decoder row whose
+  output holds every answer as `prompt1: answer1; prompt2: answer2; ...` (SEQ_FORMAT), parsed
+  back by `parse_seq`.
+
+A layout is data (`Plan`) handed to the one decoding engine, not a separate path through the
+model. Training (a later issue) builds the same rows with targets appended.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import InputError
+from .generate import Row
+
+LAYOUTS = ("pid", "pie", "seq")
+TRUNCATE = (None, "left", "right")
+SEQ_SEPARATOR = "; "
+SEQ_FORMAT = "prompt1: answer1; prompt2: answer2; ..."
+
+
+@dataclass
+class Truncation:
+    example: int
+    subtask: int | None  # pie: the row whose prompt + document was cut; else None
+    side: str
+    original_tokens: int
+    kept_tokens: int
+
+
+@dataclass
+class Plan:
+    layout: str
+    docs: list[list[int]]  # encoder rows
+    rows: list[Row]  # decoder rows, ordered by document
+    owner: list[tuple[int, int]]  # per row: (example, subtask); seq rows: (example, -1)
+    prompts: list[list[str]]  # per example, for parsing seq output
+    truncations: list[Truncation] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+def check_layout(layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    return layout
+
+
+def check_prompts(prompts, example: int = 0) -> list[str]:
+    if isinstance(prompts, str):
+        raise InputError(f"example {example}: prompts must be a list of strings, got one string")
+    prompts = list(prompts)
+    if not prompts:
+        raise InputError(f"example {example}: empty prompt list (give at least one prompt)")
+    for j, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise InputError(f"example {example}: prompt {j} is {type(p).__name__}, expected a string")
+        if not p.strip():
+            raise InputError(f"example {example}: prompt {j} is empty or whitespace")
+    return prompts
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def budgets(max_new_tokens, k: int, example: int = 0) -> list[int]:
+    """One token budget per prompt: an int for all of them, or a list with one per prompt."""
+    if _positive_int(max_new_tokens):
+        return [max_new_tokens] * k
+    if isinstance(max_new_tokens, (list, tuple)):
+        if len(max_new_tokens) != k:
+            raise InputError(f"example {example}: {len(max_new_tokens)} max_new_tokens values for {k} prompts")
+        for j, n in enumerate(max_new_tokens):
+            if not _positive_int(n):
+                raise InputError(f"example {example}: max_new_tokens[{j}] must be an integer >= 1, got {n!r}")
+        return list(max_new_tokens)
+    raise InputError(f"max_new_tokens must be an integer >= 1 (or one per prompt), got {max_new_tokens!r}")
+
+
+def fit(ids: list[int], limit: int, truncate: str | None, what: str, keep_end: list[int]) -> tuple[list[int], bool]:
+    """Make `ids + keep_end` fit in `limit` tokens: cut `ids` on one side only when asked."""
+    if truncate not in TRUNCATE:
+        raise InputError(f"truncate={truncate!r}: expected None, 'left' or 'right'")
+    total = len(ids) + len(keep_end)
+    if total <= limit:
+        return ids + keep_end, False
+    if truncate is None:
+        raise InputError(
+            f"{what} is {total} tokens, longer than the model's limit of {limit} (max_input_length); "
+            "pass truncate='left' or 'right' to cut it, or raise max_input_length"
+        )
+    room = limit - len(keep_end)
+    if room < 1:
+        raise InputError(f"{what}: nothing of the document fits in {limit} tokens after {len(keep_end)} fixed tokens")
+    kept = ids[:room] if truncate == "right" else ids[len(ids) - room :]
+    return kept + keep_end, True
+
+
+def build(
+    tokenizer,
+    examples: list[tuple[str, list[str]]],
+    layout: str,
+    max_new_tokens: int | list,
+    max_input_length: int,
+    decoder_start_token_id: int,
+    truncate: str | None = None,
+    seq_instruction: str | None = None,
+) -> Plan:
+    """Tokenize examples into encoder rows and decoder rows for `layout`.
+
+    max_new_tokens: an int for every subtask, or a list with one entry per example, each an int
+    or a list with one budget per prompt."""
+    check_layout(layout)
+    if not examples:
+        raise InputError("no examples given")
+    if isinstance(max_new_tokens, (list, tuple)) and len(max_new_tokens) != len(examples):
+        raise InputError(f"{len(max_new_tokens)} max_new_tokens entries for {len(examples)} examples")
+    if not isinstance(max_new_tokens, (list, tuple)):
+        budgets(max_new_tokens, 1)  # validates the int before any tokenizing
+    eos = tokenizer.eos_token_id
+    plan = Plan(layout, [], [], [], [])
+    for i, (document, prompts) in enumerate(examples):
+        if not isinstance(document, str):
+            raise InputError(f"example {i}: document is {type(document).__name__}, expected a string")
+        if not document.strip():
+            raise InputError(f"example {i}: document is empty")
+        prompts = check_prompts(prompts, i)
+        limits = budgets(
+            max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
+        )
+        plan.prompts.append(prompts)
+        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        plan.prompt_tokens += sum(len(p) for p in prompt_ids)
+        if layout == "pie":
+            _pie(
+                plan,
+                tokenizer,
+                i,
+                document,
+                prompts,
+                prompt_ids,
+                limits,
+                max_input_length,
+                decoder_start_token_id,
+                truncate,
+                eos,
+            )
+            continue
+        text = document if layout == "pid" or not seq_instruction else f"{seq_instruction} {document}"
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        full = len(ids) + 1
+        ids, cut = fit(ids, max_input_length, truncate, f"example {i}: document", [eos])
+        if cut:
+            plan.truncations.append(Truncation(i, None, truncate, full, len(ids)))
+        d = len(plan.docs)
+        plan.docs.append(ids)
+        if layout == "pid":
+            _pid_rows(plan, i, d, prompt_ids, limits, decoder_start_token_id)
+        else:  # seq: room for "prompt: answer; " per subtask
+            budget = sum(len(p) + n + 2 for p, n in zip(prompt_ids, limits))
+            plan.rows.append(Row(d, [decoder_start_token_id], budget))
+            plan.owner.append((i, -1))
+    return plan
+
+
+def _pid_rows(plan: Plan, example: int, doc: int, prompt_ids, limits: list[int], start: int) -> None:
+    for j, (p, n) in enumerate(zip(prompt_ids, limits)):
+        plan.rows.append(Row(doc, [start] + p, n))
+        plan.owner.append((example, j))
+
+
+def build_encoded(tokenizer, prompts: list[str], max_new_tokens: int | list[int], decoder_start_token_id: int) -> Plan:
+    """pid rows for one document that is already encoded (its cache is document 0)."""
+    prompts = check_prompts(prompts)
+    limits = budgets(max_new_tokens, len(prompts))
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    plan = Plan("pid", [], [], [], [prompts], prompt_tokens=sum(len(p) for p in prompt_ids))
+    _pid_rows(plan, 0, 0, prompt_ids, limits, decoder_start_token_id)
+    return plan
+
+
+def _pie(plan, tokenizer, i, document, prompts, prompt_ids, limits, limit, start, truncate, eos):
+    texts = [f"{p} {document}" for p in prompts]
+    rows = tokenizer(texts)["input_ids"]
+    doc_ids = None  # the document alone, tokenized once if some row must be cut
+    for j, ids in enumerate(rows):
+        if len(ids) > limit:
+            if truncate is None:
+                fit(ids[:-1], limit, None, f"example {i}: prompt {j} + document", [eos])
+            # cut the document, never the prompt
+            if doc_ids is None:
+                doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+            room = limit - len(prompt_ids[j]) - 1
+            if room < 1:
+                raise InputError(
+                    f"example {i}: prompt {j} alone is {len(prompt_ids[j])} tokens, over the limit {limit}"
+                )
+            kept = doc_ids[:room] if truncate == "right" else doc_ids[len(doc_ids) - room :]
+            plan.truncations.append(Truncation(i, j, truncate, len(ids), len(prompt_ids[j]) + len(kept) + 1))
+            ids = prompt_ids[j] + kept + [eos]
+        d = len(plan.docs)
+        plan.docs.append(ids)
+        plan.rows.append(Row(d, [start], limits[j]))
+        plan.owner.append((i, j))
+
+
+def parse_seq(text: str, prompts: list[str]) -> list[str]:
+    """Split `prompt1: answer1; prompt2: answer2` back into one answer per prompt.
+
+    A marker `prompt:` counts where it starts the text or follows a ';'. Every marker ends the
+    answer before it, so answers may contain ';' or ':' themselves; markers may come in any order;
+    the first occurrence of a prompt gives its answer; a prompt with no marker gets ""."""
+    lowered = text.lower()
+    markers = []  # (start, end, prompt index)
+    for j, p in enumerate(prompts):
+        key = f"{p.strip().lower()}:"
+        k = lowered.find(key)
+        while k >= 0:
+            before = lowered[:k].rstrip()
+            if not before or before.endswith(";"):
+                markers.append((k, k + len(key), j))
+            k = lowered.find(key, k + 1)
+    markers.sort()
+    answers: list[str | None] = [None] * len(prompts)
+    for n, (_, end, j) in enumerate(markers):
+        if answers[j] is not None:
+            continue
+        stop = markers[n + 1][0] if n + 1 < len(markers) else len(text)
+        answers[j] = text[end:stop].strip().removesuffix(";").rstrip()
+    return [a or "" for a in answers]
+
+
+def format_seq(prompts: list[str], answers: list[str], omit: str | None = None) -> str:
+    """The seq layout's target text (used for training and by tests). Pairs whose answer is
+    `omit` are left out (`parse_seq` gives "" for them)."""
+    return SEQ_SEPARATOR.join(f"{p}: {a}" for p, a in zip(prompts, answers) if omit is None or a != omit)
+
+
+def collect(plan: Plan, tokens: list[list[int]], tokenizer) -> list[list[str]]:
+    """Generated tokens per row -> answers per example, in prompt order."""
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    out = [[""] * len(p) for p in plan.prompts]
+    for (i, j), text in zip(plan.owner, texts):
+        if j < 0:
+            out[i] = parse_seq(text, plan.prompts[i])
+        else:
+            out[i][j] = text.strip()
+    return out
+
+
+# -- training rows ----------------------------------------------------------------------------
+
+
+@dataclass
+class TrainItem:
+    """One example as training rows. Each decoder row is `prefix + target`; the loss covers the
+    target tokens (and the EOS that ends them), never the prefix (decoder start + prompt)."""
+
+    example: int
+    enc: list[list[int]]  # encoder rows: pid/seq one, pie one per subtask
+    rows: list[tuple[int, list[int], list[int]]]  # (encoder row, prefix, target + EOS); seq: one row
+    values: list[str]  # the target text of each row, for down-sampling a dominant value
+    truncated: bool = False
+
+
+class TrainTokenizer:
+    """Tokenizes training examples for a layout, caching prompts and targets (a task's 30 slot
+    prompts and its frequent answers such as "none" are tokenized once, not once per example)."""
+
+    def __init__(
+        self,
+        tokenizer,
+        layout: str,
+        max_input_length: int,
+        decoder_start_token_id: int,
+        truncate: str | None = None,
+        seq_instruction: str | None = None,
+        seq_omit: str | None = None,
+    ):
+        self.tok = tokenizer
+        self.layout = check_layout(layout)
+        self.limit = max_input_length
+        self.start = decoder_start_token_id
+        self.truncate = truncate
+        self.seq_instruction = seq_instruction
+        self.seq_omit = seq_omit
+        self.eos = tokenizer.eos_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        got = self._cache.get(text)
+        if got is None:
+            got = self.tok(text, add_special_tokens=False)["input_ids"]
+            if len(self._cache) < 200_000:
+                self._cache[text] = got
+        return got
+
+    def target_tokens(self, prompts: list[str], targets: list[str]) -> list[int]:
+        """Target tokens with EOS, per row of the layout (seq: one row holding every answer)."""
+        if self.layout == "seq":
+            return [
+                len(self.tok(format_seq(prompts, targets, self.seq_omit), add_special_tokens=False)["input_ids"]) + 1
+            ]
+        return [len(self.ids(t)) + 1 for t in targets]
+
+    def item(self, i: int, document: str, prompts: list[str], targets: list[str]) -> TrainItem:
+        if self.layout == "seq":
+            text = document if not self.seq_instruction else f"{self.seq_instruction} {document}"
+            ids, cut = fit(
+                self.tok(text, add_special_tokens=False)["input_ids"],
+                self.limit,
+                self.truncate,
+                f"example {i}: document",
+                [self.eos],
+            )
+            text = format_seq(prompts, targets, self.seq_omit)
+            target = self.tok(text, add_special_tokens=False)["input_ids"] + [self.eos]
+            return TrainItem(i, [ids], [(0, [self.start], target)], [text], cut)
+        targets_ids = [self.ids(t) + [self.eos] for t in targets]
+        if self.layout == "pid":
+            ids, cut = fit(
+                self.tok(document, add_special_tokens=False)["input_ids"],
+                self.limit,
+                self.truncate,
+                f"example {i}: document",
+                [self.eos],
+            )
+            rows = [(0, [self.start] + self.ids(p), t) for p, t in zip(prompts, targets_ids)]
+            return TrainItem(i, [ids], rows, list(targets), cut)
+        plan = Plan("pie", [], [], [], [])
+        _pie(
+            plan,
+            self.tok,
+            i,
+            document,
+            prompts,
+            [self.ids(p) for p in prompts],
+            [1] * len(prompts),
+            self.limit,
+            self.start,
+            self.truncate,
+            self.eos,
+        )
+        rows = [(j, [self.start], t) for j, t in enumerate(targets_ids)]
+        return TrainItem(i, plan.docs, rows, list(targets), bool(plan.truncations))

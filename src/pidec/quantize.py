@@ -1,0 +1,223 @@
+"""int8 inference: a T5's linear layers with int8 weights (one scale per output channel) and
+activations quantized to int8 on the fly, through a quantization library, not kernels of our own.
+
+`quantize_model(model, "int8")` changes the model in place. Two backends do the work:
+
+- ``torch``: torch's dynamically quantized Linear (`torch.ao.nn.quantized.dynamic.Linear`,
+  FBGEMM / oneDNN x86 kernels on weights packed once at load). CPU and float32 only. An
+  activation gets one scale per call (per tensor: a row's rounding depends a little on the
+  other rows decoded with it), over 8 bits where the CPU has VNNI (torch's own module always
+  uses 7). torch marks the `torch.ao` quantization API deprecated in favour of torchao, but it
+  still ships and runs in torch 2.13.
+- ``torchao``: `torchao.quantization.quantize_` with `Int8DynamicActivationInt8WeightConfig`
+  (one scale per token, symmetric). Any device and dtype. On the CPU in eager mode its per-call
+  work around the int8 product (quantizing the activation in several passes, converting it to
+  uint8, summing the weight's columns for the u8s8 kernel) costs about what the int8 product
+  saves (pytorch/ao#1930): it is meant to run under `torch.compile`.
+
+``auto`` (the default) takes ``torch`` for a float32 model on the CPU and ``torchao`` otherwise:
+measured on a 2-core AVX-512 VNNI CPU shared with another job (T5 v1.1 base, random weights,
+one `dst` document, pidec-pid, best of 4 round-robin runs): float32 4.9 s, torchao 4.8 s,
+torch 2.3 s (`pidec bench --configs pidec-pid,pidec-pid-int8`: 3.2 s and 1.6 s). On two small
+models trained by `pidec train` (synthetic booking task, 3600 subtasks) greedy int8 answers
+matched float32 on 99.6 % and 99.0 % of subtasks (torchao: 99.8 % and 99.3 %), exact match
+moving by +0.03 and +0.14 points.
+
+The LM head stays in float32 (`head=False`): it is a tenth of a base model's weights, and it is
+where int8 rounding turns directly into a different argmax over the vocabulary. The embedding
+is a lookup and stays as it is too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+
+import torch
+from torch import nn
+
+from .errors import InputError
+from .model import T5
+
+METHODS = ("int8",)
+BACKENDS = ("auto", "torch", "torchao")
+INSTALL_HINT = 'pip install "pidec[int8]"  (or: pip install torchao)'
+
+
+class QuantizeError(InputError):
+    """A quantization request that cannot be met: says what and how to fix it."""
+
+
+def check_method(method) -> str | None:
+    """None or 'int8'; anything else is an error naming the accepted values."""
+    if method is None or method == "none":
+        return None
+    if method not in METHODS:
+        raise QuantizeError(f"unknown quantize={method!r}: expected one of {', '.join(METHODS)} (or None)")
+    return method
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "quantization", None))
+
+
+def _targets(model: T5, head: bool) -> list[tuple[nn.Module, str, nn.Linear]]:
+    """(parent, attribute name, linear) for every linear layer to quantize."""
+    out = []
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if isinstance(child, nn.Linear) and (head or child is not model.lm_head):
+                out.append((parent, name, child))
+    return out
+
+
+@contextlib.contextmanager
+def quiet_import():
+    """torchao logs a warning for each CUDA extension it cannot load on a CPU-only machine, and
+    torch one for an enum it registers; neither concerns int8 on the CPU."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def import_torchao():
+    """torchao's quantization module, or a QuantizeError naming the extra to install."""
+    try:
+        with quiet_import():
+            import torchao.quantization as tq
+    except ImportError as e:
+        raise QuantizeError(f"quantize='int8' with the torchao backend needs torchao: {INSTALL_HINT} ({e})") from e
+    return tq
+
+
+def torch_backend_available() -> bool:
+    try:
+        import torch.ao.nn.quantized.dynamic
+    except ImportError:  # pragma: no cover - a torch without torch.ao quantization
+        return False
+    return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm", "onednn", "qnnpack"))
+
+
+def pick_backend(model: T5, backend: str = "auto") -> str:
+    if backend not in BACKENDS:
+        raise QuantizeError(f"unknown int8 backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    on_cpu_fp32 = model.device.type == "cpu" and model.dtype == torch.float32
+    if backend == "auto":
+        return "torch" if on_cpu_fp32 and torch_backend_available() else "torchao"
+    if backend == "torch" and not on_cpu_fp32:
+        raise QuantizeError(
+            f"the torch int8 backend runs float32 models on the CPU (this one: {model.dtype} on {model.device}); "
+            "use backend='torchao'"
+        )
+    if backend == "torch" and not torch_backend_available():  # pragma: no cover
+        raise QuantizeError("this torch has no dynamic int8 Linear (torch.ao.nn.quantized.dynamic): use 'torchao'")
+    return backend
+
+
+def quantize_model(model: T5, method: str = "int8", backend: str = "auto", head: bool = False) -> T5:
+    """Quantize `model`'s linear layers to int8 in place (inference only) and return it.
+    `model.quantization` records what was done: {"method", "backend", "layers", "head"}."""
+    if check_method(method) is None:
+        return model
+    if is_quantized(model):
+        raise QuantizeError("the model is already quantized")
+    if model.training:
+        raise QuantizeError("int8 quantization is for inference: call model.eval() first")
+    backend = pick_backend(model, backend)
+    targets = _targets(model, head)
+    if backend == "torch":
+        _quantize_torch(targets)
+    else:
+        _quantize_torchao(model, head)
+    model.quantization = {"method": method, "backend": backend, "layers": len(targets), "head": head}
+    return model
+
+
+def cpu_has_vnni() -> bool:
+    """AVX512-VNNI / AMX: int8 products accumulate in int32 without saturating, so activations
+    can use the full 8-bit range (without it, FBGEMM's int16 pair sums overflow: torch reduces
+    activations to 7 bits)."""
+    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.13; absent: be safe
+    try:
+        return bool(probe()) if probe is not None else False
+    except (RuntimeError, AttributeError):  # pragma: no cover
+        return False
+
+
+@functools.cache
+def _dynamic_linear_class():
+    import torch.ao.nn.quantized.dynamic as nnqd
+
+    class DynamicInt8Linear(nnqd.Linear):
+        """torch's dynamic int8 Linear with the activation range chosen per machine (torch's own
+        always reduces it to 7 bits; on this task's model that cost 0.5 points of agreement)."""
+
+        reduce_range = True
+
+        def forward(self, x):
+            packed = self._packed_params._packed_params
+            return torch.ops.quantized.linear_dynamic(x, packed, reduce_range=self.reduce_range).to(x.dtype)
+
+    return DynamicInt8Linear
+
+
+def _quantize_torch(targets) -> None:
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    cls = _dynamic_linear_class()
+    reduce_range = not cpu_has_vnni()
+
+    with warnings.catch_warnings():
+        # "quantized tensor creation functions ... are deprecated" (torch 2.13): still the
+        # supported way to build these modules; said once in the module docstring instead
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for parent, name, lin in targets:
+            plain = nn.Linear(lin.in_features, lin.out_features, bias=lin.bias is not None)
+            plain.weight = lin.weight
+            if lin.bias is not None:
+                plain.bias = lin.bias
+            plain.qconfig = per_channel_dynamic_qconfig
+            q = cls.from_float(plain)
+            q.reduce_range = reduce_range
+            setattr(parent, name, q)
+
+
+def _quantize_torchao(model: T5, head: bool) -> None:
+    tq = import_torchao()
+    config = tq.Int8DynamicActivationInt8WeightConfig(set_inductor_config=False)  # no global side effects
+
+    def wanted(module: nn.Module, fqn: str) -> bool:
+        return isinstance(module, nn.Linear) and (head or module is not model.lm_head)
+
+    with quiet_import():
+        tq.quantize_(model, config, filter_fn=wanted)
+
+
+def describe(model: nn.Module) -> str:
+    q = getattr(model, "quantization", None)
+    if not q:
+        return "float"
+    return f"{q['method']} ({q['backend']}, {q['layers']} linear layers, head {'int8' if q['head'] else 'float'})"
+
+
+__all__ = [
+    "BACKENDS",
+    "INSTALL_HINT",
+    "METHODS",
+    "QuantizeError",
+    "check_method",
+    "describe",
+    "import_torchao",
+    "is_quantized",
+    "pick_backend",
+    "quantize_model",
+]

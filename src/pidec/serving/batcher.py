@@ -1,0 +1,431 @@
+"""The service's scheduler: one thread that turns concurrent requests into shared-cache batches.
+
+Requests (`Job`s, one document with its prompts, already tokenized into a `layouts.Plan`) wait
+in a bounded queue. The decoding thread admits them in arrival order while the batch stays
+within a token budget (`max_batch_tokens`, counted by `footprint`: the cache slots the batch
+holds) and a number of documents (`max_batch_documents`; 1 turns batching off). When it has nothing running it first waits up to `max_wait_ms` for more requests, so that
+requests arriving close together start together.
+
+Greedy jobs join a `DecodeSession` between decoding steps (continuous batching): their documents
+are encoded one job at a time, exactly as `Model.generate` encodes them, their rows prefilled and
+merged into the running batch, and each row leaves when it ends. Beam-search jobs with the same
+number of beams are decoded together by `generate.decode`, from start to end, between two steps;
+such a batch stops early when every one of its callers has gone.
+
+A job whose caller has gone (deadline passed, client disconnected) is dropped at the next step
+boundary: its rows leave the batch, nothing else changes. An exception fails the jobs it
+touched only: while encoding, that job; while admitting, the jobs joining (the running batch is
+left whole); during a step, the jobs of the running batch, and the next ones start a fresh
+session. Torch runs in this thread
+alone, so the event loop that serves HTTP is never blocked by a decoding step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .. import layouts
+from ..api import Model
+from ..generate import Aborted, Row, budget_ranges, decode, encode, sync
+from ..model import CrossCache
+from ..session import DecodeSession, concat_cross
+from .prometheus import Registry
+
+log = logging.getLogger("pidec.serve")
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` requests already."""
+
+
+class ShuttingDown(Exception):
+    """The batcher is stopping and takes no new requests."""
+
+
+class Cancelled(Exception):
+    """The job was dropped before it finished: `reason` is "timeout" or "disconnected"."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class BatchFailed(Exception):
+    """Decoding the batch this job was in raised an exception."""
+
+
+@dataclass
+class Job:
+    """One request: a document and its prompts as a plan of encoder and decoder rows.
+
+    `on_done(job)` is called exactly once, from whichever thread settles the job, after
+    `outputs` (success) or `error` is set."""
+
+    plan: layouts.Plan
+    num_beams: int = 1
+    deadline: float = math.inf  # time.monotonic() after which the job is dropped
+    on_done: Callable[[Job], None] | None = None
+    arrived: float = field(default_factory=time.monotonic)
+    outputs: list[str] | None = None
+    usage: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+    error: Exception | None = None
+    cancelled: str | None = None  # why the caller gave up, set from its thread
+    started: float = 0.0  # when the decoding thread took it
+    encode_s: float = 0.0
+    encoded: float = 0.0  # when its encoding ended
+    tokens: list = field(default_factory=list)  # per decoder row, once it ends
+    row_ids: list[int] = field(default_factory=list)
+    left: int = 0  # rows still decoding
+    settled: bool = False
+
+    @property
+    def encoder_tokens(self) -> int:
+        return sum(len(d) for d in self.plan.docs)
+
+    @property
+    def decoder_rows(self) -> int:
+        return len(self.plan.rows) * self.num_beams
+
+    @property
+    def span(self) -> int:
+        """Self-attention cache slots one of its rows needs: the longest prefix plus the largest budget."""
+        return max(len(r.prefix) for r in self.plan.rows) + max(r.max_new_tokens for r in self.plan.rows)
+
+
+def footprint(jobs) -> int:
+    """Token slots a batch of these jobs holds: each encoder token (the cross-attention cache) and,
+    per decoder row, a self-attention cache as long as the batch's longest span (rows share one
+    cache position, so a row's cache is as long as any row's in the batch)."""
+    jobs = list(jobs)
+    if not jobs:
+        return 0
+    return sum(j.encoder_tokens for j in jobs) + sum(j.decoder_rows for j in jobs) * max(j.span for j in jobs)
+
+
+def declare_metrics(metrics: Registry) -> None:
+    metrics.counter("pidec_batch_steps_total", "decoding steps run by the batcher")
+    metrics.histogram("pidec_batch_requests", "requests in the batch at each decoding step", (1, 2, 4, 8, 16, 32, 64))
+    metrics.histogram("pidec_batch_rows", "decoder rows computed at each decoding step", (1, 4, 16, 64, 256, 1024))
+    metrics.counter("pidec_tokens_total", "tokens of finished requests", ("kind",))
+    metrics.counter("pidec_batch_failures_total", "batches whose decoding raised an exception")
+
+
+class Batcher:
+    """Owns the model while it runs: jobs go in with `submit`, results come out via `on_done`."""
+
+    def __init__(
+        self,
+        model: Model,
+        max_batch_tokens: int = 32768,
+        max_batch_documents: int = 32,
+        max_wait_ms: float = 5.0,
+        max_queue: int = 64,
+        metrics: Registry | None = None,
+    ):
+        for name, value in (
+            ("max_batch_tokens", max_batch_tokens),
+            ("max_batch_documents", max_batch_documents),
+            ("max_queue", max_queue),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if not max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+        self.model = model
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_documents = max_batch_documents
+        self.max_wait_s = max_wait_ms / 1000
+        self.max_queue = max_queue
+        self.metrics = metrics
+        if metrics is not None:
+            declare_metrics(metrics)
+        self._cond = threading.Condition()
+        self._pending: deque[Job] = deque()
+        self._active: list[Job] = []  # greedy jobs in the session
+        self._rows: dict[int, tuple[Job, int]] = {}  # session row id -> (job, row index in its plan)
+        self._session = DecodeSession(model.model)
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- the caller's side ------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="pidec-decode", daemon=True)
+            self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def stopped(self) -> bool:
+        """Started once and no longer running."""
+        return self._thread is not None and not self._thread.is_alive()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._active)
+
+    @property
+    def active_rows(self) -> int:
+        return self._session.rows
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopping:
+                raise ShuttingDown("the service is shutting down")
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(f"{len(self._pending)} requests are waiting already (max_queue={self.max_queue})")
+            job.left = len(job.plan.rows)
+            job.tokens = [None] * len(job.plan.rows)
+            self._pending.append(job)
+            self._cond.notify_all()
+
+    def cancel(self, job: Job, reason: str) -> None:
+        """The caller gives up on `job`: a waiting job leaves the queue now, a running one at the
+        next step boundary (its rows are dropped from the batch)."""
+        job.cancelled = reason
+        with self._cond:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return
+        self._settle(job, Cancelled(reason))
+
+    def stop(self, timeout: float | None = None) -> bool:
+        """Take no new jobs, finish the ones held (queued and running), then end the thread.
+        Returns whether it ended within `timeout`."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- the decoding thread ----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            try:
+                greedy = [j for j in jobs if j.num_beams == 1]
+                if greedy:
+                    self._admit(greedy)
+                for nb in sorted({j.num_beams for j in jobs if j.num_beams > 1}):
+                    self._beams([j for j in jobs if j.num_beams == nb])
+                self._drop_cancelled()
+                if self._session.rows:
+                    self._step()
+            except Exception as e:  # noqa: BLE001 - a bug here must not end the service
+                self._fail_session(e, [j for j in jobs if not j.settled and j not in self._active])
+
+    def _take(self) -> list[Job] | None:
+        """The jobs to start now, in arrival order, within the budget; waits while there is
+        nothing to do. None: stopped and nothing left."""
+        with self._cond:
+            while not self._pending and not self._active:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            if not self._active and self.max_wait_s > 0 and not self._stopping:
+                # idle: give requests arriving close together the chance to start together
+                until = self._pending[0].arrived + self.max_wait_s
+                while not self._full() and not self._stopping:
+                    left = until - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            batch = list(self._active)
+            taken = []
+            while self._pending:
+                candidate = batch + [self._pending[0]]
+                if batch and (
+                    len(candidate) > self.max_batch_documents or footprint(candidate) > self.max_batch_tokens
+                ):
+                    break  # in arrival order: a large job is not overtaken by smaller ones
+                taken.append(self._pending.popleft())
+                batch = candidate
+            return taken
+
+    def _full(self) -> bool:
+        return len(self._pending) >= self.max_batch_documents or footprint(self._pending) >= self.max_batch_tokens
+
+    def _encode(self, job: Job) -> CrossCache:
+        """The job's documents encoded as `Model.run` encodes them (same chunks, same shapes)."""
+        model = self.model
+        docs = job.plan.docs
+        t0 = time.perf_counter()
+        parts = [
+            encode(model.model, docs[lo:hi]) for lo, hi in budget_ranges([len(d) for d in docs], model.max_batch_tokens)
+        ]
+        sync(model.device)
+        job.encode_s = time.perf_counter() - t0
+        job.encoded = time.monotonic()
+        return concat_cross(parts)
+
+    def _prepare(self, jobs: list[Job]) -> tuple[list[Job], list[CrossCache], list[Row], list[tuple[Job, int]]]:
+        """Encode each job (a failure fails that job alone) and lay their rows side by side."""
+        ready, crosses, rows, owners = [], [], [], []
+        base = 0
+        for job in jobs:
+            job.started = time.monotonic()
+            if self._expired(job):
+                continue
+            try:
+                cross = self._encode(job)
+            except Exception as e:  # reported to this job's caller as a 500
+                log.exception("encoding a request failed")
+                self._settle(job, BatchFailed(f"encoding failed: {type(e).__name__}: {e}"))
+                continue
+            ready.append(job)
+            crosses.append(cross)
+            for k, r in enumerate(job.plan.rows):
+                rows.append(Row(r.doc + base, r.prefix, r.max_new_tokens))
+                owners.append((job, k))
+            base += cross.docs
+        return ready, crosses, rows, owners
+
+    def _admit(self, jobs: list[Job]) -> None:
+        ready, crosses, rows, owners = self._prepare(jobs)
+        if not ready:
+            return
+        try:
+            ids = self._session.admit(concat_cross(crosses), rows)
+        except Exception as e:  # noqa: BLE001 - the joining requests fail, the running ones go on
+            self._count_failure(e)
+            for job in ready:
+                self._settle(job, BatchFailed(f"decoding failed: {type(e).__name__}: {e}"))
+            return
+        for rid, (job, k) in zip(ids, owners):
+            self._rows[rid] = (job, k)
+            job.row_ids.append(rid)
+        self._active.extend(ready)
+
+    def _beams(self, jobs: list[Job]) -> None:
+        ready, crosses, rows, owners = self._prepare(jobs)
+        if not ready:
+            return
+
+        def all_gone() -> bool:  # every caller of the batch gave up: stop decoding it now
+            now = time.monotonic()
+            return all(j.cancelled is not None or now > j.deadline for j in ready)
+
+        try:
+            out = decode(
+                self.model.model, concat_cross(crosses), rows, num_beams=ready[0].num_beams, should_stop=all_gone
+            )
+        except Aborted:
+            for job in ready:
+                self._expired(job)
+            return
+        except Exception as e:  # noqa: BLE001 - the batch fails, the service goes on
+            self._count_failure(e)
+            for job in ready:
+                self._settle(job, BatchFailed(f"decoding failed: {type(e).__name__}: {e}"))
+            return
+        for (job, k), tokens in zip(owners, out.tokens):
+            job.tokens[k] = tokens
+        for job in ready:
+            if not self._expired(job):
+                self._finish(job)
+
+    def _step(self) -> None:
+        if self.metrics is not None:
+            self.metrics.inc("pidec_batch_steps_total")
+            self.metrics.observe("pidec_batch_requests", len(self._active))
+            self.metrics.observe("pidec_batch_rows", self._session.rows)
+        try:
+            done = self._session.step()
+        except Exception as e:  # noqa: BLE001 - the batch fails, the service goes on
+            self._fail_session(e, [])
+            return
+        for rid, tokens in done:
+            job, k = self._rows.pop(rid)
+            job.tokens[k] = tokens
+            job.left -= 1
+            if job.left == 0:
+                self._active.remove(job)
+                self._finish(job)
+
+    def _drop_cancelled(self) -> None:
+        for job in [j for j in self._active if j.cancelled or time.monotonic() > j.deadline]:
+            self._session.drop(job.row_ids)
+            for rid in job.row_ids:
+                self._rows.pop(rid, None)
+            self._active.remove(job)
+            self._expired(job)
+
+    def _expired(self, job: Job) -> bool:
+        """Settle the job as cancelled if its caller gave up or its deadline passed."""
+        if job.cancelled is None and time.monotonic() > job.deadline:
+            job.cancelled = "timeout"
+        if job.cancelled is not None:
+            self._settle(job, Cancelled(job.cancelled))
+            return True
+        return False
+
+    def _fail_session(self, error: Exception, extra: list[Job]) -> None:
+        """The running batch raised: fail its jobs (and those joining it), start a fresh session."""
+        self._count_failure(error)
+        failed = self._active + extra
+        self._active, self._rows = [], {}
+        self._session = DecodeSession(self.model.model)
+        for job in failed:
+            self._settle(job, BatchFailed(f"decoding failed: {type(error).__name__}: {error}"))
+
+    def _count_failure(self, error: Exception) -> None:
+        log.error("decoding a batch failed", exc_info=error)
+        if self.metrics is not None:
+            self.metrics.inc("pidec_batch_failures_total")
+
+    def _finish(self, job: Job) -> None:
+        plan = job.plan
+        try:
+            job.outputs = layouts.collect(plan, job.tokens, self.model.tokenizer)[0]
+        except Exception as e:
+            log.exception("decoding tokens to text failed")
+            self._settle(job, BatchFailed(f"detokenizing failed: {type(e).__name__}: {e}"))
+            return
+        now = time.monotonic()
+        output_tokens = sum(len(t) for t in job.tokens)
+        job.usage = {
+            "document_tokens": sum(len(d) for d in plan.docs),
+            "prompt_tokens": plan.prompt_tokens,
+            "output_tokens": output_tokens,
+        }
+        job.timings = {
+            "queue_ms": round((job.started - job.arrived) * 1e3, 3),
+            "encode_ms": round(job.encode_s * 1e3, 3),
+            "decode_ms": round((now - job.encoded) * 1e3, 3),
+        }
+        if self.metrics is not None:
+            for kind in ("document", "prompt", "output"):
+                self.metrics.inc("pidec_tokens_total", job.usage[f"{kind}_tokens"], kind=kind)
+        self._settle(job, None)
+
+    def _settle(self, job: Job, error: Exception | None) -> None:
+        with self._cond:
+            if job.settled:
+                return
+            job.settled = True
+        job.error = error
+        if job.on_done is not None:
+            try:
+                job.on_done(job)
+            except Exception:  # a caller's callback must not stop the decoding thread
+                log.exception("a request's completion callback failed")
