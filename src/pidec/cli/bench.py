@@ -1,0 +1,154 @@
+"""`pidec bench`: the speed harness, its sweep and its training mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..bench.harness import format_memory, format_table, run_bench, run_memory
+from ..bench.sweep import format_sweep, parse_ks, plot_sweep, run_sweep
+from ..bench.training import format_train_table, run_train_bench
+from .common import NO_PACK_HELP, app, check_quantize, fail
+
+
+@app.command()
+def bench(
+    workload: str = typer.Option("dst", "--workload", help="dst | summ | qa"),
+    model_size: str = typer.Option("base", "--model-size", help="tiny | small | base | large (random weights)"),
+    model: Optional[str] = typer.Option(None, "--model", help="a checkpoint folder instead of --model-size"),
+    configs: Optional[str] = typer.Option(
+        None,
+        "--configs",
+        help="comma list of configurations (default: hf-pie,hf-pid-expanded,pidec-seq,pidec-pie,pidec-pid; "
+        "with --sweep-k: hf-pie,ct2-pie-int8,pidec-pie,pidec-pid,pidec-pid-int8)",
+    ),
+    docs: int = typer.Option(2, "--docs", help="documents per configuration"),
+    repeats: int = typer.Option(3, "--repeats", help="passes over the documents"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    seed: int = typer.Option(0, "--seed"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON here"),
+    train_mode: bool = typer.Option(False, "--train", help="time training steps of the layouts instead"),
+    layouts: str = typer.Option("pid,pie", "--layouts", help="with --train: comma list of pid, pie, seq"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: the pidec and ct2 configurations in int8", callback=check_quantize
+    ),
+    memory_budget: Optional[str] = typer.Option(
+        None, "--memory-budget", help="e.g. 8GiB: also report how many documents fit (analytic)"
+    ),
+    memory_only: bool = typer.Option(False, "--memory-only", help="with --memory-budget: only that report, no timing"),
+    sweep_k: Optional[str] = typer.Option(
+        None, "--sweep-k", help="e.g. 1,2,4,8,16,32,64: latency per document against the number of prompts K"
+    ),
+    plot: Optional[str] = typer.Option(None, "--plot", help="with --sweep-k: write a log-log PNG plot here"),
+    compile_steps: bool = typer.Option(
+        False, "--compile", help="the float pidec configurations decode through torch.compile"
+    ),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+) -> None:
+    """Time the configurations side by side on one workload and print a table. More configurations:
+    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
+
+    names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
+    if compile_steps and (train_mode or sweep_k or memory_only):
+        fail("--compile applies to a timed decoding run: leave out --train, --sweep-k and --memory-only")
+    if plot and not sweep_k:
+        fail("--plot draws the --sweep-k results: give --sweep-k too")
+    if sweep_k:
+        if train_mode or memory_budget or quantize:
+            fail("--sweep-k times decoding per K: leave out --train, --memory-budget and --quantize")
+
+        try:
+            sweep = run_sweep(
+                parse_ks(sweep_k),
+                names,
+                workload,
+                model_size,
+                model,
+                docs=docs,
+                repeats=repeats,
+                dtype=dtype,
+                seed=seed,
+                threads=threads,
+                pack=not no_pack,
+                progress=lambda k, r: typer.echo(
+                    f"K={k}: " + ", ".join(f"{x['config']} {x['latency_s_median']:.3f}s" for x in r["results"])
+                ),
+            )
+        except ValueError as e:
+            fail(str(e))
+        typer.echo(format_sweep(sweep))
+        if json_out:
+            Path(json_out).write_text(json.dumps(sweep, indent=2) + "\n")
+            typer.echo(f"wrote {json_out}")
+        if plot:
+            plot_sweep(sweep, plot)
+            typer.echo(f"wrote {plot}")
+        return
+    if memory_only:
+        if memory_budget is None:
+            fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
+        try:
+            mem = run_memory(
+                workload,
+                model_size,
+                model,
+                names,
+                memory_budget,
+                dtype,
+                quantize,
+                pack=not no_pack,
+            )
+        except ValueError as e:
+            fail(str(e))
+        typer.echo(format_memory(mem))
+        if json_out:
+            Path(json_out).write_text(json.dumps(mem, indent=2) + "\n")
+        return
+    if train_mode and (quantize or memory_budget):
+        fail("--train times training steps: --quantize and --memory-budget apply to decoding")
+    if train_mode:
+        try:
+            result = run_train_bench(
+                workload,
+                model_size,
+                [x.strip() for x in layouts.split(",") if x.strip()],
+                docs=docs,
+                repeats=repeats,
+                seed=seed,
+                threads=threads,
+            )
+        except ValueError as e:
+            fail(str(e))
+        typer.echo(format_train_table(result))
+        if json_out:
+            Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        return
+
+    try:
+        result = run_bench(
+            workload=workload,
+            model_size=model_size,
+            model_dir=model,
+            configs=names,
+            docs=docs,
+            repeats=repeats,
+            device=device,
+            dtype=dtype,
+            seed=seed,
+            threads=threads,
+            quantize=quantize,
+            memory_budget=memory_budget,
+            compile=compile_steps,
+            pack=not no_pack,
+        )
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(format_table(result))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")

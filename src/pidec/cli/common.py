@@ -1,0 +1,65 @@
+"""What every command shares: the Typer app, one-line errors, and the options' checks."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..quantize import QuantizeError, check_method
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Encode once, decode every subtask in parallel.")
+
+
+def fail(message: str) -> None:
+    """Print `error: message` on stderr and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+NO_PACK_HELP = "plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"
+
+
+def check_quantize(value: Optional[str]) -> Optional[str]:
+    """--quantize is checked before anything is loaded."""
+    try:
+        return check_method(value)
+    except QuantizeError as e:
+        fail(str(e))
+
+
+def read_text(path: str, what: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    p = Path(path)
+    if not p.is_file():
+        fail(f"{what} file {path} not found")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        fail(f"{what} file {path} is not UTF-8 text ({e})")
+
+
+def read_prompts_file(path: str) -> list[str]:
+    """A .json file holding a list of strings, or plain text with one prompt a line (empty lines
+    are skipped; a whitespace-only line is an error naming its line)."""
+    text = read_text(path, "prompts")
+    if path.endswith(".json"):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            fail(f"{path}:{e.lineno}: invalid JSON ({e.msg})")
+        if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
+            fail(f"{path}: expected a JSON list of strings")
+        return data
+    prompts = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if line == "":
+            continue
+        if not line.strip():
+            fail(f"{path}:{n}: prompt is whitespace only")
+        prompts.append(line.strip())
+    return prompts

@@ -1,0 +1,167 @@
+"""`pidec generate`, `eval`, `tasks`, `export`: a checkpoint at work on documents and tasks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .. import lora
+from .. import tasks as registry
+from ..api import load, parse_dtype
+from ..checkpoint import CheckpointError
+from ..errors import InputError
+from ..evaluate import evaluate, write
+from ..layouts import LAYOUTS
+from .common import NO_PACK_HELP, app, check_quantize, fail, read_prompts_file, read_text
+
+
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
+    document: str = typer.Option(..., "--document", help="file holding the document, or - for stdin"),
+    prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="a subtask prompt (repeatable)"),
+    prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="one prompt a line, or a JSON list"),
+    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
+    max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
+    num_beams: int = typer.Option(1, "--num-beams"),
+    truncate: Optional[str] = typer.Option(None, "--truncate", help="left | right: cut a too-long document"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=check_quantize
+    ),
+    compile_steps: bool = typer.Option(
+        False, "--compile", help="decoding steps through torch.compile (slow start, faster steps)"
+    ),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+) -> None:
+    """Answer every prompt about one document; prints {"outputs": [...], "timings": {...}}."""
+
+    if layout not in LAYOUTS:
+        fail(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    if truncate not in (None, "left", "right"):
+        fail(f"--truncate {truncate!r}: expected left or right")
+    prompts = list(prompt or [])
+    if prompts_file:
+        prompts += read_prompts_file(prompts_file)
+    if not prompts:
+        fail("no prompts: give --prompt P (repeatable) or --prompts-file F")
+    text = read_text(document, "document")
+    try:
+        m = load(
+            model,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            quantize=quantize,
+            compile=compile_steps,
+            pack_weights=False if no_pack else None,
+        )
+        result = m.generate(
+            text,
+            prompts,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            layout=layout,
+            truncate=truncate,
+            return_details=True,
+        )
+    except (InputError, CheckpointError) as e:
+        fail(str(e))
+    out = result.to_dict()
+    out["outputs"] = out["outputs"][0]
+    typer.echo(json.dumps(out, ensure_ascii=False))
+
+
+@app.command("export")
+def export_checkpoint(
+    checkpoint_dir: str = typer.Option(..., "--checkpoint", help="checkpoint folder, or a LoRA adapter folder"),
+    out: str = typer.Option(..., "--out", help="folder to write the Hugging Face checkpoint to"),
+    merge_lora: bool = typer.Option(False, "--merge-lora", help="merge a LoRA adapter into its base model"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16 (default: as stored)"),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="not here: quantize when loading"),
+) -> None:
+    """Write a plain Hugging Face checkpoint: a LoRA adapter merged into its base, or a checkpoint re-saved."""
+
+    if quantize is not None:
+        fail(
+            f"--quantize {quantize}: export writes float weights in the Hugging Face format; int8 is made when "
+            "loading: pidec generate / eval / serve / bench --quantize int8"
+        )
+    if not Path(checkpoint_dir).is_dir():
+        fail(f"--checkpoint {checkpoint_dir}: no such folder")
+    adapter = lora.is_adapter(checkpoint_dir)
+    if adapter and not merge_lora:
+        fail(f"{checkpoint_dir} is a LoRA adapter: a LoRA checkpoint must be merged into its base, pass --merge-lora")
+    if merge_lora and not adapter:
+        fail(f"--merge-lora: {checkpoint_dir} is not a LoRA adapter folder (no adapter_config.json, or a config.json)")
+    try:
+        written = lora.export(checkpoint_dir, out, dtype=None if dtype is None else parse_dtype(dtype))
+    except (InputError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    typer.echo(f"wrote {written}")
+
+
+@app.command("tasks")
+def list_tasks() -> None:
+    """List the tasks that --task accepts: splits, main metric, default data path."""
+
+    for name in registry.names():
+        t = registry.get(name)
+        where = registry.data_root() / t.default_path if t.default_path else "give --data PATH"
+        typer.echo(f"{name}: {t.description}")
+        typer.echo(f"    splits: {', '.join(t.splits)}; main metric: {t.main_metric}; data: {where}")
+
+
+@app.command("eval")
+def eval_task(
+    task: str = typer.Option(..., "--task", help="a task from `pidec tasks`"),
+    model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
+    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
+    split: str = typer.Option("test", "--split"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="the first N examples of the split"),
+    data: Optional[str] = typer.Option(None, "--data", help="the task's data folder or file (default: its own)"),
+    out: Optional[str] = typer.Option(None, "--out", help="folder for the metrics JSON and predictions JSONL"),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="per subtask (default: the task's)"),
+    num_beams: int = typer.Option(1, "--num-beams"),
+    batch_size: int = typer.Option(8, "--batch-size", help="documents decoded together"),
+    max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="encoder limit (default: model's)"),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=check_quantize
+    ),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+) -> None:
+    """Score a model on a task's split; prints {"metrics": ..., "speed": ...} and, with --out,
+    writes TASK-SPLIT-LAYOUT.metrics.json and .predictions.jsonl."""
+
+    if layout not in LAYOUTS:
+        fail(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
+    for name, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
+        if value is not None and value < 1:
+            fail(f"{name} must be >= 1, got {value}")
+    try:
+        spec = registry.get(task)
+        examples = spec.load(split, data, limit=limit)
+        m = load(
+            model,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            max_input_length=max_input_length,
+            quantize=quantize,
+            pack_weights=False if no_pack else None,
+        )
+        result = evaluate(m, spec, examples, layout, max_new_tokens, num_beams, batch_size)
+    except (InputError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    summary = result.summary() | {"split": split}
+    if out:
+        summary["wrote"] = [str(p) for p in write(result, out, f"{task}-{split}-{layout}")]
+    typer.echo(json.dumps(summary, ensure_ascii=False))

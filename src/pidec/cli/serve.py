@@ -1,0 +1,126 @@
+"""`pidec serve` and its load generator, `pidec loadtest`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..api import load
+from ..bench.loadtest import format_report, run_loadtest
+from ..checkpoint import CheckpointError
+from ..errors import InputError
+from ..serving.app import ServeSettings, run_server
+from .common import NO_PACK_HELP, app, check_quantize, fail
+
+
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind: loopback unless told otherwise"),
+    port: int = typer.Option(8000, "--port", help="0 picks a free port"),
+    device: str = typer.Option("cpu", "--device"),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=check_quantize
+    ),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="PIDEC_API_KEY", help="require 'Authorization: Bearer KEY' (prefer PIDEC_API_KEY)"
+    ),
+    max_batch_documents: Optional[int] = typer.Option(
+        None, "--max-batch-documents", help="requests decoded together (default 32); 1 turns batching off"
+    ),
+    max_batch_tokens: Optional[int] = typer.Option(None, "--max-batch-tokens", help="batch token budget (32768)"),
+    max_wait_ms: Optional[float] = typer.Option(None, "--max-wait-ms", help="idle wait to gather a batch (5)"),
+    max_queue: Optional[int] = typer.Option(None, "--max-queue", help="requests waiting before 429 (64)"),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="seconds before 504 (120)"),
+    max_document_tokens: Optional[int] = typer.Option(
+        None, "--max-document-tokens", help="default: the model's max_input_length"
+    ),
+    max_prompts: Optional[int] = typer.Option(None, "--max-prompts", help="prompts per request (64)"),
+    max_prompt_tokens: Optional[int] = typer.Option(None, "--max-prompt-tokens", help="tokens per prompt (64)"),
+    max_new_tokens_limit: Optional[int] = typer.Option(None, "--max-new-tokens-limit", help="per prompt (256)"),
+    default_max_new_tokens: Optional[int] = typer.Option(None, "--default-max-new-tokens", help="(32)"),
+    max_num_beams: Optional[int] = typer.Option(None, "--max-num-beams", help="(8)"),
+    max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="(1 MiB)"),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
+    log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
+    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+) -> None:
+    """HTTP service: POST /v1/generate batches concurrent requests into shared-cache decoding;
+    GET /healthz, /readyz, /metrics. On SIGTERM it stops accepting, finishes what it holds, exits."""
+
+    if not 0 <= port <= 65535:
+        fail(f"--port {port}: expected 0-65535")
+    given = dict(
+        api_key=api_key,
+        max_batch_documents=max_batch_documents,
+        max_batch_tokens=max_batch_tokens,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        max_document_tokens=max_document_tokens,
+        max_prompts=max_prompts,
+        max_prompt_tokens=max_prompt_tokens,
+        max_new_tokens_limit=max_new_tokens_limit,
+        default_max_new_tokens=default_max_new_tokens,
+        max_num_beams=max_num_beams,
+        max_body_bytes=max_body_bytes,
+    )
+    settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            fail(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    try:
+        m = load(
+            model,
+            device=device,
+            dtype=dtype,
+            tokenizer=tokenizer,
+            quantize=quantize,
+            pack_weights=False if no_pack else None,
+        )
+        settings.checked(m)
+    except (InputError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    run_server(m, settings, host=host, port=port, log_level=log_level)
+
+
+@app.command()
+def loadtest(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="a running `pidec serve`"),
+    concurrency: int = typer.Option(16, "--concurrency", help="clients, each sending one request after another"),
+    duration: float = typer.Option(60.0, "--duration", help="seconds; then requests in flight are awaited"),
+    workload: str = typer.Option("dst", "--workload", help="dst | qa | summ: the shapes of `pidec bench`"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PIDEC_API_KEY"),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="allow a URL that is not loopback"),
+    timeout: float = typer.Option(300.0, "--timeout", help="client timeout per request, seconds"),
+    seed: int = typer.Option(0, "--seed"),
+    json_out: Optional[str] = typer.Option(None, "--json", help="also write the report as JSON here"),
+) -> None:
+    """Load a running service for --duration seconds; print requests/s, documents/s, latency
+    p50/p95/p99 and errors by kind."""
+
+    try:
+        report = run_loadtest(
+            url,
+            concurrency=concurrency,
+            duration_s=duration,
+            workload=workload,
+            api_key=api_key,
+            allow_remote=allow_remote,
+            seed=seed,
+            timeout_s=timeout,
+        )
+    except ValueError as e:
+        fail(str(e))
+    typer.echo(format_report(report))
+    if json_out:
+        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
