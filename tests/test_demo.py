@@ -23,7 +23,14 @@ def test_tokenizer_round_trips_and_appends_eos(tmp_path):
 
 
 def test_demo_pipeline_at_toy_scale(tmp_path):
-    result = run_demo(tmp_path, train_examples=40, test_examples=6, steps=2, batch_tokens=2048, time_docs=2)
+    lines = []
+    result = run_demo(tmp_path, train_examples=40, test_examples=6, steps=2, batch_tokens=2048, log=lines.append)
+    # each stage announces itself, the first one naming the folder it writes to
+    assert [line[:5] for line in lines] == ["[1/4]", "[2/4]", "[3/4]", "[4/4]"]
+    assert str(tmp_path) in lines[0]
+    # accuracy and speed come from the same held-out documents: the headline is pid's row
+    assert result["timed_docs"] == result["test_examples"] == 6
+    assert result["test_joint_accuracy"] == result["decoding"][0]["joint_accuracy"]
     assert [r["config"] for r in result["decoding"]] == ["pidec-pid", "pidec-pie", "hf-pie"]
     by = {r["config"]: r for r in result["decoding"]}
     # the same model decoded by pidec and by transformers in pie agrees
@@ -31,3 +38,18 @@ def test_demo_pipeline_at_toy_scale(tmp_path):
     assert (tmp_path / "speed.png").stat().st_size > 1000
     assert json.loads((tmp_path / "demo.json").read_text())["test_examples"] == 6
     assert "joint accuracy" in format_result(result)
+
+
+def test_cli_demo_says_where_it_writes_and_shows_progress_off_a_terminal(tmp_path):
+    from typer.testing import CliRunner
+
+    from pidec.cli import app
+
+    out = tmp_path / "demo-out"
+    args = ["demo", "--output", str(out), "--steps", "2", "--train-examples", "40", "--test-examples", "4"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    err = result.stderr
+    assert err.splitlines()[0] == f"pidec demo: writing data, tokenizer, model, table and plot into {out}/"
+    assert "[3/4] training" in err and "[4/4] decoding" in err
+    assert "joint accuracy" in result.stdout

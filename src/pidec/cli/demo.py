@@ -20,5 +20,13 @@ def demo(
 
     if steps < 1 or train_examples < 1 or test_examples < 1:
         fail("--steps, --train-examples and --test-examples must be >= 1")
-    result = run_demo(output, train_examples=train_examples, test_examples=test_examples, steps=steps, seed=seed)
+    typer.echo(f"pidec demo: writing data, tokenizer, model, table and plot into {output}/", err=True)
+    result = run_demo(
+        output,
+        train_examples=train_examples,
+        test_examples=test_examples,
+        steps=steps,
+        seed=seed,
+        log=lambda line: typer.echo(line, err=True),
+    )
     typer.echo(format_result(result))
