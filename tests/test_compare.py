@@ -8,8 +8,8 @@ from typer.testing import CliRunner
 
 from pidec.cli import app
 from pidec.data import write_jsonl
-from pidec.demo import synthetic
 from pidec.errors import InputError
+from pidec.tasks import booking as synthetic
 from pidec.training.compare import parse_layouts, training_totals
 
 runner = CliRunner()

@@ -2,8 +2,8 @@
 
 import json
 
-from pidec.demo import synthetic
 from pidec.demo.run import build_tokenizer, format_result, run_demo
+from pidec.tasks import booking as synthetic
 
 
 def test_tokenizer_round_trips_and_appends_eos(tmp_path):

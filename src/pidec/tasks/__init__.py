@@ -10,11 +10,12 @@ from __future__ import annotations
 from ..data import DataError
 from .aci_bench import ACIBench
 from .base import Examples, Task, TaskExample, TaskReport, data_root
+from .booking import BookingTask
 from .jsonl import JSONL
 from .multiwoz import MultiWOZ
 from .qa import QA
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MultiWOZ, ACIBench, QA, JSONL)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MultiWOZ, ACIBench, QA, BookingTask, JSONL)}
 
 
 def names() -> list[str]:

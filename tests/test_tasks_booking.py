@@ -3,8 +3,8 @@ import random
 import pytest
 
 from pidec.data import read_jsonl, write_jsonl
-from pidec.demo import synthetic
-from pidec.demo.synthetic import (
+from pidec.tasks import booking as synthetic
+from pidec.tasks.booking import (
     CORRECTED,
     DECLINED,
     NONE,
@@ -146,3 +146,47 @@ def test_jsonl_round_trip(tmp_path):
 def test_describe_names_every_slot():
     text = describe(distractor_rate=0.2)
     assert all(p in text for p in SLOTS) and "20%" in text
+
+
+# -- the task by name (`--task booking`) ------------------------------------------------------
+
+
+def test_booking_task_is_registered_and_generates_the_demo_splits():
+    from pidec import tasks
+
+    task = tasks.get("booking")
+    assert "booking" in tasks.names() and task.main_metric == "joint_accuracy"
+    small = tasks.TASKS["booking"](train_examples=30, test_examples=5, seed=3)
+    want_train, want_test = synthetic.make_splits(30, 5, 3)
+    assert [e.id for e in small.load("train")] == [e.id for e in want_train]
+    assert [e.document for e in small.load("dev")] == [e.document for e in want_test]  # dev is test
+    assert len(small.load("train", limit=7)) == 7
+
+
+def test_booking_task_scores_in_percent():
+    from pidec import tasks
+
+    task = tasks.TASKS["booking"](train_examples=4, test_examples=2)
+    examples = task.load("test")
+    gold = [[s.target for s in e.subtasks] for e in examples]
+    assert task.score(examples, gold)["joint_accuracy"] == 100.0
+    one_wrong = [list(g) for g in gold]
+    j = next(j for j, v in enumerate(one_wrong[0]) if v != synthetic.NONE)
+    one_wrong[0][j] = "NOT " + one_wrong[0][j]
+    m = task.score(examples, one_wrong)
+    assert m["joint_accuracy"] == 50.0
+    assert m["slot_accuracy"] == pytest.approx(100 * 23 / 24)
+    filled = sum(v != synthetic.NONE for g in gold for v in g)
+    assert m["filled_slot_accuracy"] == pytest.approx(100 * (filled - 1) / filled)
+
+
+def test_booking_task_reads_a_folder_the_demo_wrote_and_names_a_missing_file(tmp_path):
+    from pidec import tasks
+    from pidec.data import DataError, write_jsonl
+
+    train, test = synthetic.make_splits(6, 3, 1)
+    write_jsonl(test, tmp_path / "test.jsonl")
+    task = tasks.get("booking")
+    assert [e.id for e in task.load("test", tmp_path)] == [e.id for e in test]
+    with pytest.raises(DataError, match="train.jsonl not found"):
+        task.load("train", tmp_path)

@@ -1,4 +1,8 @@
-"""A synthetic booking-dialogue task that `pidec demo` generates itself: no files, no network.
+"""A synthetic booking-dialogue task that pidec generates itself: no files, no network.
+
+`pidec demo` trains on it, and `pidec train / compare / eval --task booking` take it like any
+other task (`BookingTask`: the demo's 12,000 training and 300 test conversations, seed 0, or the
+`{split}.jsonl` files of a folder given as --data, such as the ones the demo writes).
 
 A short conversation between a customer and an agent books a restaurant, a hotel and a taxi;
 twelve slot prompts (`SLOTS`) each ask for one value, and the target is the value the customer
@@ -35,8 +39,11 @@ import random
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
 
-from ..data import Example, Subtask
+from ..data import DataError, Example, Subtask, read_jsonl
+from .base import Task, TaskReport, check_predictions, references
 
 NONE = "none"
 
@@ -464,3 +471,55 @@ def describe(**knobs) -> str:
         f"values) on {k['distractor_rate']:.0%} of slots; bare answers to the agent's questions for "
         f"{k['answer_rate']:.0%} of values; documents up to {k['max_chars']} characters."
     )
+
+
+class BookingTask(Task):
+    """The demo's task by name. Without --data the splits are generated (deterministic in
+    `seed`); with a folder, its `{split}.jsonl` files are read. Metrics in percent: joint
+    accuracy (every slot of a conversation right), slot accuracy, and the slots that are not
+    none, right."""
+
+    name = "booking"
+    description = "the demo's synthetic booking conversations, 12 slots (generated; or --data FOLDER of {split}.jsonl)"
+    default_path = None
+    splits = ("train", "test")
+    split_aliases: ClassVar[dict[str, str]] = {"dev": "test", "validation": "test"}
+    main_metric = "joint_accuracy"
+    max_new_tokens = 8
+
+    def __init__(self, train_examples: int = 12000, test_examples: int = 300, seed: int = 0):
+        self.sizes = {"train": train_examples, "test": test_examples}
+        self.seed = seed
+
+    def resolve(self, path) -> Path | None:
+        return None if path is None else super().resolve(path)
+
+    def read(self, split: str, path: Path | None, report: TaskReport) -> list[Example]:
+        if path is None:
+            train, test = make_splits(self.sizes["train"], self.sizes["test"], self.seed)
+            return train if split == "train" else test
+        file = path / f"{split}.jsonl" if path.is_dir() else path
+        if not file.is_file():
+            raise DataError(
+                f"task booking: {file} not found (a folder of train.jsonl and test.jsonl, as the demo writes)"
+            )
+        return read_jsonl(file)
+
+    def score(self, examples: list[Example], predictions: list[list[str]]) -> dict:
+        check_predictions(examples, predictions)
+        right = filled = filled_right = joint = 0
+        for ex, pred in zip(examples, predictions):
+            golds = [self.normalize(g[0]) for g in references(ex)]
+            oks = [self.normalize(p) == g for p, g in zip(pred, golds)]
+            right += sum(oks)
+            joint += all(oks)
+            filled += sum(g != NONE for g in golds)
+            filled_right += sum(ok and g != NONE for ok, g in zip(oks, golds))
+        slots = sum(len(ex.subtasks) for ex in examples)
+        return {
+            "joint_accuracy": 100.0 * joint / len(examples),
+            "slot_accuracy": 100.0 * right / slots,
+            "filled_slot_accuracy": 100.0 * filled_right / filled if filled else 0.0,
+            "examples": len(examples),
+            "subtasks": slots,
+        }
