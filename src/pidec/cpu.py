@@ -1,0 +1,99 @@
+"""What this CPU can do, and the inference dtype that follows from it.
+
+`features()` reads the processor's model name, its core count and the instruction sets that
+decide which kernels pay: AMX (bf16 and int8 tile products), AVX-512 bf16 and VNNI, AVX2. It
+asks the operating system (`/proc/cpuinfo` flags on Linux) and PyTorch's own dispatch level
+(`torch.backends.cpu.get_cpu_capability()`), and it never fails: an unknown CPU reports no
+features and gets float32.
+
+`auto_dtype()` is the choice behind `dtype="auto"`: bfloat16 where the CPU multiplies bf16 in
+hardware (AMX or AVX-512 bf16) and float32 everywhere else, because on a CPU without those
+instructions bf16 products are emulated and slower than float32. `PIDEC_CPU_FEATURES` (a comma
+list such as `amx_bf16,avx512_bf16`, or `none`) overrides the detection, for tests and for
+trying a path on purpose.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import torch
+
+ENV_OVERRIDE = "PIDEC_CPU_FEATURES"
+KNOWN = ("amx_bf16", "amx_int8", "amx_tile", "avx512_bf16", "avx512_vnni", "avx512f", "avx_vnni", "avx2")
+
+
+@dataclass(frozen=True)
+class CPUFeatures:
+    model: str
+    cores: int
+    flags: frozenset[str] = field(default_factory=frozenset)
+    torch_capability: str = ""
+
+    @property
+    def bf16_in_hardware(self) -> bool:
+        return bool({"amx_bf16", "avx512_bf16"} & self.flags)
+
+    @property
+    def int8_dot_products(self) -> bool:
+        return bool({"amx_int8", "avx512_vnni", "avx_vnni"} & self.flags)
+
+    def describe(self) -> str:
+        """One line for headers and start-up messages."""
+        isa = [f for f in KNOWN if f in self.flags] or ["no AVX2/AVX-512/AMX"]
+        return f"{self.model}, {self.cores} cores, {' '.join(isa)}"
+
+
+def _cpuinfo() -> tuple[str, set[str]]:
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and not model:
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    return model, flags
+
+
+@lru_cache(maxsize=1)
+def _detected() -> CPUFeatures:
+    import platform
+
+    model, flags = _cpuinfo()
+    return CPUFeatures(
+        model=model or platform.processor() or "unknown CPU",
+        cores=len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1),
+        flags=frozenset(f for f in flags if f in KNOWN),
+        torch_capability=torch.backends.cpu.get_cpu_capability(),
+    )
+
+
+def features() -> CPUFeatures:
+    """This CPU's features, or the ones `PIDEC_CPU_FEATURES` names."""
+    found = _detected()
+    forced = os.environ.get(ENV_OVERRIDE)
+    if forced is None:
+        return found
+    names = {f.strip() for f in forced.split(",") if f.strip() and f.strip() != "none"}
+    unknown = names - set(KNOWN)
+    if unknown:
+        raise ValueError(f"{ENV_OVERRIDE}: unknown feature(s) {', '.join(sorted(unknown))}; known: {', '.join(KNOWN)}")
+    return CPUFeatures(found.model, found.cores, frozenset(names), found.torch_capability)
+
+
+def auto_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """The dtype `dtype="auto"` means on `device`: bf16 on a CUDA device that supports it or a
+    CPU with bf16 in hardware, float32 otherwise."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if features().bf16_in_hardware else torch.float32
+    return torch.float32
