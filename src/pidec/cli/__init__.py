@@ -3,8 +3,9 @@
 Each module of this package registers its commands on the one Typer app of `common`."""
 
 from . import bench, demo, infer, serve, train  # noqa: F401  (registers the commands)
-from .common import app
+from .common import app as app
+from .common import command
 
 
 def main() -> None:
-    app()
+    command()(prog_name="pidec")

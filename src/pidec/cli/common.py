@@ -1,14 +1,17 @@
-"""What every command shares: the Typer app, one-line errors, and the options' checks."""
+"""What every command shares: the Typer app, the options several commands take (declared once
+here as annotated types), one-line errors, and JSON output."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
+from ..errors import InputError
 from ..quantize import QuantizeError, check_method
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Encode once, decode every subtask in parallel.")
@@ -63,3 +66,70 @@ def read_prompts_file(path: str) -> list[str]:
             fail(f"{path}:{n}: prompt is whitespace only")
         prompts.append(line.strip())
     return prompts
+
+
+@contextlib.contextmanager
+def input_errors_fail():
+    """Inside the block, an error the caller can fix (`InputError`, and the ValueError of a bad
+    option value) ends the command as `fail` does: one line on stderr, exit status 2."""
+    try:
+        yield
+    except (InputError, ValueError) as e:
+        fail(str(e))
+
+
+def print_json(data) -> None:
+    """One JSON document on stdout, ending with a newline."""
+    typer.echo(json.dumps(data, ensure_ascii=False))
+
+
+def write_json(path: str | None, data) -> None:
+    """With a path, `data` as indented JSON there, and `wrote PATH` on stderr."""
+    if path:
+        Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        typer.echo(f"wrote {path}", err=True)
+
+
+# -- options several commands take ------------------------------------------------------------
+
+RUNTIME = "Runtime"
+Device = Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N, mps", rich_help_panel=RUNTIME)]
+Dtype = Annotated[
+    Literal["auto", "float32", "bfloat16", "float16"],
+    typer.Option(
+        "--dtype",
+        help="auto: bfloat16 where the CPU or GPU multiplies it in hardware, else float32",
+        rich_help_panel=RUNTIME,
+    ),
+]
+Quantize = Annotated[
+    Optional[str],
+    typer.Option(
+        "--quantize",
+        callback=check_quantize,
+        help="int8: int8 weights and activations in the linear layers",
+        rich_help_panel=RUNTIME,
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        "--compile", help="decoding steps through torch.compile (slow start, faster steps)", rich_help_panel=RUNTIME
+    ),
+]
+NoPack = Annotated[bool, typer.Option("--no-pack", help=NO_PACK_HELP, rich_help_panel=RUNTIME)]
+Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="tokenizer folder, if the checkpoint has none")]
+Layout = Annotated[Literal["pid", "pie", "seq"], typer.Option("--layout", help="how subtasks become rows")]
+JsonOut = Annotated[Optional[str], typer.Option("--json", help="also write the result as JSON to this file")]
+
+
+def command():
+    """The click command behind `app`, with flags shown as flags in --help (Typer labels them
+    `<bool>`, as if they took a value)."""
+    group = typer.main.get_command(app)
+    for cmd in [group, *getattr(group, "commands", {}).values()]:
+        help_option = cmd.get_help_option(cmd.context_class(cmd))
+        for param in [*cmd.params, help_option]:
+            if getattr(param, "is_flag", False):
+                param.metavar = ""
+    return group
