@@ -22,14 +22,10 @@ from pidec.errors import InputError
 from pidec.forcing import IGNORE, Part, collate, loss_sum, padded_tokens
 from pidec.layouts import TrainTokenizer
 from pidec.model import T5, T5Config
-from pidec.training.loop import (
-    TrainConfig,
-    _recover,
-    epoch_batches,
-    lr_lambda,
-    make_optimizer,
-    select_rows,
-)
+from pidec.training.batching import epoch_batches, select_rows
+from pidec.training.build import lr_lambda, make_optimizer
+from pidec.training.config import TrainConfig
+from pidec.training.run_folder import recover
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = ByT5Tokenizer()
@@ -200,9 +196,11 @@ def test_schedules():
     f = lr_lambda(cfg, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
-    cos = lr_lambda(TrainConfig(output="x", schedule="cosine"), 100)
+    cos = lr_lambda(TrainConfig(output="x", schedule="cosine", warmup_steps=0), 100)
     assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
-    assert lr_lambda(TrainConfig(output="x", schedule="constant"), 100)(99) == 1.0
+    assert lr_lambda(TrainConfig(output="x", schedule="constant", warmup_steps=0), 100)(99) == 1.0
+    auto = lr_lambda(TrainConfig(output="x", schedule="constant"), 100)  # no --warmup-steps: 4% of the steps
+    assert auto(0) == pytest.approx(0.25) and auto(3) == 1.0
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
@@ -239,7 +237,7 @@ def test_recover_after_a_kill_inside_a_save(tmp_path):
     (tmp_path / ".old-best").mkdir()  # killed between moving best aside and renaming the new one
     (tmp_path / ".old-final").mkdir()
     (tmp_path / "final").mkdir()
-    _recover(tmp_path)
+    recover(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .. import checkpoint
+from .. import checkpoint, tasks
 from ..data import write_jsonl
 from ..layouts import build
-from ..training.loop import TrainConfig, exact_match, train
+from ..training.config import TrainConfig
+from ..training.loop import train
 from . import synthetic
 
 # on top of the "tiny" size (d_model 128, d_ff 256, 2+2 layers): 8 heads of 16 rather than 4 of
@@ -34,6 +35,12 @@ MODEL: dict = {"num_heads": 8, "d_kv": 16}
 # 97% after 900 (a 1200-step schedule).
 POSITION_LR_SCALE = 100.0
 POSITION_INIT_STD = 1.0
+
+
+def exact_match(examples, predictions) -> dict:
+    """Per subtask (slot) and per example (every slot right), in percent: the JSONL task's score."""
+    m = tasks.get("jsonl").score(examples, predictions)
+    return {"subtask_exact_match": m["exact_match"], "example_exact_match": m["example_exact_match"]}
 
 
 def build_tokenizer(examples, folder: Path, vocab_size: int = 1000):
@@ -217,8 +224,8 @@ def format_result(r: dict) -> str:
             f"in {r['train_s']:.0f} s"
         ),
         (
-            f"held-out ({r['test_examples']} examples): joint accuracy {r['test_joint_accuracy']:.1%}, "
-            f"slot accuracy {r['test_slot_accuracy']:.1%}"
+            f"held-out ({r['test_examples']} examples): joint accuracy {r['test_joint_accuracy']:.1f}%, "
+            f"slot accuracy {r['test_slot_accuracy']:.1f}%"
         ),
         "",
         f"decoding the trained model, {r['timed_docs']} documents one at a time (12 slots each):",
@@ -227,7 +234,7 @@ def format_result(r: dict) -> str:
     for row in r["decoding"]:
         lines.append(
             f"{row['config']:<10} {row['ms_per_doc']:>8.1f} {row['speedup']:>8.1f}x "
-            f"{row['joint_accuracy']:>10.1%} {row['slot_accuracy']:>9.1%}"
+            f"{row['joint_accuracy']:>9.1f}% {row['slot_accuracy']:>8.1f}%"
         )
     lines += [
         "",
