@@ -12,9 +12,9 @@ from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from .. import training
 from ..checkpoint import CheckpointError
 from ..data import DataError
-from ..training import loop as training
 from ..training.compare import (
     COMPARE_DEFAULTS,
     COMPARE_HELP,

@@ -21,8 +21,7 @@ import torch
 from .. import checkpoint, tasks
 from ..data import write_jsonl
 from ..layouts import build
-from ..training.config import TrainConfig
-from ..training.loop import train
+from ..training import TrainConfig, train
 from . import synthetic
 
 # on top of the "tiny" size (d_model 128, d_ff 256, 2+2 layers): 8 heads of 16 rather than 4 of

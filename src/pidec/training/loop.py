@@ -74,6 +74,7 @@ class Trainer:
         self.step, self.epoch, self.position = 0, 0, 0
         self.best: dict | None = None
         self.notes: list[str] = []  # shown when the loop starts (checkpoints passed over on resume)
+        self.passed_over: list[str] = []  # "checkpoint-N: why it is unreadable", newest first
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -104,7 +105,7 @@ class Trainer:
             "type": "resume" if restored else "start",
             "step": self.step,
             "from": restored.name if restored else None,
-            "passed_over": self.notes,
+            "passed_over": self.passed_over,
             "total_steps": self.total_steps,
             "processes": self.world,
             "precision": self.precision,
@@ -227,7 +228,8 @@ class Trainer:
                 max_input_length=self.model.config.max_input_length,
             )
         except Exception as e:  # a truncated or missing weights file: this checkpoint is unreadable
-            raise UnreadableCheckpoint(f"the model does not load ({str(e).splitlines()[0][:200]})") from None
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UnreadableCheckpoint(f"the model does not load ({reason[:200]})") from None
         return state, restored.state_dict()
 
     def _restore_latest(self) -> Path | None:
@@ -238,6 +240,7 @@ class Trainer:
             return None
         state, weights = found
         self.processes.barrier()  # every process has read before the main one renames anything
+        self.passed_over = passed
         if passed:
             self.notes = [f"passed over {line}" for line in passed] + [f"resuming from {folder.name}"]
             if self.main:
