@@ -340,6 +340,20 @@ def test_checkpoint_loads_in_transformers_and_pidec(tmp_path):
         )
     model = lib.load(out / "final")
     assert len(model.generate("I want a red car in rome.", ["color", "city"], max_new_tokens=4)) == 2
+    # one scale: the run's evaluation is what `pidec eval` (evaluate.evaluate) gives best/, in percent
+    from pidec import tasks
+    from pidec.data import read_jsonl
+    from pidec.evaluate import evaluate
+    from pidec.training.examples import longest_target
+
+    chosen = json.loads((out / "best" / "metrics.json").read_text())
+    assert chosen["best_metric"] == "exact_match" and summary["best"]["metric"] == "exact_match"
+    examples = read_jsonl(evalf)
+    best = lib.load(out / "best", pack_weights=False)  # as the trainer decodes: plain linear layers
+    again = evaluate(best, tasks.get("jsonl"), examples, max_new_tokens=longest_target(examples, TOK))
+    for key in ("exact_match", "example_exact_match"):
+        assert summary["eval"][key] == again.metrics[key]
+    assert summary["eval"]["subtasks"] == 24
 
 
 def test_two_processes_match_one(tmp_path):
