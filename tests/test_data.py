@@ -413,6 +413,14 @@ def test_train_model_and_size(tmp_path, train_file):
 def test_train_neither_model_nor_size(tmp_path, train_file):
     line = cli_error([*base_args(tmp_path, train_file), "--steps", "1"])
     assert line.startswith("error: --model: ") and "--size" in line
+    assert "not both" not in line  # the user gave neither: say so, not "not both"
+
+
+def test_train_both_or_neither_train_file_and_task(tmp_path, train_file):
+    line = cli_error(["train", "--output", str(tmp_path / "run"), *TINY])
+    assert line.startswith("error: --train: ") and "--task" in line and "not both" not in line
+    line = cli_error([*base_args(tmp_path, train_file), *TINY, "--task", "jsonl"])
+    assert line.startswith("error: --train: ") and "not both" in line
 
 
 def test_train_size_without_tokenizer(tmp_path, train_file):
@@ -490,6 +498,42 @@ def test_train_unusable_example_names_id(tmp_path):
     data = write_lines(tmp_path / "d.jsonl", [good(0), {"id": "hollow", "document": "d", "subtasks": []}])
     line = cli_error(["train", "--output", str(tmp_path / "run"), "--train", str(data), *TINY])
     assert line.startswith(f"error: {data}: example 'hollow': no subtasks"), line
+
+
+def test_a_line_over_the_limit_is_refused_while_reading(tmp_path):
+    path = write_lines(tmp_path / "big.jsonl", [good(0), GOOD | {"id": "big", "document": "x" * 5000}])
+    with pytest.raises(DataError, match=rf"{path}:2: line is longer than 1000 bytes"):
+        read_jsonl(path, max_line_bytes=1000)
+    exact = len((json.dumps(good(0)) + "\n").encode())
+    assert len(read_jsonl(write_lines(tmp_path / "ok.jsonl", [good(0)]), max_line_bytes=exact - 1)) == 1
+
+
+def test_read_jsonl_reads_no_more_than_the_limit_of_a_long_line(tmp_path, monkeypatch):
+    """The cap works while reading: a huge line is never read whole."""
+    path = tmp_path / "huge.jsonl"
+    path.write_bytes(b'{"document": "' + b"y" * 3_000_000 + b'"}\n')
+    sizes = []
+    real_open = Path.open
+
+    class Recording:
+        def __init__(self, f):
+            self.f = f
+
+        def readline(self, size=-1):
+            line = self.f.readline(size)
+            sizes.append(len(line))
+            return line
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(Path, "open", lambda self, *a, **k: Recording(real_open(self, *a, **k)))
+    with pytest.raises(DataError, match="line is longer than 1000 bytes"):
+        read_jsonl(path, max_line_bytes=1000)
+    assert max(sizes) <= 1001
 
 
 def test_train_missing_train_file(tmp_path):

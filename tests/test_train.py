@@ -22,14 +22,10 @@ from pidec.errors import InputError
 from pidec.forcing import IGNORE, Part, collate, loss_sum, padded_tokens
 from pidec.layouts import TrainTokenizer
 from pidec.model import T5, T5Config
-from pidec.training.loop import (
-    TrainConfig,
-    _recover,
-    epoch_batches,
-    lr_lambda,
-    make_optimizer,
-    select_rows,
-)
+from pidec.training.batching import epoch_batches, select_rows
+from pidec.training.build import lr_lambda, make_optimizer
+from pidec.training.config import TrainConfig
+from pidec.training.run_folder import recover
 
 ROOT = Path(__file__).resolve().parents[1]
 TOK = ByT5Tokenizer()
@@ -200,9 +196,11 @@ def test_schedules():
     f = lr_lambda(cfg, 110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.5) and f(110) == pytest.approx(0.0)
-    cos = lr_lambda(TrainConfig(output="x", schedule="cosine"), 100)
+    cos = lr_lambda(TrainConfig(output="x", schedule="cosine", warmup_steps=0), 100)
     assert cos(0) == pytest.approx(1.0) and cos(50) == pytest.approx(0.5) and cos(100) == pytest.approx(0.0)
-    assert lr_lambda(TrainConfig(output="x", schedule="constant"), 100)(99) == 1.0
+    assert lr_lambda(TrainConfig(output="x", schedule="constant", warmup_steps=0), 100)(99) == 1.0
+    auto = lr_lambda(TrainConfig(output="x", schedule="constant"), 100)  # no --warmup-steps: 4% of the steps
+    assert auto(0) == pytest.approx(0.25) and auto(3) == 1.0
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
@@ -239,7 +237,7 @@ def test_recover_after_a_kill_inside_a_save(tmp_path):
     (tmp_path / ".old-best").mkdir()  # killed between moving best aside and renaming the new one
     (tmp_path / ".old-final").mkdir()
     (tmp_path / "final").mkdir()
-    _recover(tmp_path)
+    recover(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best", "final"]
 
 
@@ -290,7 +288,9 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     common = run_args(train, evalf, "--steps", "16", "--save-every", "3", "--eval-every", "8", "--dropout", "0.1")
     done = pidec(*common, "--output", str(tmp_path / "whole"))
     assert done.returncode == 0, done.stderr
-    assert done.stderr == ""  # no progress bar off a terminal
+    # off a terminal: plain progress lines (no bar), the evaluations and which step best/ is
+    assert "\r" not in done.stderr and "step 1/16  loss " in done.stderr and "step 16/16  loss " in done.stderr
+    assert "step 8 eval: exact_match " in done.stderr and "best/ is step " in done.stderr
     whole = train_losses(tmp_path / "whole")
     assert [s for s, _ in whole] == list(range(1, 17))
 
@@ -340,6 +340,20 @@ def test_checkpoint_loads_in_transformers_and_pidec(tmp_path):
         )
     model = lib.load(out / "final")
     assert len(model.generate("I want a red car in rome.", ["color", "city"], max_new_tokens=4)) == 2
+    # one scale: the run's evaluation is what `pidec eval` (evaluate.evaluate) gives best/, in percent
+    from pidec import tasks
+    from pidec.data import read_jsonl
+    from pidec.evaluate import evaluate
+    from pidec.training.examples import longest_target
+
+    chosen = json.loads((out / "best" / "metrics.json").read_text())
+    assert chosen["best_metric"] == "exact_match" and summary["best"]["metric"] == "exact_match"
+    examples = read_jsonl(evalf)
+    best = lib.load(out / "best", pack_weights=False)  # as the trainer decodes: plain linear layers
+    again = evaluate(best, tasks.get("jsonl"), examples, max_new_tokens=longest_target(examples, TOK))
+    for key in ("exact_match", "example_exact_match"):
+        assert summary["eval"][key] == again.metrics[key]
+    assert summary["eval"]["subtasks"] == 24
 
 
 def test_two_processes_match_one(tmp_path):
@@ -461,3 +475,135 @@ def test_a_non_finite_loss_stops_training_before_the_weights_are_touched(tmp_pat
         else []
     )
     assert steps == []  # no step was taken, none logged
+
+
+# -- the run folder on resume: safe formats, unreadable checkpoints ------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory) -> tuple[Path, list[tuple[int, float]]]:
+    """A finished 6-step run with checkpoints at steps 2, 4 and 6, and its losses."""
+    from typer.testing import CliRunner
+
+    from pidec.cli import app
+
+    folder = tmp_path_factory.mktemp("saved")
+    train, evalf = write_data(folder, train=32, test=4)
+    args = run_args(train, evalf, "--steps", "6", "--save-every", "2", "--keep-checkpoints", "5", "--dropout", "0.1")
+    r = CliRunner().invoke(app, [*args, "--output", str(folder / "run")])
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert sorted(p.name for p in (folder / "run").glob("checkpoint-*")) == [f"checkpoint-{s}" for s in (2, 4, 6)]
+    return folder / "run", train_losses(folder / "run")
+
+
+def resume_in_process(folder: Path):
+    from typer.testing import CliRunner
+
+    from pidec.cli import app
+
+    return CliRunner().invoke(app, ["train", "--resume", str(folder)])
+
+
+class Planted:
+    """Unpickling this creates a file: a stand-in for code planted in a run folder."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_trainer_state_and_rng_files_load_without_unpickling_objects(saved_run):
+    folder, _ = saved_run
+    for name in ("trainer_state.pt", "rng-0.pt"):
+        value = torch.load(folder / "checkpoint-6" / name, weights_only=True)
+        assert isinstance(value, dict)
+
+
+@pytest.mark.parametrize("damage", ["planted", "empty", "truncated", "no rng"])
+def test_an_unreadable_only_checkpoint_is_a_one_line_error(saved_run, tmp_path, damage):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(saved_run[0], folder)
+    for step in (2, 4):
+        shutil.rmtree(folder / f"checkpoint-{step}")
+    ckpt, marker = folder / "checkpoint-6", tmp_path / "planted-code-ran"
+    state = ckpt / "trainer_state.pt"
+    if damage == "planted":
+        torch.save({"step": Planted(marker)}, state)
+        torch.save({"torch": Planted(marker)}, ckpt / "rng-0.pt")
+    elif damage == "empty":
+        state.write_bytes(b"")
+    elif damage == "truncated":
+        state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    else:
+        (ckpt / "rng-0.pt").unlink()
+    r = resume_in_process(folder)
+    assert r.exit_code == 2, (r.output, r.exception)
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: --resume {folder}: no readable checkpoint (checkpoint-6: ")
+    expect = {"planted": "does not load as tensors", "empty": "trainer_state.pt is empty"}
+    expect |= {"truncated": "trainer_state.pt does not load", "no rng": "rng-0.pt is missing"}
+    assert expect[damage] in lines[0]
+    assert not marker.exists()  # the planted pickle did nothing
+    assert ckpt.is_dir()  # and nothing was moved or deleted
+
+
+def test_resume_passes_over_unreadable_checkpoints_and_stays_exact(saved_run, tmp_path):
+    import shutil
+
+    folder = tmp_path / "run"
+    shutil.copytree(saved_run[0], folder)
+    state = folder / "checkpoint-6" / "trainer_state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    (folder / "checkpoint-4" / "rng-0.pt").unlink()
+    r = resume_in_process(folder)
+    assert r.exit_code == 0, (r.output, r.exception)
+    assert "passed over checkpoint-6: trainer_state.pt does not load" in r.stderr
+    assert "passed over checkpoint-4: rng-0.pt is missing" in r.stderr and "resuming from checkpoint-2" in r.stderr
+    assert train_losses(folder) == saved_run[1]  # steps 3-6 again, bit for bit
+    assert (folder / "unreadable-checkpoint-6").is_dir() and (folder / "unreadable-checkpoint-4").is_dir()
+    assert (folder / "checkpoint-6").is_dir()  # written again by the resumed run
+    resumed = [json.loads(x) for x in (folder / "log.jsonl").read_text().splitlines() if '"resume"' in x]
+    assert resumed[-1]["from"] == "checkpoint-2" and len(resumed[-1]["passed_over"]) == 2
+
+
+# -- settings: defaults from scratch, declared once for the CLI ------------------------------
+
+
+def test_from_scratch_defaults_are_the_measured_ones():
+    from pidec.training.build import scratch_config
+
+    cfg = TrainConfig(output="x", train="t", size="tiny", tokenizer="byte", steps=1).check().resolved()
+    assert (cfg.lr, cfg.position_lr_scale, cfg.position_init_std) == (2e-3, 100.0, 1.0)
+    shape = scratch_config(cfg, TOK)
+    assert (shape.num_heads, shape.d_kv) == (8, 16)
+    wide = TrainConfig(output="x", train="t", size="tiny", tokenizer="byte", steps=1, num_heads=2, d_kv=64).resolved()
+    assert (scratch_config(wide, TOK).num_heads, scratch_config(wide, TOK).d_kv) == (2, 64)
+    tuned = TrainConfig(output="x", train="t", model="m", steps=1).check().resolved()
+    assert (tuned.lr, tuned.position_lr_scale, tuned.position_init_std) == (3e-4, 1.0, None)
+    with pytest.raises(InputError, match="--num-heads: sets the shape of a model built from scratch"):
+        TrainConfig(output="x", train="t", model="m", steps=1, num_heads=8).check()
+
+
+def test_train_and_compare_options_come_from_the_config():
+    import dataclasses
+
+    import typer.main
+
+    from pidec.cli import app
+    from pidec.training.compare import COMPARE_DEFAULTS, COMPARE_TRAIN_FIELDS
+
+    commands = {c.name: typer.main.get_command(app).commands[c.name] for c in app.registered_commands if c.name}
+    train_opts = {p.name: p for p in commands["train"].params}
+    declared = [f for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]]
+    assert set(train_opts) == {f.name for f in declared} | {"resume"}
+    for f in declared:
+        assert train_opts[f.name].rich_help_panel == f.metadata["panel"]
+    compare_opts = {p.name: p for p in commands["compare"].params}
+    for name in COMPARE_TRAIN_FIELDS:  # the same defaults in both commands, unless declared otherwise
+        want = COMPARE_DEFAULTS.get(name, train_opts[name].default)
+        assert compare_opts[name].default == want, name
+    assert compare_opts["lr"].default is None and compare_opts["schedule"].default == "cosine"

@@ -21,6 +21,7 @@ from pathlib import Path
 from .errors import InputError
 
 ON_BAD = ("error", "skip")
+MAX_LINE_BYTES = 16 * 2**20  # one JSONL line (one example); far beyond any document a T5 reads
 
 
 @dataclass
@@ -107,17 +108,23 @@ def parse_example(obj, where: str, require_target: bool = True) -> Example:
     return Example(str(ex_id), document, subtasks)
 
 
-def read_jsonl(path: str | os.PathLike, require_target: bool = True) -> list[Example]:
+def read_jsonl(
+    path: str | os.PathLike, require_target: bool = True, max_line_bytes: int = MAX_LINE_BYTES
+) -> list[Example]:
     """Read a JSONL file; a malformed line raises DataError naming the file and line.
-    Blank lines are allowed. Usability (empty subtask lists, missing targets) is `check`'s job."""
+    Blank lines are allowed. A line over `max_line_bytes` is refused as soon as that many bytes
+    are read (a line is never held whole beyond it). Usability (empty subtask lists, missing
+    targets) is `check`'s job."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file {path} not found")
     examples = []
     seen: dict[str, int] = {}
     with path.open("rb") as f:
-        for n, raw in enumerate(f, 1):
+        for n, raw in enumerate(iter(lambda: f.readline(max_line_bytes + 1), b""), 1):
             where = f"{path}:{n}"
+            if len(raw) > max_line_bytes and not (len(raw) == max_line_bytes + 1 and raw.endswith(b"\n")):
+                raise DataError(f"{where}: line is longer than {max_line_bytes} bytes (the limit, max_line_bytes)")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:

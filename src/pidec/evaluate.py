@@ -10,7 +10,11 @@ Pass whole examples (`task.load` without a tokenizer): documents are fitted here
 model's input limit less what the layout puts beside the document (pie: the prompt; seq: the
 instruction), as the task documents it: cut (counted in `result.report`) or split into
 windows, whose answers are merged per question by the model's own likelihood (`likelihood`).
-The trainer calls the same function for its periodic evaluation.
+The trainer calls the same function for its periodic evaluation, so every command reports the
+same metrics on the same scale (percent, as the tasks score).
+
+Speed figures are timed after a warm-up batch (decoded once, untimed) unless `warmup=False`,
+which the speed dict then states (`includes_one_time_costs`).
 """
 
 from __future__ import annotations
@@ -77,11 +81,14 @@ def evaluate(
     num_beams: int = 1,
     batch_size: int = 8,
     seq_instruction: str | None = None,
+    warmup: bool = True,
 ) -> Evaluation:
     """Decode `examples` with `model` (a `pidec.api.Model`) and score them with `task`.
 
     batch_size: documents (windows) decoded together. max_new_tokens: per subtask (default:
-    the task's)."""
+    the task's). warmup: decode the first batch once, untimed, before the timed pass, so that
+    the speed figures leave out one-time costs (first allocations, kernel selection); its time
+    is `speed["warmup_s"]`. Without it `speed["includes_one_time_costs"]` is true."""
     check_layout(layout)
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -94,58 +101,80 @@ def evaluate(
     groups = task.fit(examples, tok, budget, report)
     report.kept = sum(len(g) for g in groups)
     pieces = [(p.document, p.prompts) for g in groups for p in g]
-    limit = max_new_tokens or task.max_new_tokens
-
-    outputs: list[list[str]] = []
-    totals = {"encode_ms": 0.0, "decode_ms": 0.0, "total_ms": 0.0}
-    usage = {"document_tokens": 0, "prompt_tokens": 0, "output_tokens": 0}
-    rows = 0
+    decode = Decoding(model, max_new_tokens or task.max_new_tokens, num_beams, layout, seq_instruction)
+    warmup_s = decode.warm_up(pieces[:batch_size]) if warmup else None
     for lo in range(0, len(pieces), batch_size):
-        batch = pieces[lo : lo + batch_size]
-        result = model.generate_batch(
-            batch,
-            max_new_tokens=limit,
-            num_beams=num_beams,
-            layout=layout,
-            return_details=True,
-            seq_instruction=seq_instruction,
-        )
-        outputs.extend(result.outputs)
-        rows += len(batch) if layout == "seq" else sum(len(p) for _, p in batch)
-        for k in totals:
-            totals[k] += result.timings.get(k, 0.0)
-        for k in usage:
-            usage[k] += result.usage.get(k, 0)
-
-    outputs = fill_omitted(outputs, task, layout)
+        decode.batch(pieces[lo : lo + batch_size])
+    outputs = fill_omitted(decode.outputs, task, layout)
     t1 = time.perf_counter()
     predictions, at = [], 0
-    for ex, group in zip(examples, groups):
+    for group in groups:
         answers = outputs[at : at + len(group)]
         at += len(group)
-        if len(group) == 1:
-            predictions.append(answers[0])
-        else:
-            predictions.append(merge(model, task, group, answers, layout, seq_instruction))
+        predictions.append(
+            answers[0] if len(group) == 1 else merge(model, task, group, answers, layout, seq_instruction)
+        )
     rescore_s = time.perf_counter() - t1
     metrics = task.score(examples, predictions)
-    wall = time.perf_counter() - t0
-    gen_s = totals["total_ms"] / 1e3
-    speed = {
-        "examples": len(examples),
-        "documents": len(pieces),
-        "rows": rows,
-        "output_tokens": usage["output_tokens"],
-        "document_tokens": usage["document_tokens"],
-        "encode_s": round(totals["encode_ms"] / 1e3, 3),
-        "decode_s": round(totals["decode_ms"] / 1e3, 3),
-        "generate_s": round(gen_s, 3),
+    speed = decode.speed(len(examples), len(pieces)) | {
         "rescore_s": round(rescore_s, 3),
-        "wall_s": round(wall, 3),
-        "examples_per_s": round(len(examples) / gen_s, 3) if gen_s else None,
-        "output_tokens_per_s": round(usage["output_tokens"] / gen_s, 1) if gen_s else None,
+        "wall_s": round(time.perf_counter() - t0, 3),
+        "warmup_s": warmup_s,
+        "includes_one_time_costs": not warmup,
     }
     return Evaluation(task.name, layout, metrics, speed, list(examples), predictions, [len(g) for g in groups], report)
+
+
+class Decoding:
+    """The decoding pass of an evaluation: outputs in order, with summed timings and usage."""
+
+    def __init__(self, model, max_new_tokens: int, num_beams: int, layout: str, seq_instruction: str | None):
+        self.model, self.max_new_tokens, self.num_beams = model, max_new_tokens, num_beams
+        self.layout, self.seq_instruction = layout, seq_instruction
+        self.outputs: list[list[str]] = []
+        self.timings = {"encode_ms": 0.0, "decode_ms": 0.0, "total_ms": 0.0}
+        self.usage = {"document_tokens": 0, "prompt_tokens": 0, "output_tokens": 0}
+        self.rows = 0
+
+    def _generate(self, batch: list[tuple[str, list[str]]]):
+        return self.model.generate_batch(
+            batch,
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            layout=self.layout,
+            return_details=True,
+            seq_instruction=self.seq_instruction,
+        )
+
+    def warm_up(self, batch: list[tuple[str, list[str]]]) -> float:
+        """Decode `batch` once, untimed and unrecorded; returns its seconds."""
+        t0 = time.perf_counter()
+        self._generate(batch)
+        return round(time.perf_counter() - t0, 3)
+
+    def batch(self, batch: list[tuple[str, list[str]]]) -> None:
+        result = self._generate(batch)
+        self.outputs.extend(result.outputs)
+        self.rows += len(batch) if self.layout == "seq" else sum(len(p) for _, p in batch)
+        for k in self.timings:
+            self.timings[k] += result.timings.get(k, 0.0)
+        for k in self.usage:
+            self.usage[k] += result.usage.get(k, 0)
+
+    def speed(self, examples: int, documents: int) -> dict:
+        gen_s = self.timings["total_ms"] / 1e3
+        return {
+            "examples": examples,
+            "documents": documents,
+            "rows": self.rows,
+            "output_tokens": self.usage["output_tokens"],
+            "document_tokens": self.usage["document_tokens"],
+            "encode_s": round(self.timings["encode_ms"] / 1e3, 3),
+            "decode_s": round(self.timings["decode_ms"] / 1e3, 3),
+            "generate_s": round(gen_s, 3),
+            "examples_per_s": round(examples / gen_s, 3) if gen_s else None,
+            "output_tokens_per_s": round(self.usage["output_tokens"] / gen_s, 1) if gen_s else None,
+        }
 
 
 def fill_omitted(outputs: list[list[str]], task: Task, layout: str) -> list[list[str]]:

@@ -1,202 +1,168 @@
-"""`pidec train` and `pidec compare`."""
+"""`pidec train` and `pidec compare`: their options are built from the settings' declarations
+(`TrainConfig` and `CompareSettings` fields with `setting(...)` metadata), grouped into help
+panels, so a new setting is one field there and nothing here."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
-from typing import Optional
+import typing
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 
+from .. import training
 from ..checkpoint import CheckpointError
 from ..data import DataError
-from ..training import loop as training
-from ..training.compare import format_results, parse_layouts, run_comparison
+from ..training.compare import (
+    COMPARE_DEFAULTS,
+    COMPARE_HELP,
+    COMPARE_REQUIRED,
+    COMPARE_TRAIN_FIELDS,
+    CompareSettings,
+    format_results,
+    parse_layouts,
+    run_comparison,
+)
+from ..training.config import PANELS, TrainConfig
 from .common import app, fail
 
 
-@app.command()
-def train(
-    ctx: typer.Context,
-    output: Optional[str] = typer.Option(
-        None, "--output", "-o", help="run folder: checkpoints, best/, final/, log.jsonl"
-    ),
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="continue the run in this folder from its last checkpoint"
-    ),
-    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
-    train_file: Optional[str] = typer.Option(None, "--train", help="training JSONL"),
-    eval_file: Optional[str] = typer.Option(None, "--eval", help="evaluation JSONL"),
-    task: Optional[str] = typer.Option(None, "--task", help="a registered task instead of --train/--eval"),
-    data: Optional[str] = typer.Option(None, "--data", help="the task's data folder or file"),
-    model: Optional[str] = typer.Option(None, "--model", help="checkpoint folder (or hub id) to start from"),
-    size: Optional[str] = typer.Option(None, "--size", help="from scratch: tiny | small | base (T5 v1.1 shapes)"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder, or 'byte' (built in)"),
-    steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps"),
-    epochs: Optional[float] = typer.Option(None, "--epochs", help="or epochs (x the first epoch's steps)"),
-    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="padded encoder+decoder tokens per micro-batch"),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="micro-batches per optimizer step"),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adafactor"),
-    lr: float = typer.Option(3e-4, "--lr"),
-    position_lr_scale: float = typer.Option(
-        1.0, "--position-lr-scale", help="the relative-position biases learn at lr x this"
-    ),
-    position_init_std: Optional[float] = typer.Option(
-        None, "--position-init-std", help="from scratch: initial std of the position biases"
-    ),
-    weight_decay: float = typer.Option(0.0, "--weight-decay"),
-    warmup_steps: int = typer.Option(0, "--warmup-steps"),
-    schedule: str = typer.Option("linear", "--schedule", help="linear | cosine | constant (after warm-up)"),
-    max_grad_norm: float = typer.Option(1.0, "--max-grad-norm", help="0: no clipping"),
-    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing"),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (autocast)"),
-    dropout: Optional[float] = typer.Option(None, "--dropout", help="override the model's dropout rate"),
-    max_input_length: Optional[int] = typer.Option(None, "--max-input-length"),
-    truncate: Optional[str] = typer.Option(None, "--truncate", help="left | right: cut documents over the limit"),
-    max_target_tokens: int = typer.Option(64, "--max-target-tokens", help="longest target (with EOS) accepted"),
-    on_bad: str = typer.Option("error", "--on-bad", help="error | skip (skipped examples are counted)"),
-    max_subtasks: Optional[int] = typer.Option(None, "--max-subtasks", help="sample this many subtasks per example"),
-    downsample: Optional[str] = typer.Option(None, "--downsample", help="VALUE:KEEP, e.g. none:0.3"),
-    eval_every: int = typer.Option(0, "--eval-every", help="steps between evaluations (0: at the end)"),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on the first N examples"),
-    save_every: int = typer.Option(0, "--save-every", help="steps between checkpoints (0: at the end)"),
-    keep_checkpoints: int = typer.Option(2, "--keep-checkpoints"),
-    log_every: int = typer.Option(1, "--log-every"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda | cuda:N"),
-    lora_r: int = typer.Option(0, "--lora-r", help="LoRA rank (0: train every weight)"),
-    lora_alpha: Optional[float] = typer.Option(None, "--lora-alpha"),
-    lora_targets: str = typer.Option("q,v", "--lora-targets", help="module names, e.g. q,v or q,k,v,o,wi_0,wi_1,wo"),
-    lora_dropout: float = typer.Option(0.0, "--lora-dropout"),
-) -> None:
-    """Train a T5 in the pid, pie or seq layout (run under `accelerate launch` for data parallel)."""
+def option_parameter(
+    f: dataclasses.Field, hint: Any, default: Any = None, required: bool = False, help: str | None = None
+) -> inspect.Parameter:
+    """The Typer option of one declared setting, as a keyword-only parameter."""
+    meta = dict(f.metadata) | ({"help": help} if help else {})
+    decls = [meta.get("flag") or "--" + f.name.replace("_", "-")] + ([meta["short"]] if meta.get("short") else [])
+    text = meta["help"] + (f" (required, {meta['required']})" if meta.get("required") and not required else "")
+    if meta.get("parse"):  # given as a string, turned into the value when the config is built
+        hint, default = Optional[str], meta.get("shown")
+    option = typer.Option(*decls, help=text, rich_help_panel=meta["panel"], show_default=True)
+    return inspect.Parameter(
+        f.name,
+        inspect.Parameter.KEYWORD_ONLY,
+        annotation=Annotated[hint, option],
+        default=... if required else default,
+    )
 
+
+def declared_options(cls, names=None, defaults=None, required=(), helps=None) -> list[inspect.Parameter]:
+    """The options of dataclass `cls`'s command-line settings (only `names`, if given; other
+    `defaults`, `required` ones, other `helps` by name), ordered by help panel."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli") or (names is not None and f.name not in names):
+            continue
+        default = (defaults or {}).get(f.name, f.default if f.default is not dataclasses.MISSING else None)
+        out.append(option_parameter(f, hints[f.name], default, f.name in required, (helps or {}).get(f.name)))
+    return by_panel(out)
+
+
+def by_panel(parameters: list[inspect.Parameter]) -> list[inspect.Parameter]:
+    """Parameters in the order of the help panels (stable: declaration order within one)."""
+    return sorted(parameters, key=lambda p: PANELS.index(_panel(p)))
+
+
+def _panel(parameter: inspect.Parameter) -> str:
+    return typing.get_args(parameter.annotation)[1].rich_help_panel
+
+
+def build_config(cls, values: dict, **extra) -> Any:
+    """A `cls` from option values: parsed where the setting says how, its default where not given."""
+    kwargs = dict(extra)
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        value, parse = values[f.name], f.metadata.get("parse")
+        if parse is not None and value is not None:
+            value = parse(value)
+        elif parse is not None:
+            continue  # not given: the field's own default
+        kwargs[f.name] = value
+    return cls(**kwargs)
+
+
+def command(name: str, parameters: list[inspect.Parameter], doc: str) -> Callable:
+    """Register `func(ctx, **options)` as command `name` with the generated options."""
+
+    def register(func: Callable) -> Callable:
+        ctx = inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context)
+        func.__signature__ = inspect.Signature([ctx, *parameters])
+        func.__doc__ = doc
+        return app.command(name)(func)
+
+    return register
+
+
+RESUME = inspect.Parameter(
+    "resume",
+    inspect.Parameter.KEYWORD_ONLY,
+    annotation=Annotated[
+        Optional[str],
+        typer.Option(
+            "--resume",
+            help="continue the run in this folder from its last readable checkpoint",
+            rich_help_panel="Output",
+        ),
+    ],
+    default=None,
+)
+
+
+@command(
+    "train",
+    [*declared_options(TrainConfig), RESUME],
+    "Train a T5 in the pid, pie or seq layout (run under `accelerate launch` for data parallel).",
+)
+def train(ctx: typer.Context, **options) -> None:
     try:
-        if resume is not None:
-            opts = {p.name: p.opts[0] for p in ctx.command.params}
+        if options["resume"] is not None:
+            flags = {p.name: p.opts[0] for p in ctx.command.params}
             given = [
-                opts.get(p, p)
+                flags.get(p, p)
                 for p in ctx.params
                 if p != "resume" and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"
             ]
             if given:
                 fail(f"--resume continues with the run's saved settings; drop {', '.join(given)}")
-            result = training.resume(resume)
+            result = training.resume(options["resume"])
         else:
-            if output is None:
+            if options["output"] is None:
                 fail("--output DIR is required (or --resume DIR)")
-            cfg = training.TrainConfig(
-                output=output,
-                layout=layout,
-                train=train_file,
-                eval=eval_file,
-                task=task,
-                data=data,
-                model=model,
-                size=size,
-                tokenizer=tokenizer,
-                steps=steps,
-                epochs=epochs,
-                batch_tokens=batch_tokens,
-                grad_accum=grad_accum,
-                optimizer=optimizer,
-                lr=lr,
-                position_lr_scale=position_lr_scale,
-                position_init_std=position_init_std,
-                weight_decay=weight_decay,
-                warmup_steps=warmup_steps,
-                schedule=schedule,
-                max_grad_norm=max_grad_norm,
-                gradient_checkpointing=gradient_checkpointing,
-                precision=precision,
-                dropout=dropout,
-                max_input_length=max_input_length,
-                truncate=truncate,
-                max_target_tokens=max_target_tokens,
-                on_bad=on_bad,
-                max_subtasks=max_subtasks,
-                downsample=training.parse_downsample(downsample),
-                eval_every=eval_every,
-                eval_limit=eval_limit,
-                save_every=save_every,
-                keep_checkpoints=keep_checkpoints,
-                log_every=log_every,
-                seed=seed,
-                device=device,
-                lora_r=lora_r,
-                lora_alpha=lora_alpha,
-                lora_targets=[t.strip() for t in lora_targets.split(",") if t.strip()],
-                lora_dropout=lora_dropout,
-            )
-            result = training.train(cfg)
+            result = training.train(build_config(TrainConfig, options))
     except (DataError, CheckpointError, ValueError) as e:
         fail(str(e))
     if result.get("rank", 0) == 0:
         typer.echo(json.dumps(result))
 
 
-@app.command()
-def compare(
-    output: str = typer.Option(..., "--output", "-o", help="parent folder: one run per layout, results.json/md"),
-    task: str = typer.Option(..., "--task", help="a registered task (see `pidec tasks`)"),
-    data: Optional[str] = typer.Option(None, "--data", help="the task's data folder or file"),
-    layouts: str = typer.Option("seq,pie,pid", "--layouts", help="comma-separated, trained in this order"),
-    model: Optional[str] = typer.Option(None, "--model", help="checkpoint folder to start every layout from"),
-    size: Optional[str] = typer.Option(None, "--size", help="from scratch: tiny | small | base"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder, or 'byte'"),
-    steps: int = typer.Option(..., "--steps", help="optimizer steps, the same for every layout"),
-    batch_tokens: int = typer.Option(4096, "--batch-tokens", help="padded encoder+decoder tokens per step"),
-    optimizer: str = typer.Option("adamw", "--optimizer", help="adamw | adafactor"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    position_lr_scale: float = typer.Option(1.0, "--position-lr-scale", help="position biases learn at lr x this"),
-    position_init_std: Optional[float] = typer.Option(None, "--position-init-std", help="their initial std"),
-    warmup_steps: int = typer.Option(0, "--warmup-steps"),
-    schedule: str = typer.Option("cosine", "--schedule", help="linear | cosine | constant"),
-    max_input_length: Optional[int] = typer.Option(None, "--max-input-length"),
-    max_target_tokens: int = typer.Option(64, "--max-target-tokens", help="longest target (with EOS) accepted"),
-    on_bad: str = typer.Option("skip", "--on-bad", help="error | skip (skipped examples are counted)"),
-    max_subtasks: Optional[int] = typer.Option(None, "--max-subtasks"),
-    downsample: Optional[str] = typer.Option(None, "--downsample", help="VALUE:KEEP, e.g. none:0.3"),
-    eval_split: str = typer.Option("test", "--eval-split"),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on the first N examples"),
-    eval_batch_size: int = typer.Option(8, "--eval-batch-size", help="documents decoded together"),
-    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", help="per subtask (default: the task's)"),
-    seed: int = typer.Option(0, "--seed"),
-    device: str = typer.Option("auto", "--device"),
-    precision: str = typer.Option("auto", "--precision", help="auto | fp32 | bf16 (autocast)"),
-) -> None:
-    """Train seq, pie and pid on the same budget (steps x tokens per step) and compare metric and speed."""
-
+@command(
+    "compare",
+    by_panel(
+        [
+            *declared_options(TrainConfig, COMPARE_TRAIN_FIELDS, COMPARE_DEFAULTS, COMPARE_REQUIRED, COMPARE_HELP),
+            *declared_options(CompareSettings),
+        ]
+    ),
+    "Train seq, pie and pid on the same budget (steps x tokens per step) and compare metric and speed.",
+)
+def compare(ctx: typer.Context, **options) -> None:
     try:
-        names = parse_layouts(layouts)
-        cfg = training.TrainConfig(
-            output=output,
-            # checked as a pid/pie run where there is one: their subtask sampling is left out for seq
-            layout=next((n for n in names if n != "seq"), names[0]),
-            task=task,
-            data=data,
-            model=model,
-            size=size,
-            tokenizer=tokenizer,
-            steps=steps,
-            batch_tokens=batch_tokens,
-            optimizer=optimizer,
-            lr=lr,
-            position_lr_scale=position_lr_scale,
-            position_init_std=position_init_std,
-            warmup_steps=warmup_steps,
-            schedule=schedule,
-            max_input_length=max_input_length,
-            max_target_tokens=max_target_tokens,
-            on_bad=on_bad,
-            max_subtasks=max_subtasks,
-            downsample=training.parse_downsample(downsample),
-            seed=seed,
-            device=device,
-            precision=precision,
-        )
+        names = parse_layouts(options["layouts"])
+        train_values = {k: v for k, v in options.items() if k in COMPARE_TRAIN_FIELDS}
+        # checked as a pid/pie run where there is one: their subtask sampling is left out for seq
+        cfg = build_config(TrainConfig, train_values, layout=next((n for n in names if n != "seq"), names[0]))
         cfg.check()
+        settings = build_config(CompareSettings, options)
         result = run_comparison(
-            cfg, names, eval_split, eval_limit, eval_batch_size=eval_batch_size, max_new_tokens=max_new_tokens
+            cfg,
+            names,
+            settings.eval_split,
+            settings.eval_limit,
+            eval_batch_size=settings.eval_batch_size,
+            max_new_tokens=settings.max_new_tokens,
         )
     except (DataError, CheckpointError, ValueError) as e:
         fail(str(e))

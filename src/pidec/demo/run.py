@@ -26,7 +26,7 @@ from ..data import write_jsonl
 from ..layouts import build
 from ..tasks import booking as synthetic
 from ..tasks.booking import BookingTask
-from ..training.loop import TrainConfig, train
+from ..training import TrainConfig, train
 
 # on top of the "tiny" size (d_model 128, d_ff 256, 2+2 layers): 8 heads of 16 rather than 4 of
 # 32, as the slots are told apart by where their values stand (more, smaller heads learnt faster)

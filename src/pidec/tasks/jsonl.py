@@ -2,8 +2,10 @@
 `{"id", "document", "subtasks": [{"prompt", "target"}]}`.
 
 `path` is a JSONL file (read whatever the split is called), or a folder holding
-`{split}.jsonl`. Metrics: exact match per subtask and per example (every subtask right),
-after collapsing whitespace and, by default, lower-casing; and ROUGE per subtask answer.
+`{split}.jsonl`. Metrics, in percent like every task's: exact match per subtask (`exact_match`,
+the main metric) and per example (`example_exact_match`: every subtask right), after collapsing
+whitespace and, by default, lower-casing; and ROUGE per subtask answer. `pidec train --eval FILE`
+scores its evaluations with this task.
 """
 
 from __future__ import annotations

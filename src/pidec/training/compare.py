@@ -26,14 +26,41 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .. import api, tasks
 from ..errors import InputError
 from ..evaluate import evaluate, write
 from ..layouts import LAYOUTS
-from .loop import TrainConfig, train
+from .config import SHAPE_FIELDS, TrainConfig, setting
+from .loop import train
+
+# The TrainConfig settings `pidec compare` takes (the same defaults as `pidec train`, except
+# COMPARE_DEFAULTS), and the ones it requires.
+COMPARE_TRAIN_FIELDS = (
+    "output", "task", "data", "model", "size", "tokenizer", *SHAPE_FIELDS, "dropout", "position_init_std",
+    "precision", "device", "steps", "batch_tokens", "optimizer", "lr", "position_lr_scale", "warmup_steps",
+    "schedule", "max_grad_norm", "seed", "max_input_length", "max_target_tokens", "on_bad", "max_subtasks",
+    "downsample", "progress", "progress_every",
+)  # fmt: skip
+COMPARE_DEFAULTS = {"on_bad": "skip"}
+COMPARE_HELP = {
+    "output": "parent folder: one run folder per layout, results.json and results.md",
+    "task": "a registered task (`pidec tasks`): its splits are trained and evaluated",
+}
+COMPARE_REQUIRED = ("output", "task", "steps")
+
+
+@dataclass
+class CompareSettings:
+    """What `pidec compare` adds to the training settings: the layouts and their evaluation."""
+
+    layouts: str = setting("seq,pie,pid", help="comma-separated layouts, trained in this order", panel="Data")
+    eval_split: str = setting("test", help="the task's split every final model is evaluated on", panel="Evaluation")
+    eval_limit: int | None = setting(None, help="evaluate on the first N examples", panel="Evaluation")
+    eval_batch_size: int = setting(8, help="documents decoded together", panel="Evaluation")
+    max_new_tokens: int | None = setting(None, help="tokens per subtask (default: the task's)", panel="Evaluation")
 
 
 def parse_layouts(value: str | list[str]) -> list[str]:
@@ -85,13 +112,14 @@ def run_comparison(
 
     if base.task is None:
         raise InputError("compare needs --task (the task's own splits are trained and evaluated)")
+    base = base.check().resolved()
     task = tasks.get(base.task)
     eval_split = task.check_split(eval_split)
     out = Path(base.output)
     out.mkdir(parents=True, exist_ok=True)
     examples = task.load(eval_split, base.data, limit=eval_limit)
     results = {"task": task.name, "main_metric": task.main_metric, "eval_split": eval_split, "layouts": {}}
-    results["config"] = {k: v for k, v in asdict(base).items() if k not in ("output", "layout", "progress")}
+    results["config"] = {k: v for k, v in base.to_dict().items() if k not in ("output", "layout", "progress")}
     for layout in layouts:
         cfg = replace(base, output=str(out / layout), layout=layout, log_every=1, eval=None, eval_split=None)
         if layout == "seq":  # subtask sampling is for pid and pie rows; seq trains on the whole target

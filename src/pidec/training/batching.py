@@ -1,0 +1,56 @@
+"""Which rows each step trains on: subtask sampling and token-budget batches.
+
+Every choice is a function of (seed, epoch), so an epoch's batch list is rebuilt identically
+after a resume and the data position is just (epoch, batch index).
+"""
+
+from __future__ import annotations
+
+import random
+
+from ..forcing import Part, padded_tokens
+from ..layouts import TrainItem
+from .config import TrainConfig
+
+POOL_BATCHES = 50  # examples are sorted by length within pools of about this many batches
+
+
+def select_rows(item: TrainItem, cfg: TrainConfig, epoch: int) -> list[int]:
+    """The rows of an item trained on this epoch: every row, or a seeded sample (down-sampling the
+    dominant values first, then at most max_subtasks). Never empty."""
+    rows = list(range(len(item.rows)))
+    if not cfg.downsample and not cfg.max_subtasks:
+        return rows
+    rng = random.Random(f"{cfg.seed}/{epoch}/{item.example}")
+    keep = [j for j in rows if rng.random() < cfg.downsample.get(item.values[j].strip().lower(), 1.0)]
+    if not keep:
+        keep = [rng.choice(rows)]
+    if cfg.max_subtasks and len(keep) > cfg.max_subtasks:
+        keep = sorted(rng.sample(keep, cfg.max_subtasks))
+    return keep
+
+
+def epoch_batches(items: list[TrainItem], cfg: TrainConfig, epoch: int) -> tuple[list[list[Part]], int]:
+    """Token-budget batches for one epoch: a seeded order, sorted by length within pools of
+    about 50 batches (so that a batch pads little), filled up to batch_tokens, then shuffled.
+    An example that alone exceeds the budget is a batch of its own (counted, returned)."""
+    rng = random.Random(f"{cfg.seed}/{epoch}/order")
+    order = list(range(len(items)))
+    rng.shuffle(order)
+    parts = [Part.of(items, i, select_rows(items[i], cfg, epoch)) for i in order]
+    mean = sum(p.enc_rows * p.enc_len + len(p.rows) * p.dec_len for p in parts) / len(parts)
+    pool = max(1, int(POOL_BATCHES * cfg.batch_tokens / max(mean, 1)))
+    batches: list[list[Part]] = []
+    for lo in range(0, len(parts), pool):
+        chunk = sorted(parts[lo : lo + pool], key=lambda p: (p.enc_len, p.dec_len))
+        batch: list[Part] = []
+        for p in chunk:
+            if batch and padded_tokens(batch + [p]) > cfg.batch_tokens:
+                batches.append(batch)
+                batch = []
+            batch.append(p)
+        if batch:
+            batches.append(batch)
+    alone = sum(len(b) == 1 and padded_tokens(b) > cfg.batch_tokens for b in batches)
+    rng.shuffle(batches)
+    return batches, alone
