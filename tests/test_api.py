@@ -73,7 +73,7 @@ def test_small_token_budget_chunks_documents_without_changing_outputs(model):
 def test_layouts_and_details(model):
     for layout in pidec.LAYOUTS:
         res = model.generate(DOC, PROMPTS, max_new_tokens=4, layout=layout, return_details=True)
-        assert len(res.outputs[0]) == len(PROMPTS)
+        assert len(res.outputs) == len(PROMPTS)
         assert set(res.timings) == {"tokenize_ms", "encode_ms", "decode_ms", "total_ms"}
         assert res.usage["prompt_tokens"] > 0 and res.usage["output_tokens"] > 0
     pid = model.generate(DOC, PROMPTS, max_new_tokens=4, return_details=True)
@@ -142,7 +142,7 @@ def test_one_budget_per_prompt(model):
     budgets = [1, 6, 3, 2]
     got = model.generate(DOC, PROMPTS, max_new_tokens=budgets, return_details=True)
     alone = [model.generate(DOC, [p], max_new_tokens=n)[0] for p, n in zip(PROMPTS, budgets)]
-    assert got.outputs[0] == alone
+    assert got.outputs == alone
     assert got.usage["output_tokens"] <= sum(budgets)
     enc = model.encode(DOC)
     assert model.generate(enc, PROMPTS, max_new_tokens=budgets) == alone
@@ -171,3 +171,30 @@ def test_bad_budgets(model, budgets, match):
 def test_batch_budget_count_must_match_examples(model):
     with pytest.raises(pidec.InputError, match="3 max_new_tokens entries for 2 examples"):
         model.generate_batch([(DOC, PROMPTS), (DOC, PROMPTS)], max_new_tokens=[1, 2, 3])
+
+
+def test_details_hold_the_same_outputs_as_the_plain_call(model):
+    """generate's details hold its flat list of answers; generate_batch's its nested lists."""
+    plain = model.generate(DOC, PROMPTS, max_new_tokens=4)
+    details = model.generate(DOC, PROMPTS, max_new_tokens=4, return_details=True)
+    assert details.outputs == plain and all(isinstance(a, str) for a in details.outputs)
+    assert details.to_dict()["outputs"] == plain
+    enc = model.encode(DOC)
+    assert model.generate(enc, PROMPTS, max_new_tokens=4, return_details=True).outputs == plain
+    examples = [(DOC, PROMPTS), ("Another short document about trains on monday.", ["train day"])]
+    batch = model.generate_batch(examples, max_new_tokens=4, return_details=True)
+    assert batch.outputs == model.generate_batch(examples, max_new_tokens=4) and batch.outputs[0] == plain
+
+
+def test_decoding_options_are_explicit_keywords(model):
+    beams = model.generate(DOC, PROMPTS, max_new_tokens=5, num_beams=2)
+    assert model.generate(DOC, PROMPTS, max_new_tokens=5, num_beams=2, compaction=False) == beams
+    short = model.generate(DOC, PROMPTS, max_new_tokens=5, num_beams=3, length_penalty=-2.0)
+    assert len(short) == len(PROMPTS)
+    enc = model.encode(DOC)
+    assert model.generate(enc, PROMPTS, max_new_tokens=5, num_beams=2, compaction=False) == beams
+    with pytest.raises(TypeError, match="early_stop"):
+        model.generate(DOC, PROMPTS, early_stop=True)  # a misspelt option is an error, not ignored
+    with pytest.raises(TypeError):
+        model.generate(DOC, PROMPTS, 5, 1, "pid", None, False, True)  # the options are keyword-only
+    assert not hasattr(model, "run")

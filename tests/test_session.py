@@ -159,3 +159,78 @@ def test_a_failed_admission_leaves_the_running_rows_whole(v11):
         for rid, tokens in session.step():
             got[ids[rid]] = tokens
     assert [got[j] for j in range(len(rows[0]))] == want[0]
+
+
+def test_a_session_kept_busy_keeps_its_cache_bounded_by_its_live_rows(v11):
+    """Rows join every few steps and the session never empties: the cache position would grow
+    without end if the slots before the oldest live row were kept. The cache length stays within
+    twice the longest span (prompt + budget) of the rows it holds, and every answer is decode's."""
+    model = v11.pid64()
+    g = torch.Generator().manual_seed(17)
+    docs = [random_tokens(g, 5 + i % 9, v11.vocab) for i in range(30)]
+    rows = [
+        [Row(0, [0] + random_tokens(g, (i + k) % 5, v11.vocab), 4 + (i * 3 + k) % 9) for k in range(2)]
+        for i in range(30)
+    ]
+    want = _alone(model, docs, rows, eos=None)
+    session = DecodeSession(model, eos_token_id=None)
+    span = {}  # live row id -> its prompt + budget
+    ids, got = {}, {}
+    for step in range(200):
+        if step % 3 == 0 and step // 3 < len(docs):
+            d = step // 3
+            for rid, (j, r) in zip(session.admit(encode(model, [docs[d]]), rows[d]), enumerate(rows[d])):
+                ids[rid] = (d, j)
+                span[rid] = len(r.prefix) + r.max_new_tokens
+            assert session.capacity <= 2 * max(span.values()), (step, session.capacity, span)
+        assert session.rows == 0 or session.capacity <= 2 * max(
+            len(r.prefix) + r.max_new_tokens for d in rows for r in d
+        )
+        for rid, tokens in session.step():
+            got[ids[rid]] = tokens
+            del span[rid]
+        if step > 3 * len(docs) and not session.rows:
+            break
+    assert step > 3 * len(docs) - 1  # the session ran that long without emptying ...
+    assert len(got) == sum(len(r) for r in rows)
+    assert [[got[(d, j)] for j in range(len(rows[d]))] for d in range(len(docs))] == want
+
+
+@pytest.mark.parametrize("num_beams", [2, 3])
+def test_beam_rows_join_beside_greedy_ones_and_decode_as_alone(v11, num_beams):
+    model = v11.pid64()
+    docs, rows = _case(v11.vocab, seed=11)
+    greedy = _alone(model, docs, rows)
+    beams = [decode(model, encode(model, [d]), r, num_beams=num_beams) for d, r in zip(docs, rows)]
+    session = DecodeSession(model)
+    ids, got = {}, {}
+    plan = {0: [(0, 1), (1, num_beams)], 2: [(2, num_beams)], 3: [(3, 1), (4, num_beams)], 7: [(5, num_beams)]}
+    step = 0
+    while step <= max(plan) or session.rows:
+        for d, nb in plan.get(step, []):
+            for rid, j in zip(session.admit(encode(model, [docs[d]]), rows[d], num_beams=nb), range(len(rows[d]))):
+                ids[rid] = (d, j, nb)
+        for rid, tokens in session.step():
+            got[ids.pop(rid)] = tokens
+        step += 1
+    for (d, j, nb), tokens in got.items():
+        assert tokens == (greedy[d][j] if nb == 1 else beams[d].tokens[j]), (d, j, nb)
+    assert len(got) == sum(len(r) for r in rows)
+    assert any(beams[d].tokens[j] != greedy[d][j] for d in range(len(docs)) for j in range(len(rows[d])))
+
+
+def test_dropping_a_beam_request_leaves_the_others_unchanged(t5):
+    model = t5.pid64()
+    docs, rows = _case(t5.vocab, seed=13)
+    want = [decode(model, encode(model, [d]), r, num_beams=2, eos_token_id=None).tokens for d, r in zip(docs, rows)]
+    session = DecodeSession(model, eos_token_id=None)
+    first = session.admit(encode(model, [docs[0]]), rows[0], num_beams=2)
+    second = session.admit(encode(model, [docs[2]]), rows[2], num_beams=2)
+    session.step()
+    session.drop(first[1:])  # two of the first request's rows (four beams) go away
+    got = {}
+    while session.rows:
+        for rid, tokens in session.step():
+            got[rid] = tokens
+    assert set(got) == {first[0], *second}
+    assert got[first[0]] == want[0][0] and [got[r] for r in second] == want[2]

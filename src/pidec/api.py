@@ -53,7 +53,11 @@ class EncodedDocument:
 
 @dataclass
 class GenerationResult:
-    outputs: list[list[str]]  # per example, one answer per prompt
+    """What `generate` and `generate_batch` return with return_details=True. `outputs` is what
+    they return without it: `generate`'s list of answers (one per prompt), `generate_batch`'s
+    list of such lists (one per example)."""
+
+    outputs: list[str] | list[list[str]]
     usage: dict = field(default_factory=dict)  # document_tokens, prompt_tokens, output_tokens
     timings: dict = field(default_factory=dict)  # tokenize_ms, encode_ms, decode_ms, total_ms
     truncations: list[Truncation] = field(default_factory=list)
@@ -111,17 +115,41 @@ class Model:
         layout: str = "pid",
         truncate: str | None = None,
         return_details: bool = False,
-        **kwargs,
+        *,
+        compaction: bool = True,
+        length_penalty: float = 1.0,
+        seq_instruction: str | None = None,
     ) -> list[str] | GenerationResult:
         """Answer every prompt about one document; outputs in prompt order.
 
-        max_new_tokens: one budget for every prompt, or a list with one per prompt."""
+        document: the text, or an `EncodedDocument` from `encode` (pid layout only).
+        max_new_tokens: one budget for every prompt, or a list with one per prompt.
+        num_beams: 1 for greedy decoding, more for beam search (transformers' scoring).
+        layout: "pid" (the document encoded once, each prompt in the decoder), "pie" (each
+        prompt in front of the document in the encoder) or "seq" (one output for all prompts).
+        truncate: None (a document over the model's limit is an error), "left" or "right".
+        return_details: return a `GenerationResult` (outputs, usage, timings, truncations,
+        stats) instead of the list of answers; its `outputs` is that same flat list.
+        compaction: rows that have ended leave the batch (False keeps them computing, to
+        measure what compaction saves; the outputs are the same).
+        length_penalty: beam search's exponent on the length when scoring finished beams.
+        seq_instruction: the seq layout's text put before the document (None: its default)."""
+        options = dict(compaction=compaction, length_penalty=length_penalty)
         if isinstance(document, EncodedDocument):
-            result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, **kwargs)
+            result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, **options)
         else:
             per_example = [max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
-            result = self.run([(document, prompts)], per_example, num_beams, layout, truncate, **kwargs)
-        return result if return_details else result.outputs[0]
+            result = self._generate_examples(
+                [(document, prompts)],
+                per_example,
+                num_beams,
+                layout,
+                truncate,
+                seq_instruction=seq_instruction,
+                **options,
+            )
+        result.outputs = result.outputs[0]
+        return result if return_details else result.outputs
 
     def generate_batch(
         self,
@@ -131,35 +159,52 @@ class Model:
         layout: str = "pid",
         truncate: str | None = None,
         return_details: bool = False,
-        **kwargs,
-    ) -> list[list[str]] | GenerationResult:
-        """Many documents, each with its own prompts, decoded together.
-
-        max_new_tokens: an int for all, or one entry per example (an int, or one per prompt)."""
-        result = self.run(examples, max_new_tokens, num_beams, layout, truncate, **kwargs)
-        return result if return_details else result.outputs
-
-    def run(
-        self,
-        examples: list[tuple[str, list[str]]],
-        max_new_tokens: int | list = 32,
-        num_beams: int = 1,
-        layout: str = "pid",
-        truncate: str | None = None,
+        *,
         compaction: bool = True,
         length_penalty: float = 1.0,
         seq_instruction: str | None = None,
+    ) -> list[list[str]] | GenerationResult:
+        """Many documents, each with its own prompts, decoded together; one list of answers per
+        example. The options are `generate`'s; with return_details, `outputs` is that nested list.
+
+        max_new_tokens: an int for all, or one entry per example (an int, or one per prompt)."""
+        result = self._generate_examples(
+            examples,
+            max_new_tokens,
+            num_beams,
+            layout,
+            truncate,
+            compaction=compaction,
+            length_penalty=length_penalty,
+            seq_instruction=seq_instruction,
+        )
+        return result if return_details else result.outputs
+
+    def _generate_examples(
+        self,
+        examples: list[tuple[str, list[str]]],
+        max_new_tokens: int | list,
+        num_beams: int,
+        layout: str,
+        truncate: str | None,
+        *,
+        compaction: bool,
+        length_penalty: float,
+        seq_instruction: str | None,
     ) -> GenerationResult:
+        """Tokenize the examples into a plan, encode the documents in chunks of at most
+        `max_batch_tokens` padded tokens, decode each chunk's rows, detokenize."""
         _check_decoding(num_beams)
         examples = _check_examples(examples)
         t0 = time.perf_counter()
+        cfg = self.config
         plan = layouts.build(
             self.tokenizer,
             examples,
             layout,
             max_new_tokens,
-            self.config.max_input_length,
-            self.config.decoder_start_token_id,
+            cfg.max_input_length,
+            cfg.decoder_start_token_id,
             truncate,
             seq_instruction,
         )
@@ -173,9 +218,7 @@ class Model:
             enc_s = time.perf_counter() - t1
             index = [k for k, r in enumerate(plan.rows) if doc_lo <= r.doc < doc_hi]
             rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
-            out = decode(
-                self.model, cross, rows, num_beams=num_beams, compaction=compaction, length_penalty=length_penalty
-            )
+            out = decode(self.model, cross, rows, num_beams, compaction=compaction, length_penalty=length_penalty)
             out.stats.encode_s = enc_s
             stats.add(out.stats)
             for k, toks in zip(index, out.tokens):
@@ -195,13 +238,15 @@ class Model:
     def _generate_encoded(
         self,
         enc: EncodedDocument,
-        prompts,
-        max_new_tokens,
-        num_beams,
-        layout,
-        compaction: bool = True,
-        length_penalty: float = 1.0,
+        prompts: list[str],
+        max_new_tokens: int | list[int],
+        num_beams: int,
+        layout: str,
+        *,
+        compaction: bool,
+        length_penalty: float,
     ) -> GenerationResult:
+        """Prompts decoded against an encoded document (pid layout only)."""
         if layout != "pid":
             raise InputError(
                 f"an encoded document decodes in the pid layout only (got layout={layout!r}): "
@@ -211,9 +256,7 @@ class Model:
         t0 = time.perf_counter()
         plan = layouts.build_encoded(self.tokenizer, prompts, max_new_tokens, self.config.decoder_start_token_id)
         t_tok = time.perf_counter() - t0
-        out = decode(
-            self.model, enc.cross, plan.rows, num_beams=num_beams, compaction=compaction, length_penalty=length_penalty
-        )
+        out = decode(self.model, enc.cross, plan.rows, num_beams, compaction=compaction, length_penalty=length_penalty)
         t1 = time.perf_counter()
         outputs = layouts.collect(plan, out.tokens, self.tokenizer)
         t_tok += time.perf_counter() - t1

@@ -1,15 +1,23 @@
 """The decoding engine: encode each document once, decode all of its rows over one shared
 cross-attention cache, greedy or beam search, ragged rows, compaction.
 
-Works on token ids only; `layouts` turns text into `Row`s and back. The prompts are prefilled
-in one pass, each document's prompts packed end to end (no padding); then one step is
+Works on token ids only; `layouts` turns text into `Row`s and back. Decoding is three named
+steps (after gpt-fast's `prefill` -> `decode_one_token` -> `decode_n_tokens`):
 
-    rows alive R (sorted by document), cache position p (the same for every row: each row's
-    cache is aligned so that the prompts end together), tokens [R, 1] -> logits [R, vocab]
+    prefill(rows) -> RowBatch        every row's prompt through the decoder in one packed pass
+                                     (each document's prompts end to end, no padding); the batch
+                                     holds the rows' caches and their next-token logits [R, vocab]
+    decode_one_token(batch, search)  the search (`pidec.search`: greedy or beams, one interface)
+                                     picks each row's next token; rows that ended leave the batch
+                                     (compaction); the others run one decoder step:
+                                     tokens [R', 1] at cache position p -> logits [R', vocab]
+    decode_n_tokens(batch, search)   until every row has ended
 
-A row that has finished is dropped from every per-row tensor before the next step
-(compaction), so a step costs what the rows still alive cost; a document with no row left
-is dropped from the cross-attention cache once enough of them have gone.
+Every row's cache is aligned so that the prompts end together at one position p (T5's
+self-attention depends only on key - query distances), the slots before a short prompt masked out
+for good. A step costs what the rows still alive cost; a document with no row left is dropped
+from the cross-attention cache once enough of them have gone. `session.DecodeSession` runs the
+same batch and searches with rows joining between steps.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from torch import Tensor
 
 from . import packing
 from .model import T5, CrossCache, KVCache, PackedPrefill, RowGroups
+from .search import new_search
 
 
 @dataclass
@@ -73,6 +82,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def special_ids(model: T5, eos_token_id: int | None, pad_token_id: int | None) -> tuple[int | None, int]:
+    """eos_token_id=-1 means the model's, None no EOS (rows run to their budget); pad None the model's."""
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
+    return eos, cfg.pad_token_id if pad_token_id is None else pad_token_id
+
+
 @torch.inference_mode()
 def encode(model: T5, docs: list[list[int]], pad_token_id: int | None = None) -> CrossCache:
     """Token lists -> the documents' cross-attention cache (right-padded, masked)."""
@@ -90,20 +106,6 @@ def encode(model: T5, docs: list[list[int]], pad_token_id: int | None = None) ->
     ids, keep = ids.to(model.device), keep.to(model.device)
     enc = model.encode(ids, keep)
     return model.cross_cache(enc, keep)
-
-
-class _Rows:
-    """The per-row state of one decoding run, kept aligned under compaction and reordering."""
-
-    def __init__(self, doc: Tensor, key_keep: Tensor, origin: Tensor):
-        self.doc = doc  # [R] document of each row
-        self.key_keep = key_keep  # [R, capacity] False on left padding
-        self.origin = origin  # [R] index into the caller's rows (beam rows: group index)
-
-    def select(self, index: Tensor) -> None:
-        self.doc = self.doc.index_select(0, index)
-        self.key_keep = self.key_keep.index_select(0, index)
-        self.origin = self.origin.index_select(0, index)
 
 
 # -- torch.compile ---------------------------------------------------------------------------
@@ -157,189 +159,10 @@ def check_rows(rows: list[Row], cross: CrossCache) -> None:
             raise ValueError(f"row {i}: document {r.doc} out of range ({cross.docs} encoded)")
 
 
-@torch.inference_mode()
-def decode(
-    model: T5,
-    cross: CrossCache,
-    rows: list[Row],
-    num_beams: int = 1,
-    eos_token_id: int | None = -1,
-    pad_token_id: int | None = None,
-    compaction: bool = True,
-    length_penalty: float = 1.0,
-    early_stopping: bool = False,
-    should_stop: Callable[[], bool] | None = None,
-) -> Decoded:
-    """Decode `rows` against `cross` (one entry per document). eos_token_id=-1 means the model's;
-    None means rows run to their max_new_tokens (the benchmark's fixed-length workloads).
-    `should_stop`, when given, is asked before every step; True abandons the decoding with
-    `Aborted` (the service uses it to stop a beam batch whose callers have all gone)."""
-    cfg = model.config
-    device = model.device
-    eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-    pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    if not rows:
-        return Decoded([], None if num_beams == 1 else [])
-    check_rows(rows, cross)
-    order = sorted(range(len(rows)), key=lambda i: rows[i].doc)
-    if order != list(range(len(rows))):
-        result = decode(
-            model,
-            cross,
-            [rows[i] for i in order],
-            num_beams,
-            eos_token_id,
-            pad_token_id,
-            compaction,
-            length_penalty,
-            early_stopping,
-            should_stop,
-        )
-        back = [0] * len(rows)
-        for new, old in enumerate(order):
-            back[old] = new
-        result.tokens = [result.tokens[back[i]] for i in range(len(rows))]
-        if result.scores is not None:
-            result.scores = [result.scores[back[i]] for i in range(len(rows))]
-        return result
-
-    sync(device)
-    t0 = time.perf_counter()
-    stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=int(cross.lengths.sum()))
-    G = len(rows)
-    P = max(len(r.prefix) for r in rows)
-    limits = [r.max_new_tokens for r in rows]
-    capacity = P + max(limits)
-
-    # Every row's cache is aligned so that the prefixes end together at P: row i's keys sit at
-    # [P - len(prefix_i), P) and the positions before are masked out for good.
-    key_keep = torch.ones((G, capacity), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        key_keep[i, : P - len(r.prefix)] = False
-    key_keep = key_keep.to(device)
-    padded = any(len(r.prefix) < P for r in rows)
-    doc = torch.tensor([r.doc for r in rows], device=device)
-    state = _Rows(doc, key_keep, torch.arange(G, device=device))
-
-    cache = KVCache(len(model.decoder.layers), G, cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
-    logits = prefill(model, cross, rows, cache, P, pad)  # [G, vocab]
-    stats.prefill_tokens = sum(len(r.prefix) for r in rows)
-    stats.self_cache_bytes = cache.nbytes() * num_beams
-    groups = RowGroups.from_doc(state.doc, cross.docs)
-
-    if num_beams > 1:
-        max_new = torch.tensor(limits, device=device)
-        beam = _BeamState(G, num_beams, max(limits), device, length_penalty, early_stopping)
-        greedy = None
-        cache.repeat_rows(num_beams)
-        state.select(torch.arange(G, device=device).repeat_interleave(num_beams))
-        logits = logits.repeat_interleave(num_beams, dim=0)
-    else:
-        beam, greedy = None, _Greedy(limits, eos, pad, compaction)
-
-    # A step's additive mask is the relative bias of the query at position p against keys 0..p,
-    # with the slots before a short prompt masked: the bias is a slice of one table computed here
-    # (T5's bias depends only on key - query), not a bucketing of distances at every step.
-    table = model.decoder.rel_bias.step_table(capacity, model.dtype)  # [1, heads, 1, capacity]
-    neg = torch.finfo(model.dtype).min
-
-    live_docs = cross
-    forward = step_decode(model)
-    step = 0
-    while True:
-        if greedy is not None:
-            feed, keep_index = greedy.step(logits)
-            if feed is None:
-                break
-        else:
-            # beam rows are reordered every step (each new beam continues one parent), and the
-            # rows of finished groups are left out of the same index when compacting
-            limit = max_new.index_select(0, state.origin)  # [R]
-            feed, keep_index = beam.step(logits, state.origin, limit, step, eos, compaction)
-            if bool(beam.done.all()):
-                break
-        if keep_index is not None:
-            cache.select(keep_index)
-            state.select(keep_index)
-            live_docs, state.doc = drop_empty_docs(live_docs, state.doc)
-            groups = RowGroups.from_doc(state.doc, live_docs.docs)
-        step += 1
-        if should_stop is not None and should_stop():
-            raise Aborted(f"stopped after {step} steps")
-        p = cache.pos
-        mask = table[..., capacity - 1 - p :]  # [1, heads, 1, p+1], a view
-        if padded:
-            mask = mask.masked_fill(~state.key_keep[:, None, None, : p + 1], neg)
-        hidden = forward(feed[:, None], live_docs, groups, mask, cache)
-        logits = model.logits(hidden[:, -1])
-        stats.steps += 1
-        stats.row_steps += feed.numel()
-
-    sync(device)
-    stats.decode_s = time.perf_counter() - t0
-    if beam is not None:
-        result, scores = beam.results(eos)
-    else:
-        result, scores = greedy.results(), None
-    stats.output_tokens = sum(len(t) for t in result)  # EOS not counted
-    return Decoded(result, scores, stats)
-
-
-class _Greedy:
-    """Greedy bookkeeping on the host. A step copies the chosen tokens to the host once (the one
-    synchronisation a step needs: which rows ended decides the next batch) and keeps the rest in
-    Python lists, instead of a dozen small tensor operations and several synchronisations."""
-
-    def __init__(self, limits: list[int], eos: int | None, pad: int, compaction: bool):
-        self.limits, self.eos, self.pad, self.compaction = limits, eos, pad, compaction
-        self.tokens: list[list[int]] = [[] for _ in limits]  # per caller row, EOS included
-        self.alive = list(range(len(limits)))  # caller row of each batch row
-        self.done = [False] * len(limits)
-        self.remaining = len(limits)
-        self.idle: Tensor | None = None  # without compaction: batch rows that have ended
-
-    def step(self, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        """Take each row's next token from logits [R, vocab]. Returns the tokens to feed [R'] (None
-        once every row has ended) and the batch rows to keep (None: the batch stays as it is)."""
-        nxt = logits.argmax(-1)  # [R]
-        keep, ended = [], False
-        for b, (i, token) in enumerate(zip(self.alive, nxt.tolist())):
-            if self.done[i]:  # without compaction, rows that ended stay in the batch
-                continue
-            out = self.tokens[i]
-            out.append(token)
-            if token == self.eos or len(out) >= self.limits[i]:
-                self.done[i] = True
-                self.remaining -= 1
-                ended = True
-            else:
-                keep.append(b)
-        if self.remaining == 0:
-            return None, None
-        if ended and self.compaction:
-            index = torch.tensor(keep, device=nxt.device)
-            self.alive = [self.alive[b] for b in keep]
-            return nxt.index_select(0, index), index
-        if ended:  # no compaction: rows that ended compute on, fed pad, and nothing is kept
-            self.idle = torch.tensor([self.done[i] for i in self.alive], device=nxt.device)
-        return (nxt if self.idle is None else nxt.masked_fill(self.idle, self.pad)), None
-
-    def results(self) -> list[list[int]]:
-        """Tokens per caller row, a final EOS removed."""
-        out = []
-        for seq in self.tokens:
-            if seq and self.eos is not None and seq[-1] == self.eos:
-                seq = seq[:-1]
-            out.append(seq)
-        return out
-
-
 PACK_TOKENS = 256  # longest packed prefill segment (its attention is segment x segment)
 
 
-def prefill(model: T5, cross: CrossCache, rows: list[Row], cache: KVCache, P: int, pad: int) -> Tensor:
+def prefill_prompts(model: T5, cross: CrossCache, rows: list[Row], cache: KVCache, P: int, pad: int) -> Tensor:
     """Run every row's prefix through the decoder in one pass and return each row's next-token
     logits [rows, vocab]. The prefixes of a document are packed end to end into segments of up
     to PACK_TOKENS tokens (no padding between rows of different lengths); a block-diagonal
@@ -391,134 +214,217 @@ def prefill(model: T5, cross: CrossCache, rows: list[Row], cache: KVCache, P: in
     return model.logits(hidden[ends[:, 0], ends[:, 1]])
 
 
-def drop_empty_docs(cross: CrossCache, doc: Tensor) -> tuple[CrossCache, Tensor]:
-    """Drop documents with no row left from the cross cache once a quarter of them are empty
-    (each drop copies the remaining documents' cache, so it is not done for every row)."""
+def document_order(rows: list[Row]) -> list[int]:
+    """The caller's row indices sorted by document (the decoder folds rows by document)."""
+    return sorted(range(len(rows)), key=lambda i: rows[i].doc)
+
+
+def inverse(order: list[int]) -> list[int]:
+    back = [0] * len(order)
+    for new, old in enumerate(order):
+        back[old] = new
+    return back
+
+
+# -- the batch of rows ----------------------------------------------------------------------
+
+
+def prompt_key_keep(prefix_lengths: list[int], P: int, capacity: int, device) -> Tensor:
+    """[R, capacity] False on the slots before each prompt: a row's prompt ends at P."""
+    keep = torch.ones((len(prefix_lengths), capacity), dtype=torch.bool)
+    for i, n in enumerate(prefix_lengths):
+        keep[i, : P - n] = False
+    return keep.to(device)
+
+
+class StepBias:
+    """The additive mask of a one-token step: the relative bias of the query at position p against
+    keys 0..p, with the slots before a row's prompt masked. The bias is a slice of one table
+    computed per cache capacity (T5's bias depends only on key - query), not a bucketing of
+    distances at every step."""
+
+    def __init__(self, model: T5):
+        self.model = model
+        self.table: Tensor | None = None  # [1, heads, 1, capacity]
+
+    def mask(self, key_keep: Tensor, p: int, padded: bool) -> Tensor:
+        """[1 or R, heads, 1, p+1] for a step writing position p; `padded`: some key_keep is False."""
+        capacity = key_keep.shape[1]
+        if self.table is None or self.table.shape[-1] != capacity:
+            self.table = self.model.decoder.rel_bias.step_table(capacity, self.model.dtype)
+        mask = self.table[..., capacity - 1 - p :]  # a view
+        if padded:
+            mask = mask.masked_fill(~key_keep[:, None, None, : p + 1], torch.finfo(self.model.dtype).min)
+        return mask
+
+
+class RowBatch:
+    """The rows being decoded, sorted by document, every per-row tensor kept aligned under
+    compaction and reordering (`select`):
+
+        cache     KVCache [R, heads, capacity, d_kv] per layer; every row writes at cache.pos
+        key_keep  [R, capacity] False on the slots before a row's prompt (`padded`: any False)
+        doc       [R] the row's document in `cross` (documents with no row left go now and then)
+        logits    [R, vocab] each row's next-token logits (None between a choice and the step)
+    """
+
+    def __init__(self, model: T5, cross: CrossCache, cache: KVCache, key_keep: Tensor, doc: Tensor, logits):
+        self.model, self.cross, self.cache = model, cross, cache
+        self.key_keep, self.doc, self.logits = key_keep, doc, logits
+        self.padded = not bool(key_keep.all())
+        self.groups = RowGroups.from_doc(doc, cross.docs)
+        self.bias = StepBias(model)
+
+    @property
+    def rows(self) -> int:
+        return self.doc.numel()
+
+    def select(self, keep: Tensor) -> None:
+        """Keep rows `keep`, in that order; drop documents left empty once enough of them are."""
+        self.cache.select(keep)
+        self.key_keep = self.key_keep.index_select(0, keep)
+        self.doc = self.doc.index_select(0, keep)
+        if self.logits is not None:
+            self.logits = self.logits.index_select(0, keep)
+        self.cross, self.doc = drop_empty_docs(self.cross, self.doc)
+        self.groups = RowGroups.from_doc(self.doc, self.cross.docs)
+
+    def forward(self, feed: Tensor) -> None:
+        """One decoder step: feed [R] one token a row; `logits` become the next token's."""
+        p = self.cache.pos
+        mask = self.bias.mask(self.key_keep, p, self.padded)
+        hidden = step_decode(self.model)(feed[:, None], self.cross, self.groups, mask, self.cache)
+        self.logits = self.model.logits(hidden[:, -1])
+
+
+def prefill(model: T5, cross: CrossCache, rows: list[Row], pad: int, num_beams: int = 1) -> RowBatch:
+    """Rows (sorted by document) prefilled into a new batch whose cache holds their prompts and
+    budgets; with beams, each row becomes `num_beams` consecutive rows sharing its prefill."""
+    device = model.device
+    cfg = model.config
+    P = max(len(r.prefix) for r in rows)
+    capacity = P + max(r.max_new_tokens for r in rows)
+    cache = KVCache(len(model.decoder.layers), len(rows), cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
+    logits = prefill_prompts(model, cross, rows, cache, P, pad)  # [G, vocab]
+    key_keep = prompt_key_keep([len(r.prefix) for r in rows], P, capacity, device)
+    doc = torch.tensor([r.doc for r in rows], device=device)
+    if num_beams > 1:
+        cache.repeat_rows(num_beams)
+        key_keep, doc, logits = (t.repeat_interleave(num_beams, dim=0) for t in (key_keep, doc, logits))
+    return RowBatch(model, cross, cache, key_keep, doc, logits)
+
+
+# -- decoding -------------------------------------------------------------------------------
+
+
+def choose_next(batch: RowBatch, search) -> Tensor | None:
+    """The search picks every row's next token and the rows that ended leave the batch. Returns
+    the tokens to feed the rows left, or None once the search is done."""
+    choice = search.choose(batch.logits)
+    if search.done:
+        return None
+    batch.logits = None  # the step about to run replaces them
+    if choice.keep is not None:
+        batch.select(choice.keep)
+    return choice.feed
+
+
+def decode_one_token(batch: RowBatch, search, stats: DecodeStats) -> bool:
+    """One step: choose, compact, run the decoder for the rows left. False once every row ended."""
+    feed = choose_next(batch, search)
+    if feed is None:
+        return False
+    batch.forward(feed)
+    stats.steps += 1
+    stats.row_steps += feed.numel()
+    return True
+
+
+def decode_n_tokens(batch: RowBatch, search, stats: DecodeStats, should_stop: Callable[[], bool] | None) -> None:
+    """Steps until every row has ended; `should_stop` is asked before each decoder step."""
+    if should_stop is None:
+        while decode_one_token(batch, search, stats):
+            pass
+        return
+    while (feed := choose_next(batch, search)) is not None:
+        if should_stop():
+            raise Aborted(f"stopped after {stats.steps + 1} steps")
+        batch.forward(feed)
+        stats.steps += 1
+        stats.row_steps += feed.numel()
+
+
+@torch.inference_mode()
+def decode(
+    model: T5,
+    cross: CrossCache,
+    rows: list[Row],
+    num_beams: int = 1,
+    *,
+    eos_token_id: int | None = -1,
+    pad_token_id: int | None = None,
+    compaction: bool = True,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> Decoded:
+    """Decode `rows` against `cross` (one entry per document); results in the caller's row order.
+
+    eos_token_id: -1 the model's; None: rows run to their max_new_tokens (the benchmark's
+    fixed-length workloads). compaction: rows that ended leave the batch (False keeps them,
+    computing on, to measure what compaction saves). length_penalty, early_stopping: beam search
+    scoring and stopping, as transformers'. should_stop: asked before every step; True abandons
+    the decoding with `Aborted`."""
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    if not rows:
+        return Decoded([], None if num_beams == 1 else [])
+    check_rows(rows, cross)
+    eos, pad = special_ids(model, eos_token_id, pad_token_id)
+    order = document_order(rows)
+    ordered = [rows[i] for i in order]
+    sync(model.device)
+    t0 = time.perf_counter()
+    stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=int(cross.lengths.sum()))
+    batch = prefill(model, cross, ordered, pad, num_beams)
+    stats.prefill_tokens = sum(len(r.prefix) for r in rows)
+    stats.self_cache_bytes = batch.cache.nbytes()
+    limits = [r.max_new_tokens for r in ordered]
+    search = new_search(
+        limits,
+        num_beams,
+        eos,
+        pad,
+        model.device,
+        compaction=compaction,
+        length_penalty=length_penalty,
+        early_stopping=early_stopping,
+    )
+    decode_n_tokens(batch, search, stats, should_stop)
+    sync(model.device)
+    stats.decode_s = time.perf_counter() - t0
+    tokens, scores = search.results()
+    stats.output_tokens = sum(len(t) for t in tokens)  # EOS not counted
+    back = inverse(order)
+    return Decoded([tokens[b] for b in back], None if scores is None else [scores[b] for b in back], stats)
+
+
+def drop_empty_docs(cross: CrossCache, doc: Tensor, share: float = 0.25) -> tuple[CrossCache, Tensor]:
+    """Drop documents with no row left from the cross cache once `share` of them are empty (each
+    drop copies the remaining documents' cache, so by default it is not done for every row; 0:
+    whenever one is). Returns the cache and the rows' new document indices."""
     docs = cross.docs
     if docs <= 1:
         return cross, doc
     present = torch.zeros(docs, dtype=torch.bool, device=doc.device)
     present[doc] = True
     empty = docs - int(present.sum())
-    if empty == 0 or empty * 4 < docs:
+    if empty == 0 or empty < share * docs:
         return cross, doc
     kept = present.nonzero().squeeze(1)
     remap = torch.full((docs,), -1, dtype=torch.long, device=doc.device)
     remap[kept] = torch.arange(kept.numel(), device=doc.device)
     return cross.select(kept), remap[doc]
-
-
-class _BeamState:
-    """Beam search over G groups (one per row) of `nb` beams, with transformers' scoring:
-    cumulative log-probabilities, 2*nb candidates a step, finished hypotheses scored by
-    sum_logprobs / generated_len**length_penalty, and its stopping heuristic. Beams of a row
-    are consecutive rows of the batch and share the document's cross-attention cache."""
-
-    NEG = -1.0e9
-
-    def __init__(self, G: int, nb: int, max_len: int, device, length_penalty: float, early_stopping: bool):
-        self.G, self.nb = G, nb
-        self.lp, self.early = length_penalty, early_stopping
-        self.running_scores = torch.zeros((G, nb), device=device)
-        self.running_scores[:, 1:] = self.NEG
-        self.running_seqs = torch.zeros((G, nb, max_len), dtype=torch.long, device=device)
-        self.fin_scores = torch.full((G, nb), self.NEG, device=device)
-        self.fin_seqs = torch.zeros((G, nb, max_len), dtype=torch.long, device=device)
-        self.fin_lens = torch.zeros((G, nb), dtype=torch.long, device=device)
-        self.fin_flag = torch.zeros((G, nb), dtype=torch.bool, device=device)
-        self.improvable = torch.ones(G, dtype=torch.bool, device=device)
-        self.alive = torch.arange(G, device=device)  # groups still in the batch, in batch order
-        self.top_mask = torch.zeros(2 * nb, dtype=torch.bool, device=device)
-        self.top_mask[:nb] = True
-        self.done = torch.zeros(G, dtype=torch.bool, device=device)
-
-    def step(self, logits: Tensor, origin: Tensor, limit: Tensor, step: int, eos, compaction: bool):
-        """logits [A*nb, V] for the alive groups (or all groups without compaction).
-        Returns the tokens to feed, the row index to keep (reorder + compaction) and the groups
-        that finished at this step."""
-        nb = self.nb
-        groups = origin.view(-1, nb)[:, 0]  # [A]
-        A = groups.numel()
-        V = logits.shape[-1]
-        logp = torch.log_softmax(logits.float(), dim=-1).view(A, nb, V)
-        logp = logp + self.running_scores[groups][:, :, None]
-        top_lp, top_idx = torch.topk(logp.view(A, nb * V), k=2 * nb)  # [A, 2nb]
-        src = top_idx // V
-        tok = top_idx % V
-        glimit = limit.view(-1, nb)[:, 0]
-        hits = (step + 1 >= glimit)[:, None].expand(A, 2 * nb)
-        if eos is not None:
-            hits = hits | (tok == eos)
-        prev = self.running_seqs[groups]  # [A, nb, L]
-        cand_seqs = torch.gather(prev, 1, src[:, :, None].expand(A, 2 * nb, prev.shape[-1])).clone()
-        cand_seqs[:, :, step] = tok
-
-        # next running beams: best nb candidates that did not stop
-        run_lp = top_lp + hits.float() * self.NEG
-        nxt = torch.topk(run_lp, k=nb).indices  # [A, nb]
-        new_scores = torch.gather(run_lp, 1, nxt)
-        new_src = torch.gather(src, 1, nxt)
-        new_tok = torch.gather(tok, 1, nxt)
-        new_seqs = torch.gather(cand_seqs, 1, nxt[:, :, None].expand(A, nb, cand_seqs.shape[-1]))
-
-        # finished hypotheses: only among the top nb candidates
-        improvable = self.improvable[groups]
-        fin_flag = self.fin_flag[groups]
-        fin_cand = top_lp / ((step + 1) ** self.lp)
-        full = fin_flag.all(-1, keepdim=True) & self.early
-        fin_cand = fin_cand + full.float() * self.NEG
-        fin_cand = fin_cand + (~improvable)[:, None].float() * self.NEG
-        just = hits & self.top_mask[None, :]
-        fin_cand = fin_cand + (~just).float() * self.NEG
-        m_scores = torch.cat([self.fin_scores[groups], fin_cand], 1)
-        m_seqs = torch.cat([self.fin_seqs[groups], cand_seqs], 1)
-        m_lens = torch.cat([self.fin_lens[groups], torch.full_like(fin_cand, step + 1, dtype=torch.long)], 1)
-        m_flag = torch.cat([fin_flag, just], 1)
-        pick = torch.topk(m_scores, k=nb).indices
-        fin_scores = torch.gather(m_scores, 1, pick)
-        fin_flag = torch.gather(m_flag, 1, pick)
-
-        # stopping heuristic (transformers' early_stopping=False): can the best running beam
-        # still beat the worst finished one?
-        best = new_scores[:, :1] / ((step + 1) ** self.lp)
-        worst = torch.where(fin_flag, fin_scores.min(-1, keepdim=True).values, torch.full_like(best, self.NEG))
-        improvable = improvable & (best > worst).any(-1)
-        finished = ~improvable | hits.all(-1)
-        if self.early:
-            finished = finished | fin_flag.all(-1)
-
-        # groups that had already finished (kept in the batch when not compacting) stay as they were
-        upd = ~self.done[groups]
-        g = groups[upd]
-        self.fin_scores[g] = fin_scores[upd]
-        self.fin_flag[g] = fin_flag[upd]
-        self.fin_seqs[g] = torch.gather(m_seqs, 1, pick[:, :, None].expand(A, nb, m_seqs.shape[-1]))[upd]
-        self.fin_lens[g] = torch.gather(m_lens, 1, pick)[upd]
-        self.running_scores[g] = new_scores[upd]
-        self.running_seqs[g] = new_seqs[upd]
-        self.improvable[g] = improvable[upd]
-        self.done[g] = finished[upd]
-
-        reorder = (torch.arange(A, device=logits.device)[:, None] * nb + new_src).view(-1)
-        feed = new_tok.reshape(-1)
-        if compaction:
-            alive = ~self.done[groups]
-            if bool(alive.all()):
-                return feed, reorder
-            return feed.view(A, nb)[alive].reshape(-1), reorder.view(A, nb)[alive].reshape(-1)
-        return feed, reorder
-
-    def results(self, eos) -> tuple[list[list[int]], list[float]]:
-        seqs = self.fin_seqs[:, 0].cpu()
-        lens = self.fin_lens[:, 0].cpu()
-        scores = self.fin_scores[:, 0].cpu().tolist()
-        out = []
-        for g in range(self.G):
-            s = seqs[g, : int(lens[g])].tolist()
-            if s and eos is not None and s[-1] == eos:
-                s.pop()
-            out.append(s)
-        return out, scores
 
 
 def budget_ranges(lengths: list[int], budget: int):

@@ -1,30 +1,39 @@
-"""Greedy decoding that lets new documents join between steps: the engine of continuous batching.
+"""Decoding that lets new rows join between steps: the engine of continuous batching.
 
 `generate.decode` runs a fixed set of rows to the end. A service wants more: documents arrive
 while others are being decoded, and a document that arrives should not wait for the whole batch
-to finish. A `DecodeSession` holds the rows of many documents at once:
+to finish. A `DecodeSession` holds the rows of many documents at once, greedy and beam search
+side by side (one search per admission, `pidec.search`), in one `generate.RowBatch`:
 
-    admit(cross, rows) -> row ids   prefill the new rows (packed, as `decode` does) and merge them
-                                    into the running batch, their documents' cache beside the rest
-    step() -> finished rows         pick every row's next token, retire the rows that ended
-                                    (compaction), run one decoder step for the others
+    admit(cross, rows, num_beams) -> row ids   prefill the new rows (as `decode` does) and merge
+                                    them into the running batch, their documents' cache beside the rest
+    step() -> finished rows         every search picks its rows' next tokens, rows that ended
+                                    leave (compaction), one decoder step runs for all the others
     drop(row ids)                   remove rows whose caller has gone (a cancelled request)
 
 A row sees what it would see in `decode`: T5's self-attention depends only on key - query
 distances, so a row that joins late is placed to end its prompt at the session's current cache
 position, with the slots before it masked out, exactly as a short prompt is placed in `decode`;
 and its document's cross-attention keys are its own, padded and masked beside the others'. The
-greedy tokens are therefore those of `decode` (the arithmetic is the same up to the order of
+tokens are therefore those of `decode` (the arithmetic is the same up to the order of
 floating-point sums in batches of other shapes, as in `Model.generate_batch`).
+
+The self-attention cache stays as long as the live rows need, however long the session runs
+without emptying: when rows join, the slots before the oldest live row's first slot are cut off
+(the time axis is compacted), so the cache length is at most twice the longest span (prompt plus
+budget) of the rows it holds (`capacity_after`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from .generate import Row, check_rows, drop_empty_docs, prefill, step_decode
-from .model import T5, CrossCache, KVCache, RowGroups, additive_mask
+from .generate import Row, RowBatch, check_rows, document_order, drop_empty_docs, inverse, prefill, special_ids
+from .model import T5, CrossCache, additive_mask
+from .search import new_search
 
 
 def concat_cross(caches: list[CrossCache]) -> CrossCache:
@@ -55,207 +64,198 @@ def concat_cross(caches: list[CrossCache]) -> CrossCache:
     return CrossCache(ks, vs, mask, lengths)
 
 
+@dataclass
+class Admission:
+    """The rows admitted together: one search over a contiguous block of the batch. Caller row i
+    of the search has the session row id `first_id + i`."""
+
+    search: object
+    first_id: int
+
+
 class DecodeSession:
-    """Greedy rows of many documents, decoded one step at a time; documents may join between
-    steps and rows leave as they end. Row ids are the session's own, unique for its lifetime.
+    """Rows of many documents, decoded one step at a time; rows may join between steps and leave
+    as they end. Row ids are the session's own, unique for its lifetime. Every method either
+    does all it says or, when it raises, leaves the running rows as they were.
 
     eos_token_id=-1 means the model's; None means rows run to their max_new_tokens."""
 
     def __init__(self, model: T5, eos_token_id: int | None = -1, pad_token_id: int | None = None):
-        cfg = model.config
         self.model = model
-        self.eos = cfg.eos_token_id if eos_token_id == -1 else eos_token_id
-        self.pad = cfg.pad_token_id if pad_token_id is None else pad_token_id
+        self.eos, self.pad = special_ids(model, eos_token_id, pad_token_id)
         self.steps = 0  # decoder steps run (after prefills)
         self.row_steps = 0  # sum over steps of the rows computed
+        self.batch: RowBatch | None = None
+        self.admissions: list[Admission] = []  # in batch order
         self._next_id = 0
-        self._reset()
-
-    def _reset(self) -> None:
-        self.cross: CrossCache | None = None  # documents with rows (a few empty ones until dropped)
-        self.cache: KVCache | None = None  # per-row self-attention cache, [rows, heads, capacity, d_kv]
-        self.key_keep: Tensor | None = None  # [rows, capacity] False on the slots before a row's prompt
-        self.doc: Tensor | None = None  # [rows] index into self.cross
-        self.limit: Tensor | None = None  # [rows] max_new_tokens
-        self.count: Tensor | None = None  # [rows] tokens chosen so far
-        self.logits: Tensor | None = None  # [rows, vocab] the next token's logits
-        self.groups: RowGroups | None = None
-        self.ids: list[int] = []  # row id of each row, in batch order
-        self.tokens: dict[int, list[int]] = {}
-        self._table: Tensor | None = None  # the decoding steps' relative bias, [1, heads, 1, capacity]
 
     @property
     def rows(self) -> int:
-        return len(self.ids)
+        return 0 if self.batch is None else self.batch.rows
 
     @property
     def docs(self) -> int:
-        return 0 if self.cross is None else self.cross.docs
+        return 0 if self.batch is None else self.batch.cross.docs
+
+    @property
+    def capacity(self) -> int:
+        """Length of the self-attention cache (slots per row)."""
+        return 0 if self.batch is None else self.batch.cache.capacity
+
+    @property
+    def document_length(self) -> int:
+        """Length of the cross-attention cache (the longest document held)."""
+        return 0 if self.batch is None else self.batch.cross.k[0].shape[2]
 
     # -- joining ----------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def admit(self, cross: CrossCache, rows: list[Row]) -> list[int]:
+    def admit(
+        self,
+        cross: CrossCache,
+        rows: list[Row],
+        num_beams: int = 1,
+        *,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
+    ) -> list[int]:
         """Prefill `rows` (their `doc` indexes `cross`) and add them to the batch. Returns their
-        row ids, in the order given. Their first token is chosen by the next `step`. If it raises,
-        the rows already running are untouched."""
+        row ids, in the order given. Their first token is chosen by the next `step`.
+
+        num_beams > 1: beam search for these rows (each becomes num_beams batch rows, its result
+        the best beam); length_penalty and early_stopping as in `generate.decode`."""
+        if num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {num_beams}")
         if not rows:
             return []
         check_rows(rows, cross)
-        model, device = self.model, self.model.device
-        cfg = model.config
-        order = sorted(range(len(rows)), key=lambda i: rows[i].doc)  # the decoder folds rows by document
+        order = document_order(rows)
         ordered = [rows[i] for i in order]
-        G = len(ordered)
-        P = max(len(r.prefix) for r in ordered)
-        longest = max(r.max_new_tokens for r in ordered)
-        cache = KVCache(len(model.decoder.layers), G, cfg.num_heads, P + longest, cfg.d_kv, model.dtype, device)
-        logits = prefill(model, cross, ordered, cache, P, self.pad)  # [G, vocab]
-        keep = torch.ones((G, P + longest), dtype=torch.bool)
-        for i, r in enumerate(ordered):
-            keep[i, : P - len(r.prefix)] = False
-        ids = list(range(self._next_id, self._next_id + G))
-        self._next_id += G
-        new = {
-            "cache": cache,
-            "key_keep": keep.to(device),
-            "doc": torch.tensor([r.doc for r in ordered], device=device),
-            "limit": torch.tensor([r.max_new_tokens for r in ordered], device=device),
-            "logits": logits,
-        }
-        self._merge(cross, new, ids)
-        for rid in ids:
-            self.tokens[rid] = []
-        back = [0] * G
-        for new_pos, old in enumerate(order):
-            back[old] = new_pos
-        return [ids[back[i]] for i in range(G)]
+        new = prefill(self.model, cross, ordered, self.pad, num_beams)
+        limits = [r.max_new_tokens for r in ordered]
+        search = new_search(
+            limits,
+            num_beams,
+            self.eos,
+            self.pad,
+            self.model.device,
+            length_penalty=length_penalty,
+            early_stopping=early_stopping,
+        )
+        batch = new if self.batch is None else self._join(new, max(limits))
+        # everything is built: only now does the session change, so a failure above leaves it whole
+        self.batch = batch
+        first = self._next_id
+        self._next_id += len(rows)
+        self.admissions.append(Admission(search, first))
+        return [first + b for b in inverse(order)]
 
-    def _merge(self, cross: CrossCache, new: dict, ids: list[int]) -> None:
-        """Put the prefilled rows after the running ones. Both caches are shifted so that every
-        row's next write lands at one common position p = max(running position, new prompts' end)."""
-        cache: KVCache = new["cache"]
-        if not self.ids:
-            self.cross, self.cache, self.key_keep = cross, cache, new["key_keep"]
-            self.doc, self.limit, self.logits = new["doc"], new["limit"], new["logits"]
-            self.count = torch.zeros_like(self.limit)
-            self.ids = list(ids)
-            self.groups = RowGroups.from_doc(self.doc, self.cross.docs)
-            return
-        old = self.cache
-        kept_cross, old_doc = self._compact_docs()
-        p_old, p_new = old.pos, cache.pos
-        p = max(p_old, p_new)
-        remaining = int(torch.cat([self.limit - self.count, new["limit"]]).max())
-        capacity = p + remaining
-        R, G = old.rows, cache.rows
+    def capacity_after(self, prefix: int, budget: int) -> int:
+        """The cache length after admitting rows whose prompts are at most `prefix` tokens and
+        budgets at most `budget`: the live rows' window (from the oldest live row's first slot to
+        the current position) or the new prompts, whichever is longer, plus the most slots any row
+        may still write."""
+        if self.batch is None:
+            return prefix + budget
+        window = self.batch.cache.pos - self._first_live_slot()
+        room = max(a.search.slots_left() for a in self.admissions)
+        return max(window, prefix) + max(room, budget)
+
+    def _first_live_slot(self) -> int:
+        b = self.batch
+        return int(b.key_keep[:, : b.cache.pos].any(0).int().argmax())
+
+    def _join(self, new: RowBatch, budget: int) -> RowBatch:
+        """The running rows and the prefilled ones in one batch, the new ones after. Both caches
+        are shifted so that every row's next write lands at one position p = max(live window,
+        new prompts' end); the slots before the oldest live row's first slot are cut off."""
+        old = self.batch
+        lo = self._first_live_slot()
+        w_old, p_new = old.cache.pos - lo, new.cache.pos
+        p = max(w_old, p_new)
+        capacity = self.capacity_after(p_new, budget)
+        R, G = old.rows, new.rows
 
         def shifted(a: Tensor, b: Tensor) -> Tensor:
             out = a.new_empty((R + G, a.shape[1], capacity, a.shape[3]))
             out[:, :, :p].zero_()  # masked slots must hold numbers: 0 * NaN is NaN
-            out[:R, :, p - p_old : p] = a[:, :, :p_old]
+            out[:R, :, p - w_old : p] = a[:, :, lo : lo + w_old]
             out[R:, :, p - p_new : p] = b[:, :, :p_new]
             return out
 
-        k = [shifted(a, b) for a, b in zip(old.k, cache.k)]
-        v = [shifted(a, b) for a, b in zip(old.v, cache.v)]
-        keep = torch.ones((R + G, capacity), dtype=torch.bool, device=self.key_keep.device)
-        keep[:R, : p - p_old] = False
-        keep[:R, p - p_old : p] = self.key_keep[:, :p_old]
-        keep[R:, : p - p_new] = False
-        keep[R:, p - p_new : p] = new["key_keep"][:, :p_new]
-        merged_cross = concat_cross([kept_cross, cross])
-        doc = torch.cat([old_doc, new["doc"] + kept_cross.docs])
-        groups = RowGroups.from_doc(doc, merged_cross.docs)
-        limit = torch.cat([self.limit, new["limit"]])
-        count = torch.cat([self.count, torch.zeros_like(new["limit"])])
-        logits = torch.cat([self.logits, new["logits"]])
-        # everything is built: only now does the session change, so a failure above leaves it whole
-        old.k, old.v, old.pos = k, v, p
-        self.key_keep, self.cross, self.doc, self.groups = keep, merged_cross, doc, groups
-        self.limit, self.count, self.logits = limit, count, logits
-        self.ids = self.ids + list(ids)
-
-    def _compact_docs(self) -> tuple[CrossCache, Tensor]:
-        """The cross cache without the documents that have no row left, and the rows' new indices."""
-        present = torch.zeros(self.cross.docs, dtype=torch.bool, device=self.doc.device)
-        present[self.doc] = True
-        if bool(present.all()):
-            return self.cross, self.doc
-        kept = present.nonzero().squeeze(1)
-        remap = torch.full((self.cross.docs,), -1, dtype=torch.long, device=self.doc.device)
-        remap[kept] = torch.arange(kept.numel(), device=self.doc.device)
-        return self.cross.select(kept), remap[self.doc]
+        k = [shifted(a, b) for a, b in zip(old.cache.k, new.cache.k)]
+        v = [shifted(a, b) for a, b in zip(old.cache.v, new.cache.v)]
+        keep = torch.zeros((R + G, capacity), dtype=torch.bool, device=old.key_keep.device)
+        keep[:, p:] = True
+        keep[:R, p - w_old : p] = old.key_keep[:, lo : lo + w_old]
+        keep[R:, p - p_new : p] = new.key_keep[:, :p_new]
+        kept_cross, old_doc = drop_empty_docs(old.cross, old.doc, share=0.0)
+        cross = concat_cross([kept_cross, new.cross])
+        doc = torch.cat([old_doc, new.doc + kept_cross.docs])
+        joined = RowBatch(self.model, cross, old.cache, keep, doc, torch.cat([old.logits, new.logits]))
+        old.cache.k, old.cache.v, old.cache.pos = k, v, p  # last: nothing below can fail
+        return joined
 
     # -- stepping ---------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[tuple[int, list[int]]]:
         """Choose every row's next token; return the rows that ended as (row id, tokens without
-        EOS); run one decoder step for the rows still going."""
-        if not self.ids:
+        EOS; for beams, the best beam's); run one decoder step for the rows still going."""
+        if self.batch is None:
             return []
-        nxt = self.logits.argmax(-1)  # [R]
-        self.count += 1
-        finished = self.count >= self.limit
-        if self.eos is not None:
-            finished |= nxt == self.eos
-        done = []
-        for rid, token, end in zip(self.ids, nxt.tolist(), finished.tolist()):
-            self.tokens[rid].append(token)
-            if end:
-                seq = self.tokens.pop(rid)
-                if self.eos is not None and seq[-1] == self.eos:
-                    seq.pop()
-                done.append((rid, seq))
-        if done:
-            if len(done) == len(self.ids):
-                self._reset()
-                return done
-            keep = (~finished).nonzero().squeeze(1)
-            nxt = nxt.index_select(0, keep)
-            self._select(keep)
-        self._forward(nxt)
-        return done
-
-    def _forward(self, feed: Tensor) -> None:
-        model = self.model
-        p, capacity = self.cache.pos, self.cache.capacity
-        if self._table is None or self._table.shape[-1] != capacity:  # the capacity changes when rows join
-            self._table = model.decoder.rel_bias.step_table(capacity, model.dtype)
-        mask = self._table[..., capacity - 1 - p :]  # [1, heads, 1, p+1]: the bias of this step (see decode)
-        keep = self.key_keep[:, : p + 1]
-        if not bool(keep.all()):
-            mask = mask.masked_fill(~keep[:, None, None, :], torch.finfo(model.dtype).min)
-        hidden = step_decode(model)(feed[:, None], self.cross, self.groups, mask, self.cache)
-        self.logits = model.logits(hidden[:, -1])
+        logits = self.batch.logits
+        feeds, keeps, done = [], [], []
+        lo = 0
+        for a in self.admissions:
+            n = a.search.rows
+            choice = a.search.choose(logits[lo : lo + n])
+            done += [(a.first_id + i, a.search.result(i)) for i in choice.ended]
+            keeps.append((lo, n, choice.keep))
+            feeds.append(choice.feed)
+            lo += n
+        if all(a.search.done for a in self.admissions):
+            self._reset()
+            return done
+        self.batch.logits = None  # the step below replaces them
+        if any(keep is not None for _, _, keep in keeps):
+            self.batch.select(self._batch_index(keeps))
+        self.admissions = [a for a in self.admissions if not a.search.done]
+        feed = torch.cat(feeds)
+        self.batch.forward(feed)
         self.steps += 1
         self.row_steps += feed.numel()
+        return done
+
+    def _batch_index(self, keeps: list[tuple[int, int, Tensor | None]]) -> Tensor:
+        """The admissions' own keep indices (block start, rows, keep or None: all) as one index
+        into the batch."""
+        device = self.batch.doc.device
+        parts = [torch.arange(lo, lo + n, device=device) if keep is None else keep + lo for lo, n, keep in keeps]
+        return torch.cat(parts)
 
     @torch.inference_mode()
     def drop(self, row_ids) -> None:
         """Remove these rows (their caller has gone); unknown ids are ignored."""
-        gone = set(row_ids) & set(self.tokens)
-        if not gone:
+        if self.batch is None:
             return
-        for rid in gone:
-            del self.tokens[rid]
-        if len(gone) == len(self.ids):
+        gone = set(row_ids)
+        index, lo, changed = [], 0, False
+        for a in self.admissions:
+            owner = a.search.owner
+            mine = [b for b, i in enumerate(owner) if a.first_id + i not in gone]
+            if len(mine) < len(owner):
+                a.search.drop_rows(mine)
+                changed = True
+            index += [lo + b for b in mine]
+            lo += len(owner)
+        if not changed:
+            return
+        if not index:
             self._reset()
             return
-        keep = torch.tensor([i for i, rid in enumerate(self.ids) if rid not in gone], device=self.doc.device)
-        self._select(keep)
+        self.batch.select(torch.tensor(index, dtype=torch.long, device=self.batch.doc.device))
+        self.admissions = [a for a in self.admissions if a.search.rows]
 
-    def _select(self, keep: Tensor) -> None:
-        """Keep rows `keep` (in order) in every per-row tensor; drop documents left empty once a
-        quarter of them are (as `decode` does)."""
-        self.cache.select(keep)
-        self.key_keep = self.key_keep.index_select(0, keep)
-        self.doc = self.doc.index_select(0, keep)
-        self.limit = self.limit.index_select(0, keep)
-        self.count = self.count.index_select(0, keep)
-        self.logits = self.logits.index_select(0, keep)
-        kept = keep.tolist()
-        self.ids = [self.ids[i] for i in kept]
-        self.cross, self.doc = drop_empty_docs(self.cross, self.doc)
-        self.groups = RowGroups.from_doc(self.doc, self.cross.docs)
+    def _reset(self) -> None:
+        self.batch, self.admissions = None, []

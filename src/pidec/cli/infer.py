@@ -73,7 +73,6 @@ def generate(
     except (InputError, CheckpointError) as e:
         fail(str(e))
     out = result.to_dict()
-    out["outputs"] = out["outputs"][0]
     typer.echo(json.dumps(out, ensure_ascii=False))
 
 

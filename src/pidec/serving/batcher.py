@@ -3,14 +3,15 @@
 Requests (`Job`s, one document with its prompts, already tokenized into a `layouts.Plan`) wait
 in a bounded queue. The decoding thread admits them in arrival order while the batch stays
 within a token budget (`max_batch_tokens`, counted by `footprint`: the cache slots the batch
-holds) and a number of documents (`max_batch_documents`; 1 turns batching off). When it has nothing running it first waits up to `max_wait_ms` for more requests, so that
-requests arriving close together start together.
+holds as the session will hold them) and a number of documents (`max_batch_documents`; 1 turns
+batching off). When it has nothing running it first waits up to `max_wait_ms` for more requests,
+so that requests arriving close together start together.
 
-Greedy jobs join a `DecodeSession` between decoding steps (continuous batching): their documents
-are encoded one job at a time, exactly as `Model.generate` encodes them, their rows prefilled and
-merged into the running batch, and each row leaves when it ends. Beam-search jobs with the same
-number of beams are decoded together by `generate.decode`, from start to end, between two steps;
-such a batch stops early when every one of its callers has gone.
+Every job, greedy or beam search, joins one `DecodeSession` between decoding steps (continuous
+batching): its documents are encoded one job at a time, exactly as `Model.generate` encodes them,
+its rows prefilled and merged into the running batch, and each row leaves when it ends. Greedy
+and beam rows advance together, one step of the session at a time, so a long beam request does
+not hold up a greedy one that arrives while it runs (nor the other way round).
 
 A job whose caller has gone (deadline passed, client disconnected) is dropped at the next step
 boundary: its rows leave the batch, nothing else changes. An exception fails the jobs it
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 from .. import layouts
 from ..api import Model
-from ..generate import Aborted, Row, budget_ranges, decode, encode, sync
+from ..generate import Row, budget_ranges, encode, sync
 from ..model import CrossCache
 from ..session import DecodeSession, concat_cross
 from .prometheus import Registry
@@ -93,20 +94,23 @@ class Job:
     def decoder_rows(self) -> int:
         return len(self.plan.rows) * self.num_beams
 
-    @property
-    def span(self) -> int:
-        """Self-attention cache slots one of its rows needs: the longest prefix plus the largest budget."""
-        return max(len(r.prefix) for r in self.plan.rows) + max(r.max_new_tokens for r in self.plan.rows)
 
-
-def footprint(jobs) -> int:
-    """Token slots a batch of these jobs holds: each encoder token (the cross-attention cache) and,
-    per decoder row, a self-attention cache as long as the batch's longest span (rows share one
-    cache position, so a row's cache is as long as any row's in the batch)."""
+def footprint(jobs, session: DecodeSession | None = None) -> int:
+    """Cache slots the decoding batch holds once these jobs have joined `session` (None: an empty
+    one): the cross-attention cache, documents x the longest document (they are padded side by
+    side), and the self-attention cache, decoder rows x its length as the session will set it
+    (`DecodeSession.capacity_after`: the live rows' window or the new prompts, whichever is
+    longer, plus the most slots any row may still write)."""
     jobs = list(jobs)
-    if not jobs:
-        return 0
-    return sum(j.encoder_tokens for j in jobs) + sum(j.decoder_rows for j in jobs) * max(j.span for j in jobs)
+    lengths = [len(d) for j in jobs for d in j.plan.docs]
+    rows = [r for j in jobs for r in j.plan.rows]
+    prefix = max((len(r.prefix) for r in rows), default=0)
+    budget = max((r.max_new_tokens for r in rows), default=0)
+    if session is None or not session.rows:
+        return len(lengths) * max(lengths, default=0) + sum(j.decoder_rows for j in jobs) * (prefix + budget)
+    docs = session.docs + len(lengths)
+    decoder_rows = session.rows + sum(j.decoder_rows for j in jobs)
+    return docs * max([session.document_length, *lengths]) + decoder_rows * session.capacity_after(prefix, budget)
 
 
 def declare_metrics(metrics: Registry) -> None:
@@ -148,7 +152,7 @@ class Batcher:
             declare_metrics(metrics)
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
-        self._active: list[Job] = []  # greedy jobs in the session
+        self._active: list[Job] = []  # jobs in the session
         self._rows: dict[int, tuple[Job, int]] = {}  # session row id -> (job, row index in its plan)
         self._session = DecodeSession(model.model)
         self._stopping = False
@@ -181,6 +185,16 @@ class Batcher:
     @property
     def active_rows(self) -> int:
         return self._session.rows
+
+    @property
+    def steps(self) -> int:
+        """Decoding steps run so far (by the current session: a failed batch starts a new one)."""
+        return self._session.steps
+
+    @property
+    def cache_slots(self) -> int:
+        """Cache slots the running batch holds now, counted as `footprint` counts them."""
+        return footprint([], self._session)
 
     def submit(self, job: Job) -> None:
         with self._cond:
@@ -223,11 +237,8 @@ class Batcher:
             if jobs is None:
                 return
             try:
-                greedy = [j for j in jobs if j.num_beams == 1]
-                if greedy:
-                    self._admit(greedy)
-                for nb in sorted({j.num_beams for j in jobs if j.num_beams > 1}):
-                    self._beams([j for j in jobs if j.num_beams == nb])
+                for nb in sorted({j.num_beams for j in jobs}):  # one admission (one search) per beam count
+                    self._admit([j for j in jobs if j.num_beams == nb], nb)
                 self._drop_cancelled()
                 if self._session.rows:
                     self._step()
@@ -250,23 +261,22 @@ class Batcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            batch = list(self._active)
             taken = []
             while self._pending:
-                candidate = batch + [self._pending[0]]
-                if batch and (
-                    len(candidate) > self.max_batch_documents or footprint(candidate) > self.max_batch_tokens
+                candidate = taken + [self._pending[0]]
+                if (self._active or taken) and (
+                    len(self._active) + len(candidate) > self.max_batch_documents
+                    or footprint(candidate, self._session) > self.max_batch_tokens
                 ):
                     break  # in arrival order: a large job is not overtaken by smaller ones
                 taken.append(self._pending.popleft())
-                batch = candidate
             return taken
 
     def _full(self) -> bool:
         return len(self._pending) >= self.max_batch_documents or footprint(self._pending) >= self.max_batch_tokens
 
     def _encode(self, job: Job) -> CrossCache:
-        """The job's documents encoded as `Model.run` encodes them (same chunks, same shapes)."""
+        """The job's documents encoded as `Model.generate` encodes them (same chunks, same shapes)."""
         model = self.model
         docs = job.plan.docs
         t0 = time.perf_counter()
@@ -300,12 +310,12 @@ class Batcher:
             base += cross.docs
         return ready, crosses, rows, owners
 
-    def _admit(self, jobs: list[Job]) -> None:
+    def _admit(self, jobs: list[Job], num_beams: int) -> None:
         ready, crosses, rows, owners = self._prepare(jobs)
         if not ready:
             return
         try:
-            ids = self._session.admit(concat_cross(crosses), rows)
+            ids = self._session.admit(concat_cross(crosses), rows, num_beams)
         except Exception as e:  # noqa: BLE001 - the joining requests fail, the running ones go on
             self._count_failure(e)
             for job in ready:
@@ -315,34 +325,6 @@ class Batcher:
             self._rows[rid] = (job, k)
             job.row_ids.append(rid)
         self._active.extend(ready)
-
-    def _beams(self, jobs: list[Job]) -> None:
-        ready, crosses, rows, owners = self._prepare(jobs)
-        if not ready:
-            return
-
-        def all_gone() -> bool:  # every caller of the batch gave up: stop decoding it now
-            now = time.monotonic()
-            return all(j.cancelled is not None or now > j.deadline for j in ready)
-
-        try:
-            out = decode(
-                self.model.model, concat_cross(crosses), rows, num_beams=ready[0].num_beams, should_stop=all_gone
-            )
-        except Aborted:
-            for job in ready:
-                self._expired(job)
-            return
-        except Exception as e:  # noqa: BLE001 - the batch fails, the service goes on
-            self._count_failure(e)
-            for job in ready:
-                self._settle(job, BatchFailed(f"decoding failed: {type(e).__name__}: {e}"))
-            return
-        for (job, k), tokens in zip(owners, out.tokens):
-            job.tokens[k] = tokens
-        for job in ready:
-            if not self._expired(job):
-                self._finish(job)
 
     def _step(self) -> None:
         if self.metrics is not None:
