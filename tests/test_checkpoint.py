@@ -464,6 +464,7 @@ def _write_config(folder: Path, text: str | bytes) -> None:
         ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
         ('"t5"', "found a JSON string"),
     ],
+    ids=["array", "binary", "deeply-nested", "string"],
 )
 def test_config_json_that_is_not_a_config(t5, tmp_path, text, match):
     folder = _copy(t5.folder, tmp_path / "c")
