@@ -65,7 +65,7 @@ TOKENIZER_VOCAB_FILES = (
 # Tokenizer classes that need no vocabulary file (one token per byte).
 VOCABULARY_FREE_TOKENIZERS = ("ByT5Tokenizer",)
 # An embedding may have more rows than its tokenizer has tokens (T5: 32128 rows for 32100
-# tokens, rounded up to a multiple of 128); this many unused rows at most.
+# tokens, rounded up to a multiple of 128); fewer unused rows than this.
 SPARE_EMBEDDING_ROWS = 128
 
 
