@@ -446,3 +446,237 @@ def test_bfloat16_save_and_reload(t5, tmp_path):
     again = load_model(folder, dtype=torch.bfloat16)
     for k, t in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], t), k
+
+
+# -- hostile folders (issue 20) and first-hour mistakes (issue 19) ----------------------------
+
+
+def _write_config(folder: Path, text: str | bytes) -> None:
+    path = folder / "config.json"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("[1, 2, 3]", "expected a JSON object of config fields, found a JSON array"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not UTF-8 text"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('"t5"', "found a JSON string"),
+    ],
+    ids=["array", "binary", "deeply-nested", "string"],
+)
+def test_config_json_that_is_not_a_config(t5, tmp_path, text, match):
+    folder = _copy(t5.folder, tmp_path / "c")
+    _write_config(folder, text)
+    with pytest.raises(CheckpointError, match=match):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_layers", 2.5), ("d_model", "32"), ("num_heads", True), ("d_ff", None), ("eos_token_id", 10**6)],
+)
+def test_config_sizes_must_be_integers_in_range(t5, tmp_path, field, value):
+    folder = _copy(t5.folder, tmp_path / "c")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    if value is None:
+        cfg[field] = [64]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"config\\.json: config {field}"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize(
+    "field, value, held",
+    [
+        ("num_layers", 10**6, "2 encoder layers"),
+        ("num_decoder_layers", 10**5, "3 decoder layers"),
+        ("d_model", 10**6, "32 embedding columns"),
+    ],
+)
+def test_absurd_config_size_is_refused_by_name_before_building(t5, tmp_path, field, value, held):
+    import time
+
+    folder = _copy(t5.folder, tmp_path / "big")
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg[field] = value
+    (folder / "config.json").write_text(json.dumps(cfg))
+    t0 = time.perf_counter()
+    with pytest.raises(CheckpointError, match=f"config\\.json {field}={value}, but the weights hold {held}"):
+        load_model(folder)
+    assert time.perf_counter() - t0 < 10  # refused from the header, not built layer by layer
+
+
+def test_config_that_does_not_fit_memory_is_refused(t5, monkeypatch):
+    from pidec import checkpoint
+
+    monkeypatch.setattr(checkpoint, "available_memory", lambda device: 1000)
+    with pytest.raises(CheckpointError, match="GiB for its weights in float32 .* are free on cpu"):
+        load_model(t5.folder)
+
+
+def test_parameter_count_matches_the_built_model(variant):
+    assert variant.pid.config.parameter_count() == sum(p.numel() for p in variant.pid.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.bool, torch.uint8])
+def test_integer_or_bool_weights_are_refused(t5, tmp_path, dtype):
+    folder = _copy(t5.folder, tmp_path / "i")
+    name = "encoder.block.0.layer.0.SelfAttention.q.weight"
+    _edit_weights(folder, lambda sd: sd.__setitem__(name, torch.ones(sd[name].shape, dtype=dtype)))
+    with pytest.raises(CheckpointError, match=f"tensor {name} is stored as"):
+        load_model(folder)
+    bin_folder = tmp_path / "bin"
+    bin_folder.mkdir()
+    shutil.copy(folder / "config.json", bin_folder / "config.json")
+    torch.save(load_file(str(folder / SAFE_WEIGHTS)), bin_folder / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match=f"tensor {name} is stored as torch"):
+        load_model(bin_folder)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nan_or_inf_weights_are_refused(t5, tmp_path, bad):
+    folder = _copy(t5.folder, tmp_path / "n")
+    name = "decoder.block.1.layer.2.DenseReluDense.wo.weight"
+
+    def poison(sd):
+        sd[name][3, 4] = bad
+
+    _edit_weights(folder, poison)
+    with pytest.raises(CheckpointError, match=f"tensor {name} holds 1 NaN or Inf value"):
+        load_model(folder)
+
+
+@pytest.mark.parametrize("device, match", [("foo", "not a device name"), ("cuda:7", "cuda:7")])
+def test_unknown_or_absent_device(t5, device, match):
+    from pidec.checkpoint import check_device
+    from pidec.errors import InputError
+
+    with pytest.raises(InputError, match=match):
+        load_model(t5.folder, device=device)
+    with pytest.raises(InputError, match=match):
+        check_device(device)
+
+
+def test_path_that_looks_local_never_goes_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from pidec.checkpoint import looks_local, resolve
+
+    def no_network(*a, **k):
+        raise AssertionError("sent to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    for path in ("runs/nope", "./nope", "../nope", "/nope/x", "a/b/c", "nope/", "~/nope", "runs\\nope", "a b"):
+        assert looks_local(path), path
+        with pytest.raises(CheckpointError, match="no such checkpoint folder"):
+            resolve(path)
+    with pytest.raises(CheckpointError, match="runs/nope: no such checkpoint folder \\(runs exists, nope does not\\)"):
+        resolve("runs/nope")
+    for hub_id in ("t5-small", "google/flan-t5-small"):
+        assert not looks_local(hub_id)
+
+
+def test_hub_failure_is_one_line(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from pidec.checkpoint import resolve
+
+    def offline(*a, **k):
+        raise OSError("Cannot connect.\nCheck your connection\n  and retry")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError) as err:
+        resolve("someone/model")
+    assert "\n" not in str(err.value) and "hub failed: Cannot connect. Check your connection and retry" in str(
+        err.value
+    )
+
+
+def test_run_folder_given_as_a_checkpoint_names_its_checkpoints(t5, tmp_path):
+    run = tmp_path / "prod"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="training run folder with no checkpoint in it yet"):
+        load_model(run)
+    _copy(t5.folder, run / "final")
+    _copy(t5.folder, run / "best")
+    _copy(t5.folder, run / "checkpoint-20")
+    with pytest.raises(CheckpointError) as err:
+        load_model(run)
+    msg = str(err.value)
+    assert "is a pidec training run folder, not a checkpoint" in msg
+    assert str(run / "final") in msg and str(run / "best") in msg and str(run / "checkpoint-20") in msg
+    (run / "run_config.json").unlink()  # recognised by its checkpoints alone
+    with pytest.raises(CheckpointError, match="training run folder"):
+        load_model(run)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_saved_files_get_the_permissions_of_an_ordinary_write(t5, tmp_path, umask):
+    import os
+    import stat
+
+    from pidec.checkpoint import file_mode, write_atomic
+
+    old = os.umask(umask)
+    try:
+        assert file_mode() == 0o666 & ~umask
+        folders = [save(t5.pid, tmp_path / "one"), save(t5.pid, tmp_path / "sharded", max_shard_bytes=4096)]
+        plain = tmp_path / "plain.txt"
+        plain.write_text("x")
+        write_atomic(tmp_path / "atomic.txt", "x")
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE(plain.stat().st_mode)
+    assert expected == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode) == expected
+    for folder in folders:
+        files = list(folder.iterdir())
+        assert any(f.suffix == ".safetensors" for f in files)
+        assert not [f.name for f in files if f.name.startswith(".")]  # no temporary file left
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == expected, f.name
+
+
+def test_tokenizer_config_alone_is_refused(tmp_path):
+    from pidec.checkpoint import load_tokenizer
+
+    from .shared_data import T5_TOKENIZER, require
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    shutil.copy(require(T5_TOKENIZER) / "tokenizer_config.json", folder / "tokenizer_config.json")
+    with pytest.raises(
+        CheckpointError, match="tokenizer_config.json but no vocabulary \\(tokenizer.json or spiece.model"
+    ):
+        load_tokenizer(folder)
+    (folder / "tokenizer.json").write_text('{"version": "1.0", "model": ')  # cut short
+    with pytest.raises(CheckpointError, match="cannot load a tokenizer"):
+        load_tokenizer(folder)
+
+
+def test_tokenizer_that_does_not_match_the_model(tmp_path):
+    from transformers import ByT5Tokenizer
+
+    from pidec.checkpoint import check_tokenizer, load_tokenizer
+    from pidec.model import T5Config
+
+    from .shared_data import T5_TOKENIZER, require
+
+    t5_tok = load_tokenizer(require(T5_TOKENIZER))
+    cfg = T5Config(vocab_size=32128)
+    check_tokenizer(t5_tok, cfg)  # 32100 tokens, 28 spare rows: the T5 checkpoints' own
+    with pytest.raises(CheckpointError, match="the tokenizer has 384 tokens but the model's embedding has 32128 rows"):
+        check_tokenizer(ByT5Tokenizer(), cfg)
+    with pytest.raises(CheckpointError, match="32100 tokens but the model's embedding has 1000 rows"):
+        check_tokenizer(t5_tok, T5Config(vocab_size=1000))
+    with pytest.raises(CheckpointError, match="the tokenizer's eos_token_id is 1, config.json says 5"):
+        check_tokenizer(t5_tok, T5Config(vocab_size=32128, eos_token_id=5))
+    with pytest.raises(CheckpointError, match="the tokenizer's pad_token_id is 0, config.json says 7"):
+        check_tokenizer(t5_tok, T5Config(vocab_size=32128, pad_token_id=7))

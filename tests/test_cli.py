@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -149,3 +150,135 @@ def test_generate_bad_input_is_one_clear_line(folder, doc_file, tmp_path):
     bad = tmp_path / "bad.txt"
     bad.write_text("ok\n   \n")
     assert f"{bad}:2: prompt is whitespace only" in _err(base + ["--prompts-file", str(bad)])
+
+
+# -- hostile input and first-hour mistakes (issues 19 and 20): one line, exit code 2 ----------
+
+
+def _one_line(args, match, input=None):
+    err = _err(args, input)
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert match in err, err
+    return err
+
+
+def test_option_errors_are_one_line(folder, doc_file):
+    base = ["generate", "--model", str(folder), "--document", str(doc_file), "--prompt", "a"]
+    _one_line(base + ["--max-new-tokens", "1e30"], "--max-new-tokens")
+    _one_line(["generate", "--document", str(doc_file), "--prompt", "a"], "Missing option '--model'")
+    _one_line(base + ["--bogus"], "No such option: --bogus")
+
+
+def test_huge_max_new_tokens_is_refused_before_allocating(folder, doc_file):
+    base = ["generate", "--model", str(folder), "--document", str(doc_file), "--prompt", "a"]
+    _one_line(base + ["--max-new-tokens", "1000000000"], "max_new_tokens=1000000000: 1 row(s) x 1 beam(s) would need")
+
+
+@pytest.mark.parametrize("device, match", [("foo", "device 'foo': not a device name"), ("cuda:7", "device 'cuda:7'")])
+def test_unknown_device_is_one_line(folder, doc_file, device, match):
+    _one_line(
+        ["generate", "--model", str(folder), "--document", str(doc_file), "--prompt", "a", "--device", device], match
+    )
+
+
+def _broken_copy(folder, tmp_path, name):
+    import shutil
+
+    return Path(shutil.copytree(folder, tmp_path / name))
+
+
+@pytest.mark.parametrize(
+    "config, match",
+    [
+        ("[1, 2]", "found a JSON array"),
+        (b"\x00\x01\xff binary", "not UTF-8 text"),
+        ('{"a":' * 50_000 + "1" + "}" * 50_000, "nested too deeply"),
+        ("num_layers=2.5", "config num_layers must be an integer, got 2.5"),
+        ("num_layers=1000000", "config.json num_layers=1000000, but the weights hold 2 encoder layers"),
+    ],
+    ids=["array", "binary", "deeply-nested", "non-integer-size", "absurd-size"],
+)
+def test_broken_config_is_one_line(folder, doc_file, tmp_path, config, match):
+    bad = _broken_copy(folder, tmp_path, "bad")
+    if isinstance(config, str) and config.startswith("num_layers="):
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["num_layers"] = json.loads(config.split("=")[1])
+        (bad / "config.json").write_text(json.dumps(cfg))
+    else:
+        (bad / "config.json").write_bytes(config if isinstance(config, bytes) else config.encode())
+    _one_line(["generate", "--model", str(bad), "--document", str(doc_file), "--prompt", "a"], match)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool"])
+def test_integer_weights_are_one_line(folder, doc_file, tmp_path, dtype):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    bad = _broken_copy(folder, tmp_path, "w")
+    sd = load_file(str(bad / "model.safetensors"))
+    sd["shared.weight"] = sd["shared.weight"].to(getattr(torch, dtype))
+    save_file(sd, str(bad / "model.safetensors"))
+    _one_line(
+        ["generate", "--model", str(bad), "--document", str(doc_file), "--prompt", "a"],
+        "tensor shared.weight is stored as",
+    )
+
+
+def test_missing_tokenizer_json_is_one_line_not_garbage(folder, doc_file, tmp_path):
+    bad = _broken_copy(folder, tmp_path, "t")
+    (bad / "tokenizer.json").unlink()  # tokenizer_config.json alone: transformers would build 104 tokens
+    _one_line(["generate", "--model", str(bad), "--document", str(doc_file), "--prompt", "a"], "no vocabulary")
+
+
+def test_mistyped_local_path_never_goes_to_the_hub(doc_file, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_network(*a, **k):
+        raise AssertionError("sent to the hub")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    _one_line(
+        ["generate", "--model", "runs/nope", "--document", str(doc_file), "--prompt", "a"],
+        "runs/nope: no such checkpoint folder",
+    )
+
+
+def test_run_folder_as_model_names_its_checkpoints(folder, doc_file, tmp_path):
+    import shutil
+
+    run = tmp_path / "prod"
+    run.mkdir()
+    (run / "run_config.json").write_text("{}")
+    shutil.copytree(folder, run / "final")
+    shutil.copytree(folder, run / "best")
+    err = _one_line(
+        ["generate", "--model", str(run), "--document", str(doc_file), "--prompt", "a"], "training run folder"
+    )
+    assert f"{run}/final" in err and f"{run}/best" in err
+
+
+def test_json_output_ends_with_a_newline(folder, doc_file, tmp_path):
+    r = runner.invoke(
+        app, ["generate", "--model", str(folder), "--document", str(doc_file), "--prompt", "a", "--max-new-tokens", "1"]
+    )
+    assert r.exit_code == 0 and r.stdout.endswith("}\n")
+    data = tmp_path / "x.jsonl"
+    data.write_text(
+        json.dumps({"id": "a", "document": DOC, "subtasks": [{"prompt": "area", "target": "north"}]}) + "\n"
+    )
+    r = runner.invoke(
+        app, ["eval", "--task", "jsonl", "--data", str(data), "--model", str(folder), "--max-new-tokens", "1"]
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout.endswith("}\n")
+
+
+def test_unknown_split_names_the_splits(folder, tmp_path):
+    data = tmp_path / "x.jsonl"
+    data.write_text(
+        json.dumps({"id": "a", "document": DOC, "subtasks": [{"prompt": "area", "target": "north"}]}) + "\n"
+    )
+    args = ["eval", "--task", "jsonl", "--data", str(data), "--model", str(folder), "--split", "banana"]
+    _one_line(args, "--split 'banana': task jsonl has the splits train, dev, test")

@@ -450,7 +450,10 @@ def test_a_non_finite_loss_stops_training_before_the_weights_are_touched(tmp_pat
     model = tiny_model(vocab_size=384)
     model.config.max_input_length = 512
     with torch.no_grad():
-        model.lm_head.weight[5, 0] = float("inf")  # every logit row sees it: the loss is not finite
+        # finite weights (a NaN or Inf weight is refused when loading) whose logits overflow:
+        # one of the two rows gives +inf at every position, so the loss is not finite
+        model.lm_head.weight[5] = torch.finfo(torch.float32).max
+        model.lm_head.weight[6] = -torch.finfo(torch.float32).max
     checkpoint.save(model, tmp_path / "bad")
     TOK.save_pretrained(tmp_path / "bad")
     run = pidec(

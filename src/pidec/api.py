@@ -93,9 +93,9 @@ class Model:
     # -- encoding ---------------------------------------------------------------------------
 
     def encode(self, document: str, truncate: str | None = None) -> EncodedDocument:
-        if not isinstance(document, str) or not document.strip():
+        if not isinstance(document, str) or layouts.is_blank(document):
             raise InputError("document is empty" if isinstance(document, str) else "document must be a string")
-        ids = self.tokenizer(document, add_special_tokens=False)["input_ids"]
+        ids = layouts.encode_text(self.tokenizer, document)
         full = len(ids) + 1
         ids, cut = layouts.fit(ids, self.config.max_input_length, truncate, "document", [self.tokenizer.eos_token_id])
         t0 = time.perf_counter()
@@ -208,6 +208,7 @@ class Model:
             truncate,
             seq_instruction,
         )
+        layouts.check_decode_memory(plan, self.config, num_beams, self.model.dtype, self.device)
         t_tok = time.perf_counter() - t0
         stats = DecodeStats()
         tokens: list[list[int]] = [[] for _ in plan.rows]
@@ -255,6 +256,7 @@ class Model:
         _check_decoding(num_beams)
         t0 = time.perf_counter()
         plan = layouts.build_encoded(self.tokenizer, prompts, max_new_tokens, self.config.decoder_start_token_id)
+        layouts.check_decode_memory(plan, self.config, num_beams, self.model.dtype, self.device)
         t_tok = time.perf_counter() - t0
         out = decode(self.model, enc.cross, plan.rows, num_beams, compaction=compaction, length_penalty=length_penalty)
         t1 = time.perf_counter()
@@ -353,10 +355,7 @@ def load(
             f"{folder}: no tokenizer files (tokenizer.json, spiece.model); pass tokenizer=FOLDER"
         )
     tok = checkpoint.load_tokenizer(tok_source)
-    if len(tok) > model.config.vocab_size:
-        raise checkpoint.CheckpointError(
-            f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}"
-        )
+    checkpoint.check_tokenizer(tok, model.config, str(tok_source))
     if quantize is not None:
         try:
             quant.quantize_model(model.eval(), quantize)

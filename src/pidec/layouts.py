@@ -8,13 +8,33 @@
   back by `parse_seq`.
 
 A layout is data (`Plan`) handed to the one decoding engine, not a separate path through the
-model. Training (a later issue) builds the same rows with targets appended.
+model. Training (`TrainTokenizer`) builds the same rows with targets appended.
+
+User text is text: every document, prompt and target is tokenized by `encode_text`, which
+keeps special-token strings typed in the text (`</s>`, `<pad>`, `<extra_id_0>`) as the text
+they are, so that a prompt or document cannot inject an EOS, a pad or a sentinel. The
+tokenizer is called with `split_special_tokens=True` (no added-token matching); where its model
+still produces a control piece from the characters (T5's Unigram vocabulary holds `</s>` as a
+piece), that piece is spelt out: its first character alone (unknown to T5, so `<unk>`, as
+SentencePiece itself encodes `<`) and the rest re-tokenized, which is what the sentencepiece
+model T5 was trained with gives: `</s>` -> `<unk> / s >`. ByT5 and byte-level BPE tokenizers
+give the bytes. Only the code places control tokens (the EOS after a document, the decoder
+start before a prompt). The same function serves generation (library, CLI and service) and
+training, so both see the same ids. `<unk>` may come out of text, as SentencePiece gives it for
+unknown characters (a typed `<unk>` may become that token itself: it controls nothing).
+
+A document or prompt with nothing visible (only whitespace, zero-width or other format
+characters, see `is_blank`) is refused.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass, field
 
+import torch
+
+from .checkpoint import available_memory
 from .errors import InputError
 from .generate import Row
 
@@ -44,6 +64,71 @@ class Plan:
     prompt_tokens: int = 0
 
 
+# Characters that draw nothing but are not whitespace nor of a format category (Cf).
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u2800\u3164\uffa0")
+
+
+def is_blank(text: str) -> bool:
+    """True if `text` shows nothing: only whitespace, control, format (zero-width space and
+    joiners, BOM, soft hyphen, bidi marks) or other invisible characters."""
+    return all(
+        c.isspace() or c in _INVISIBLE or unicodedata.category(c) in ("Cc", "Cf", "Zs", "Zl", "Zp") for c in text
+    )
+
+
+def control_ids(tokenizer) -> frozenset[int]:
+    """Ids only the code may place: the tokenizer's special tokens (EOS, pad, sentinels, ...)
+    but `<unk>`, which text may produce."""
+    ids = set(tokenizer.all_special_ids)
+    ids.discard(tokenizer.unk_token_id)
+    return frozenset(ids)
+
+
+def encode_text(tokenizer, texts, control: frozenset[int] | None = None):
+    """Token ids of user text (a string, or a list of strings), no EOS added, special-token
+    strings kept as text (see the module's docstring). `control`: `control_ids(tokenizer)`,
+    when the caller holds it."""
+    single = isinstance(texts, str)
+    batch = [texts] if single else list(texts)
+    if not batch:
+        return []
+    out = tokenizer(batch, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    control = control_ids(tokenizer) if control is None else control
+    out = [ids if control.isdisjoint(ids) else _spell_out(tokenizer, ids, control) for ids in out]
+    return out[0] if single else out
+
+
+def _spell_out(tokenizer, ids: list[int], control: frozenset[int]) -> list[int]:
+    model = getattr(getattr(tokenizer, "backend_tokenizer", None), "model", None)
+    out: list[int] = []
+    for i in ids:
+        if i in control:
+            out += _piece_as_text(tokenizer, model, tokenizer.convert_ids_to_tokens(i), control)
+        else:
+            out.append(i)
+    return out
+
+
+def _piece_as_text(tokenizer, model, piece: str, control: frozenset[int]) -> list[int]:
+    first = tokenizer.convert_tokens_to_ids(piece[0])
+    if first is None or first in control:
+        first = tokenizer.unk_token_id
+        if first is None:
+            raise InputError(f"the text holds {piece!r}, a control token this tokenizer cannot write as text")
+    rest = piece[1:]
+    if not rest:
+        return [first]
+    if model is not None:
+        ids = [t.id for t in model.tokenize(rest)]
+    else:
+        ids = [tokenizer.convert_tokens_to_ids(c) for c in rest]
+        ids = [tokenizer.unk_token_id if i is None else i for i in ids]
+    out = [first]
+    for i in ids:
+        out += _piece_as_text(tokenizer, model, tokenizer.convert_ids_to_tokens(i), control) if i in control else [i]
+    return out
+
+
 def check_layout(layout: str) -> str:
     if layout not in LAYOUTS:
         raise InputError(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
@@ -59,8 +144,8 @@ def check_prompts(prompts, example: int = 0) -> list[str]:
     for j, p in enumerate(prompts):
         if not isinstance(p, str):
             raise InputError(f"example {example}: prompt {j} is {type(p).__name__}, expected a string")
-        if not p.strip():
-            raise InputError(f"example {example}: prompt {j} is empty or whitespace")
+        if is_blank(p):
+            raise InputError(f"example {example}: prompt {j} is empty or whitespace (nothing visible)")
     return prompts
 
 
@@ -80,6 +165,27 @@ def budgets(max_new_tokens, k: int, example: int = 0) -> list[int]:
                 raise InputError(f"example {example}: max_new_tokens[{j}] must be an integer >= 1, got {n!r}")
         return list(max_new_tokens)
     raise InputError(f"max_new_tokens must be an integer >= 1 (or one per prompt), got {max_new_tokens!r}")
+
+
+def check_decode_memory(plan: Plan, config, num_beams: int, dtype: torch.dtype, device) -> None:
+    """Refuse a decoding whose self-attention cache cannot fit in the memory free on `device`,
+    before anything is allocated: every row of the plan (times its beams) holds keys and values
+    for its prompt and its whole max_new_tokens budget in every decoder layer (an upper bound
+    where the rows are decoded in several batches)."""
+    if not plan.rows:
+        return
+    biggest = max(r.max_new_tokens for r in plan.rows)
+    capacity = max(len(r.prefix) for r in plan.rows) + biggest
+    rows = len(plan.rows) * num_beams
+    element = torch.empty((), dtype=dtype).element_size()
+    need = 2 * config.num_decoder_layers * rows * config.num_heads * config.d_kv * capacity * element
+    free = available_memory(torch.device(device))
+    if free is not None and need > free:
+        raise InputError(
+            f"max_new_tokens={biggest}: {len(plan.rows)} row(s) x {num_beams} beam(s) would need a "
+            f"{need / 2**30:.1f} GiB decoder cache, and {free / 2**30:.1f} GiB are free on {device}; "
+            "lower max_new_tokens"
+        )
 
 
 def fit(ids: list[int], limit: int, truncate: str | None, what: str, keep_end: list[int]) -> tuple[list[int], bool]:
@@ -123,18 +229,19 @@ def build(
     if not isinstance(max_new_tokens, (list, tuple)):
         budgets(max_new_tokens, 1)  # validates the int before any tokenizing
     eos = tokenizer.eos_token_id
+    control = control_ids(tokenizer)
     plan = Plan(layout, [], [], [], [])
     for i, (document, prompts) in enumerate(examples):
         if not isinstance(document, str):
             raise InputError(f"example {i}: document is {type(document).__name__}, expected a string")
-        if not document.strip():
-            raise InputError(f"example {i}: document is empty")
+        if is_blank(document):
+            raise InputError(f"example {i}: document is empty (nothing visible)")
         prompts = check_prompts(prompts, i)
         limits = budgets(
             max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
         )
         plan.prompts.append(prompts)
-        prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_text(tokenizer, prompts, control)
         plan.prompt_tokens += sum(len(p) for p in prompt_ids)
         if layout == "pie":
             _pie(
@@ -152,7 +259,7 @@ def build(
             )
             continue
         text = document if layout == "pid" or not seq_instruction else f"{seq_instruction} {document}"
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = encode_text(tokenizer, text, control)
         full = len(ids) + 1
         ids, cut = fit(ids, max_input_length, truncate, f"example {i}: document", [eos])
         if cut:
@@ -178,7 +285,7 @@ def build_encoded(tokenizer, prompts: list[str], max_new_tokens: int | list[int]
     """pid rows for one document that is already encoded (its cache is document 0)."""
     prompts = check_prompts(prompts)
     limits = budgets(max_new_tokens, len(prompts))
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prompt_ids = encode_text(tokenizer, prompts)
     plan = Plan("pid", [], [], [], [prompts], prompt_tokens=sum(len(p) for p in prompt_ids))
     _pid_rows(plan, 0, 0, prompt_ids, limits, decoder_start_token_id)
     return plan
@@ -186,7 +293,7 @@ def build_encoded(tokenizer, prompts: list[str], max_new_tokens: int | list[int]
 
 def _pie(plan, tokenizer, i, document, prompts, prompt_ids, limits, limit, start, truncate, eos):
     texts = [f"{p} {document}" for p in prompts]
-    rows = tokenizer(texts)["input_ids"]
+    rows = [ids + [eos] for ids in encode_text(tokenizer, texts)]
     doc_ids = None  # the document alone, tokenized once if some row must be cut
     for j, ids in enumerate(rows):
         if len(ids) > limit:
@@ -194,7 +301,7 @@ def _pie(plan, tokenizer, i, document, prompts, prompt_ids, limits, limit, start
                 fit(ids[:-1], limit, None, f"example {i}: prompt {j} + document", [eos])
             # cut the document, never the prompt
             if doc_ids is None:
-                doc_ids = tokenizer(document, add_special_tokens=False)["input_ids"]
+                doc_ids = encode_text(tokenizer, document)
             room = limit - len(prompt_ids[j]) - 1
             if room < 1:
                 raise InputError(
@@ -290,12 +397,17 @@ class TrainTokenizer:
         self.seq_instruction = seq_instruction
         self.seq_omit = seq_omit
         self.eos = tokenizer.eos_token_id
+        self.control = control_ids(tokenizer)
         self._cache: dict[str, list[int]] = {}
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of `text` as generation tokenizes it (`encode_text`), uncached."""
+        return encode_text(self.tok, text, self.control)
 
     def ids(self, text: str) -> list[int]:
         got = self._cache.get(text)
         if got is None:
-            got = self.tok(text, add_special_tokens=False)["input_ids"]
+            got = self.encode(text)
             if len(self._cache) < 200_000:
                 self._cache[text] = got
         return got
@@ -303,28 +415,26 @@ class TrainTokenizer:
     def target_tokens(self, prompts: list[str], targets: list[str]) -> list[int]:
         """Target tokens with EOS, per row of the layout (seq: one row holding every answer)."""
         if self.layout == "seq":
-            return [
-                len(self.tok(format_seq(prompts, targets, self.seq_omit), add_special_tokens=False)["input_ids"]) + 1
-            ]
+            return [len(self.encode(format_seq(prompts, targets, self.seq_omit))) + 1]
         return [len(self.ids(t)) + 1 for t in targets]
 
     def item(self, i: int, document: str, prompts: list[str], targets: list[str]) -> TrainItem:
         if self.layout == "seq":
             text = document if not self.seq_instruction else f"{self.seq_instruction} {document}"
             ids, cut = fit(
-                self.tok(text, add_special_tokens=False)["input_ids"],
+                self.encode(text),
                 self.limit,
                 self.truncate,
                 f"example {i}: document",
                 [self.eos],
             )
             text = format_seq(prompts, targets, self.seq_omit)
-            target = self.tok(text, add_special_tokens=False)["input_ids"] + [self.eos]
+            target = self.encode(text) + [self.eos]
             return TrainItem(i, [ids], [(0, [self.start], target)], [text], cut)
         targets_ids = [self.ids(t) + [self.eos] for t in targets]
         if self.layout == "pid":
             ids, cut = fit(
-                self.tok(document, add_special_tokens=False)["input_ids"],
+                self.encode(document),
                 self.limit,
                 self.truncate,
                 f"example {i}: document",

@@ -31,6 +31,11 @@ PRESETS: dict[str, dict] = {
 }
 
 
+_SIZES = ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads", "max_input_length")
+_TOKEN_IDS = ("pad_token_id", "eos_token_id", "decoder_start_token_id")
+_POSITION_FIELDS = ("relative_attention_num_buckets", "relative_attention_max_distance")
+
+
 @dataclass
 class T5Config:
     vocab_size: int = 32128
@@ -58,15 +63,65 @@ class T5Config:
             self.num_decoder_layers = self.num_layers
         if self.scale_decoder_outputs is None:
             self.scale_decoder_outputs = self.tie_word_embeddings
+        self.validate()
+
+    def validate(self) -> None:
+        """Every field of the right type and in range, or ValueError naming the field: sizes are
+        integers >= 1 (a float, a string or a bool is refused, not rounded), token ids lie in
+        [0, vocab_size), the relative-position buckets can be computed. Called on construction;
+        call it again after changing fields by hand."""
+        for name in _SIZES + _TOKEN_IDS + _POSITION_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"config {name} must be an integer, got {value!r}")
+        for name in _SIZES:
+            if getattr(self, name) < 1:
+                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+        for name in _TOKEN_IDS:
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ValueError(
+                    f"config {name}={getattr(self, name)} is not a token id of the vocabulary "
+                    f"(vocab_size={self.vocab_size})"
+                )
+        if self.relative_attention_num_buckets < 4:
+            raise ValueError(
+                f"config relative_attention_num_buckets must be >= 4, got {self.relative_attention_num_buckets}"
+            )
+        if self.relative_attention_max_distance <= self.relative_attention_num_buckets // 2:
+            raise ValueError(
+                f"config relative_attention_max_distance={self.relative_attention_max_distance} must be above half "
+                f"of relative_attention_num_buckets={self.relative_attention_num_buckets}"
+            )
+        for name in ("dropout_rate", "layer_norm_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"config {name} must be a number, got {value!r}")
+        if not 0.0 <= self.dropout_rate < 1.0:
+            raise ValueError(f"config dropout_rate must be in [0, 1), got {self.dropout_rate}")
+        if not 0.0 < self.layer_norm_epsilon < 1.0:
+            raise ValueError(f"config layer_norm_epsilon must be in (0, 1), got {self.layer_norm_epsilon}")
+        for name in ("tie_word_embeddings", "scale_decoder_outputs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config {name} must be true or false, got {getattr(self, name)!r}")
+        if not isinstance(self.feed_forward_proj, str):
+            raise ValueError(f"config feed_forward_proj must be a string, got {self.feed_forward_proj!r}")
         parts = self.feed_forward_proj.split("-")
         if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated"):
             raise ValueError(
                 f"feed_forward_proj={self.feed_forward_proj!r}: expected 'ACT' or 'gated-ACT', e.g. 'relu' or 'gated-gelu'"
             )
         _activation(parts[-1])  # validates the name
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"config {name} must be >= 1, got {getattr(self, name)}")
+
+    def parameter_count(self) -> int:
+        """The number of parameters a T5 of this config has, by arithmetic (nothing is built):
+        what a config implies before anything is allocated."""
+        d, inner, ff = self.d_model, self.inner_dim, self.d_ff
+        ff_params = (3 if self.is_gated else 2) * d * ff
+        bias = self.relative_attention_num_buckets * self.num_heads
+        encoder = self.num_layers * (4 * d * inner + ff_params + 2 * d) + bias + d
+        decoder = self.num_decoder_layers * (8 * d * inner + ff_params + 3 * d) + bias + d
+        embed = self.vocab_size * d
+        return embed + encoder + decoder + (0 if self.tie_word_embeddings else embed)
 
     @property
     def is_gated(self) -> bool:

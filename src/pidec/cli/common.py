@@ -10,17 +10,44 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
+from typer.core import TyperGroup
 
 from ..errors import InputError
 from ..quantize import QuantizeError, check_method
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Encode once, decode every subtask in parallel.")
+try:  # typer >= 0.24 carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # pragma: no cover - older typer on the click package
+    from click.exceptions import NoArgsIsHelpError, UsageError
 
 
 def fail(message: str) -> None:
     """Print `error: message` on stderr and exit with status 2."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(2)
+
+
+class OneLineErrors(TyperGroup):
+    """The command group whose option errors (`--max-new-tokens 1e30`, a missing `--model`, an
+    unknown option) are one line on stderr with exit code 2, like every other error, instead of
+    the framed usage message."""
+
+    def invoke(self, ctx: typer.Context):
+        try:
+            return super().invoke(ctx)
+        except NoArgsIsHelpError:
+            raise
+        except UsageError as e:
+            command = f"pidec {ctx.invoked_subcommand}" if ctx.invoked_subcommand else "pidec"
+            fail(f"{' '.join(e.format_message().split())} (see {command} --help)")
+
+
+app = typer.Typer(
+    cls=OneLineErrors,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Encode once, decode every subtask in parallel.",
+)
 
 
 NO_PACK_HELP = "plain BLAS linear layers on the CPU (less memory) instead of oneDNN-packed weights"

@@ -147,6 +147,10 @@ def eval_task(
             fail(f"{name} must be >= 1, got {value}")
     try:
         spec = registry.get(task)
+        known = tuple(spec.splits) + tuple(getattr(spec, "split_aliases", {}))
+        if split not in known and not (data is not None and Path(data).is_dir()):
+            # a folder of {split}.jsonl names the splits it holds when the split is read
+            fail(f"--split {split!r}: task {task} has the splits {', '.join(spec.splits)}")
         examples = spec.load(split, data, limit=limit)
         m = load(
             model,
