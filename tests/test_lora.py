@@ -304,3 +304,14 @@ def test_bad_targets_and_rank(v11, t5):
     lora.add_lora(model, r=4)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         lora.add_lora(model, r=4)
+
+
+def test_adapter_files_get_ordinary_permissions(adapter_folder):
+    import os
+    import stat
+
+    folder, _ = adapter_folder
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = stat.S_IMODE((Path(folder) / "adapter_model.safetensors").stat().st_mode)
+    assert mode == 0o666 & ~umask  # what an ordinary write gives, not safetensors' 0600

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
+from .layouts import is_blank
 
 ON_BAD = ("error", "skip")
 MAX_LINE_BYTES = 16 * 2**20  # one JSONL line (one example); far beyond any document a T5 reads
@@ -86,7 +87,7 @@ def parse_example(obj, where: str, require_target: bool = True) -> Example:
     if not isinstance(document, str):
         got = "missing" if document is None else type(document).__name__
         raise DataError(f"{where}: 'document' must be a string ({got})")
-    if not document.strip():
+    if is_blank(document):
         raise DataError(f"{where}: 'document' is empty")
     raw = obj.get("subtasks")
     if not isinstance(raw, list):
@@ -100,7 +101,7 @@ def parse_example(obj, where: str, require_target: bool = True) -> Example:
         if extra:
             raise DataError(f"{where}: subtasks[{j}] has unknown field(s) {', '.join(sorted(extra))}")
         prompt, target = s.get("prompt"), s.get("target")
-        if not isinstance(prompt, str) or not prompt.strip():
+        if not isinstance(prompt, str) or is_blank(prompt):
             raise DataError(f"{where}: subtasks[{j}].prompt must be a non-empty string")
         if target is not None and not isinstance(target, str):
             raise DataError(f"{where}: subtasks[{j}].target must be a string, got {type(target).__name__}")

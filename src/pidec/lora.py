@@ -154,8 +154,6 @@ def save_adapter(
 
     base_model_path: the base checkpoint (a local folder is recorded as an absolute path, so the
     adapter loads from any working directory; a hub id as is)."""
-    from safetensors.torch import save_file
-
     layers = lora_layers(model)
     if not layers:
         raise ValueError("model has no LoRA adapters to save: call add_lora first")
@@ -182,7 +180,7 @@ def save_adapter(
     for stale in (ADAPTER_WEIGHTS, ADAPTER_BIN):
         if (folder / stale).exists():
             (folder / stale).unlink()
-    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    checkpoint.write_safetensors(tensors, folder / ADAPTER_WEIGHTS)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(folder))
     return folder

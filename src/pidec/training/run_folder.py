@@ -28,6 +28,7 @@ from typing import Callable, TypeVar
 
 import torch
 
+from .. import checkpoint
 from ..errors import InputError
 from .config import TrainConfig
 
@@ -42,12 +43,6 @@ T = TypeVar("T")
 
 class UnreadableCheckpoint(InputError):
     """A checkpoint whose files are missing, truncated, or not in the safe format."""
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def replace_dir(tmp: Path, final: Path) -> None:
@@ -165,7 +160,7 @@ class RunFolder:
         recover(self.path)
 
     def save_config(self, cfg: TrainConfig) -> None:
-        write_atomic(self.path / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
+        checkpoint.write_atomic(self.path / RUN_CONFIG, json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
     # -- checkpoints ---------------------------------------------------------------------------
 
@@ -240,4 +235,4 @@ class RunFolder:
                 continue
             if rec.get("step", 0) <= step:
                 kept.append(line)
-        write_atomic(path, "".join(line + "\n" for line in kept))
+        checkpoint.write_atomic(path, "".join(line + "\n" for line in kept))
