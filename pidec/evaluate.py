@@ -87,6 +87,8 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(task, "chained", False):  # each document depends on the answers to an earlier one
+        return task.evaluate_chained(model, examples, layout, max_new_tokens, num_beams, batch_size, seq_instruction)
     t0 = time.perf_counter()
     tok = model.tokenizer
     report = TaskReport(f"{task.name} fitted for {layout}", read=len(examples))

@@ -11,10 +11,10 @@ from ..data import DataError
 from .aci_bench import ACIBench
 from .base import Examples, Task, TaskExample, TaskReport, data_root
 from .jsonl import JSONL
-from .multiwoz import MultiWOZ
+from .multiwoz import MultiWOZ, MultiWOZState
 from .qa import QA
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MultiWOZ, ACIBench, QA, JSONL)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MultiWOZ, MultiWOZState, ACIBench, QA, JSONL)}
 
 
 def names() -> list[str]:
