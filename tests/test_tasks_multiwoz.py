@@ -291,7 +291,11 @@ def state_tsv(tmp_path, dialogues):
 TWO_DIALOGUES = {
     "A": [
         ("", "i need a hotel in the north", {"hotel-area": "north"}),
-        ("how long ?", "3 nights , parking please", {"hotel-area": "north", "hotel-book stay": "3", "hotel-parking": "true"}),
+        (
+            "how long ?",
+            "3 nights , parking please",
+            {"hotel-area": "north", "hotel-book stay": "3", "hotel-parking": "true"},
+        ),
         ("booked .", "thanks", {"hotel-area": "north", "hotel-book stay": "3", "hotel-parking": "true"}),
     ],
     "B": [
@@ -310,7 +314,10 @@ def test_serialize_state_names_the_filled_slots_only():
     values[SLOTS.index("hotel-book stay")] = "3"
     values[SLOTS.index("hotel-parking")] = "true"  # canonical: yes
     values[SLOTS.index("train-leaveat")] = "dontcare"
-    assert serialize_state(values) == "state: hotel area = north; hotel book stay = 3; hotel parking = yes; train leave at = do not care"
+    assert (
+        serialize_state(values)
+        == "state: hotel area = north; hotel book stay = 3; hotel parking = yes; train leave at = do not care"
+    )
     with pytest.raises(ValueError, match="30 slot values"):
         serialize_state(values[:-1])
 
@@ -324,12 +331,16 @@ def test_state_form_documents_hold_the_gold_previous_state_and_the_last_turn(tmp
     assert [e.id for e in examples] == ["A:0", "A:1", "A:2", "B:0", "B:1"]
     assert examples[0].document == "state: none\nuser: i need a hotel in the north"
     assert examples[1].document == "state: hotel area = north\nsystem: how long ?\nuser: 3 nights , parking please"
-    assert examples[2].document.startswith("state: hotel area = north; hotel book stay = 3; hotel parking = yes\nsystem: booked .")
+    assert examples[2].document.startswith(
+        "state: hotel area = north; hotel book stay = 3; hotel parking = yes\nsystem: booked ."
+    )
     assert examples[3].document == "state: none\nuser: a train on friday"  # a new dialogue starts empty
     assert [e.targets for e in examples] == [e.targets for e in plain]  # the targets do not change
     two = MultiWOZState(last_turns=2).load("test", path)
-    assert two[2].document.split("\n", 1)[1] == recent_turns(plain[2].document, 2) == (
-        "system: how long ?\nuser: 3 nights , parking please\nsystem: booked .\nuser: thanks"
+    assert (
+        two[2].document.split("\n", 1)[1]
+        == recent_turns(plain[2].document, 2)
+        == ("system: how long ?\nuser: 3 nights , parking please\nsystem: booked .\nuser: thanks")
     )
     assert TASK.load("test", path)[1].document.startswith("user: i need")  # the plain task is unchanged
     with pytest.raises(ValueError, match="last_turns"):

@@ -17,6 +17,8 @@ Values are compared in one canonical form for both formats (`canonical`): `do no
 
 The document is the dialogue up to the turn, one utterance a line (`user: ...`, `system: ...`).
 When it is longer than the encoder allows, the oldest utterances are dropped first (counted).
+The task `multiwoz-state` (`MultiWOZState`) reads the previous dialogue state and the last
+turn instead, and is evaluated with the model's own predicted states chained turn by turn.
 """
 
 from __future__ import annotations
@@ -566,7 +568,9 @@ class MultiWOZState(MultiWOZ):
         """The state line is kept; the utterances lose their oldest lines first (as `MultiWOZ.fit`
         does with a history) to make room for it; a state alone too long is cut at its end."""
         room = document_room(max_input_tokens)
-        lengths = [len(ids) for ids in tokenizer([ex.document for ex in examples], add_special_tokens=False)["input_ids"]]
+        lengths = [
+            len(ids) for ids in tokenizer([ex.document for ex in examples], add_special_tokens=False)["input_ids"]
+        ]
         out = []
         for ex, n in zip(examples, lengths):
             if n <= room:
@@ -581,11 +585,15 @@ class MultiWOZState(MultiWOZ):
                 report.truncated += 1
                 out.append([TaskExample(ex.id, cut, ex.subtasks, references=refs)])
                 continue
-            (piece,) = MultiWOZ.fit(self, [TaskExample(ex.id, rest, ex.subtasks, references=refs)], tokenizer, left + 1, report)[0]
+            (piece,) = MultiWOZ.fit(
+                self, [TaskExample(ex.id, rest, ex.subtasks, references=refs)], tokenizer, left + 1, report
+            )[0]
             out.append([TaskExample(ex.id, f"{head}\n{piece.document}", ex.subtasks, references=refs)])
         return out
 
-    def evaluate_chained(self, model, examples, layout="pid", max_new_tokens=None, num_beams=1, batch_size=8, seq_instruction=None):
+    def evaluate_chained(
+        self, model, examples, layout="pid", max_new_tokens=None, num_beams=1, batch_size=8, seq_instruction=None
+    ):
         """`pidec.evaluate.evaluate` one turn index at a time, each document holding the state
         predicted at the dialogue's turn before; scored over all the turns at the end."""
         from ..evaluate import Evaluation, evaluate
@@ -596,7 +604,9 @@ class MultiWOZState(MultiWOZ):
         for i, ex in enumerate(examples):
             dialogue, turn = dialogue_turn(ex.id)
             if dialogue in last and turn != last[dialogue][0] + 1:
-                raise ValueError(f"example {ex.id!r}: the turns of dialogue {dialogue} must be consecutive and in order")
+                raise ValueError(
+                    f"example {ex.id!r}: the turns of dialogue {dialogue} must be consecutive and in order"
+                )
             position = last[dialogue][1] + 1 if dialogue in last else 0
             last[dialogue] = (turn, position)
             dialogue_of.append(dialogue)
@@ -612,7 +622,9 @@ class MultiWOZState(MultiWOZ):
                 dialogue = dialogue_of[i]
                 if dialogue in state:
                     documents[i] = state_document(state[dialogue], documents[i].split("\n", 1)[1])
-                batch.append(TaskExample(examples[i].id, documents[i], examples[i].subtasks, references=references(examples[i])))
+                batch.append(
+                    TaskExample(examples[i].id, documents[i], examples[i].subtasks, references=references(examples[i]))
+                )
             result = evaluate(model, gold, batch, layout, max_new_tokens, num_beams, batch_size, seq_instruction)
             for i, answers in zip(rounds[position], result.predictions):
                 predictions[i] = answers
