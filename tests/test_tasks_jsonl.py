@@ -23,11 +23,11 @@ ROWS = [
 
 
 def test_registry_names_and_unknown_task():
-    assert tasks.names() == ["multiwoz", "aci_bench", "qa", "jsonl"]
+    assert tasks.names() == ["multiwoz", "multiwoz-state", "aci_bench", "qa", "booking", "jsonl"]
     for name in tasks.names():
         t = tasks.get(name)
         assert t.name == name and t.description and t.splits and t.main_metric
-    with pytest.raises(DataError, match="unknown task 'squad': expected one of multiwoz, aci_bench, qa, jsonl"):
+    with pytest.raises(DataError, match="unknown task 'squad': expected one of multiwoz, multiwoz-state, aci_bench, qa, booking, jsonl"):
         tasks.get("squad")
 
 

@@ -269,3 +269,158 @@ def test_score_rejects_mismatched_predictions():
         TASK.score([ex, ex], [pred])
     with pytest.raises(ValueError, match="29 answers for 30 subtasks"):
         TASK.score([ex], [pred[:-1]])
+
+
+# -- the state form: previous state + last turn, evaluated with the model's own states chained --
+
+
+def state_tsv(tmp_path, dialogues):
+    """A hand-made TSV: dialogues = {id: [(system, user, {slot: value}), ...]}."""
+    from pidec.tasks.multiwoz import TSV_COLUMNS
+
+    rows = ["\t".join(TSV_COLUMNS + SLOTS)]
+    for dialogue, turns in dialogues.items():
+        for t, (system, user, values) in enumerate(turns):
+            cells = [values.get(s, "none") for s in SLOTS]
+            rows.append("\t".join([f"{dialogue}.json", str(t), str(t == len(turns) - 1), system, user, *cells]))
+    path = tmp_path / "test.tsv"
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+TWO_DIALOGUES = {
+    "A": [
+        ("", "i need a hotel in the north", {"hotel-area": "north"}),
+        (
+            "how long ?",
+            "3 nights , parking please",
+            {"hotel-area": "north", "hotel-book stay": "3", "hotel-parking": "true"},
+        ),
+        ("booked .", "thanks", {"hotel-area": "north", "hotel-book stay": "3", "hotel-parking": "true"}),
+    ],
+    "B": [
+        ("", "a train on friday", {"train-day": "friday"}),
+        ("where to ?", "to ely", {"train-day": "friday", "train-destination": "ely"}),
+    ],
+}
+
+
+def test_serialize_state_names_the_filled_slots_only():
+    from pidec.tasks.multiwoz import serialize_state
+
+    values = ["none"] * len(SLOTS)
+    assert serialize_state(values) == "state: none"
+    values[SLOTS.index("hotel-area")] = "north"
+    values[SLOTS.index("hotel-book stay")] = "3"
+    values[SLOTS.index("hotel-parking")] = "true"  # canonical: yes
+    values[SLOTS.index("train-leaveat")] = "dontcare"
+    assert (
+        serialize_state(values)
+        == "state: hotel area = north; hotel book stay = 3; hotel parking = yes; train leave at = do not care"
+    )
+    with pytest.raises(ValueError, match="30 slot values"):
+        serialize_state(values[:-1])
+
+
+def test_state_form_documents_hold_the_gold_previous_state_and_the_last_turn(tmp_path):
+    from pidec.tasks.multiwoz import MultiWOZState, recent_turns
+
+    path = state_tsv(tmp_path, TWO_DIALOGUES)
+    plain = TASK.load("test", path)
+    examples = tasks.get("multiwoz-state").load("test", path)
+    assert [e.id for e in examples] == ["A:0", "A:1", "A:2", "B:0", "B:1"]
+    assert examples[0].document == "state: none\nuser: i need a hotel in the north"
+    assert examples[1].document == "state: hotel area = north\nsystem: how long ?\nuser: 3 nights , parking please"
+    assert examples[2].document.startswith(
+        "state: hotel area = north; hotel book stay = 3; hotel parking = yes\nsystem: booked ."
+    )
+    assert examples[3].document == "state: none\nuser: a train on friday"  # a new dialogue starts empty
+    assert [e.targets for e in examples] == [e.targets for e in plain]  # the targets do not change
+    two = MultiWOZState(last_turns=2).load("test", path)
+    assert (
+        two[2].document.split("\n", 1)[1]
+        == recent_turns(plain[2].document, 2)
+        == ("system: how long ?\nuser: 3 nights , parking please\nsystem: booked .\nuser: thanks")
+    )
+    assert TASK.load("test", path)[1].document.startswith("user: i need")  # the plain task is unchanged
+    with pytest.raises(ValueError, match="last_turns"):
+        MultiWOZState(last_turns=0)
+
+
+def test_state_form_fit_keeps_the_state_and_drops_old_utterances(tok):
+    from pidec.tasks.multiwoz import MultiWOZState
+
+    task = MultiWOZState(last_turns=3)
+    lines = ["state: hotel area = north"] + [f"user: turn {i} " + "word " * 20 for i in range(3)]
+    ex = Example("d:2", "\n".join(lines), [Subtask(p, "none") for p in PROMPTS])
+    report = tasks.TaskReport("x")
+    size = len(tok(lines[-1], add_special_tokens=False)["input_ids"])
+    head = len(tok(lines[0], add_special_tokens=False)["input_ids"])
+    (fitted,) = task.fit([ex], tok, head + 2 * size + 1 + 4, report)[0]
+    assert fitted.document == "\n".join([lines[0], *lines[-2:]])
+    assert report.changes["utterances dropped"] == 1 and report.truncated == 1
+
+
+class ScriptedModel:
+    """Stands in for `pidec.api.Model` in `evaluate`: answers from a script keyed by the user's
+    utterance, and records every document it was given, in order, with its batch."""
+
+    def __init__(self, tok, script):
+        from types import SimpleNamespace
+
+        self.tokenizer, self.script, self.calls = tok, script, []
+        self.config = SimpleNamespace(max_input_length=512)
+
+    def generate_batch(self, batch, max_new_tokens, num_beams, layout, return_details, seq_instruction):
+        from types import SimpleNamespace
+
+        self.calls.append([document for document, _ in batch])
+        outputs = []
+        for document, prompts in batch:
+            said = self.script[document.rsplit("user: ", 1)[1]]
+            outputs.append([said.get(SLOT_OF_PROMPT_[p], "none") for p in prompts])
+        return SimpleNamespace(outputs=outputs, timings={"total_ms": 1.0}, usage={})
+
+
+SLOT_OF_PROMPT_ = dict(zip(PROMPTS, SLOTS))
+
+
+def test_chained_evaluation_feeds_each_turn_the_state_predicted_before(tmp_path, tok):
+    from pidec.evaluate import evaluate
+    from pidec.tasks.multiwoz import MultiWOZState
+
+    path = state_tsv(tmp_path, TWO_DIALOGUES)
+    task = tasks.get("multiwoz-state")
+    examples = task.load("test", path)
+    # the model misses the parking at A:1 and then keeps what it was shown
+    script = {
+        "i need a hotel in the north": {"hotel-area": "north"},
+        "3 nights , parking please": {"hotel-area": "north", "hotel-book stay": "3"},
+        "thanks": {"hotel-area": "north", "hotel-book stay": "3"},
+        "a train on friday": {"train-day": "friday"},
+        "to ely": {"train-day": "friday", "train-destination": "ely"},
+    }
+    model = ScriptedModel(tok, script)
+    result = evaluate(model, task, examples, "pid", batch_size=8)  # what `pidec eval --task multiwoz-state` runs
+    # the first round's batch is decoded once untimed (the warm-up), then one round per turn
+    # index, the dialogues batched together; A:2 reads the predicted state
+    assert model.calls[0] == model.calls[1]
+    model.calls = model.calls[1:]
+    assert [len(c) for c in model.calls] == [2, 2, 1]
+    assert model.calls[0] == ["state: none\nuser: i need a hotel in the north", "state: none\nuser: a train on friday"]
+    assert model.calls[1][1] == "state: train day = friday\nsystem: where to ?\nuser: to ely"
+    assert model.calls[2] == ["state: hotel area = north; hotel book stay = 3\nsystem: booked .\nuser: thanks"]
+    assert result.metrics["joint_goal_accuracy"] == pytest.approx(60.0) and result.metrics["turns"] == 5
+    assert result.speed["rounds"] == 3
+    # the oracle reads the gold previous state instead (and decodes all turns at once)
+    oracle = ScriptedModel(tok, script)
+    evaluate(oracle, MultiWOZState(previous="gold"), examples, "pid", batch_size=8, warmup=False)
+    assert len(oracle.calls) == 1 and "hotel parking = yes" in oracle.calls[0][2]
+
+
+def test_chained_evaluation_needs_the_turns_of_a_dialogue_in_order(tmp_path, tok):
+    from pidec.evaluate import evaluate
+
+    examples = tasks.get("multiwoz-state").load("test", state_tsv(tmp_path, TWO_DIALOGUES))
+    with pytest.raises(ValueError, match="consecutive and in order"):
+        evaluate(ScriptedModel(tok, {}), tasks.get("multiwoz-state"), [examples[0], examples[2]], "pid")

@@ -28,7 +28,7 @@ from pathlib import Path
 from .data import Example
 from .layouts import check_layout
 from .likelihood import answer_scores
-from .tasks.base import Task, TaskReport
+from .tasks.base import Task, TaskReport, replace_document
 
 
 @dataclass
@@ -94,6 +94,10 @@ def evaluate(
         raise ValueError("no examples to evaluate")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if getattr(task, "chained", False):  # each document depends on the answers to an earlier one
+        return evaluate_chained(
+            model, task, examples, layout, max_new_tokens, num_beams, batch_size, seq_instruction, warmup
+        )
     t0 = time.perf_counter()
     tok = model.tokenizer
     report = TaskReport(f"{task.name} fitted for {layout}", read=len(examples))
@@ -215,3 +219,62 @@ def write(result: Evaluation, out_dir: str | os.PathLike, name: str) -> tuple[Pa
         for rec in result.records():
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
     return metrics_path, predictions_path
+
+
+def evaluate_chained(
+    model,
+    task: Task,
+    examples: list[Example],
+    layout="pid",
+    max_new_tokens=None,
+    num_beams=1,
+    batch_size=8,
+    seq_instruction=None,
+    warmup: bool = True,
+) -> Evaluation:
+    """`evaluate` for a task whose documents carry answers given to an earlier example (MultiWOZ
+    with the previous state in the document): the examples are decoded round by round
+    (`task.chain_rounds`), each document rewritten with its chain's last answers
+    (`task.chain_document`, `task.chain_state`), each round scored as the task reads documents
+    (`task.unchained()`), and all of them scored together at the end. The warm-up, when asked
+    for, runs once, before the first round."""
+    rounds, chain_of = task.chain_rounds(examples)
+    one_round = task.unchained()
+    documents = [ex.document for ex in examples]
+    state: dict[str, list[str]] = {}
+    predictions: list[list[str] | None] = [None] * len(examples)
+    speed: dict = {}
+    report = TaskReport(f"{task.name} chained for {layout}", read=len(examples))
+    for r, members in enumerate(rounds):
+        batch = []
+        for i in members:
+            if chain_of[i] in state:
+                documents[i] = task.chain_document(documents[i], state[chain_of[i]])
+            batch.append(replace_document(examples[i], documents[i]))
+        result = evaluate(
+            model,
+            one_round,
+            batch,
+            layout,
+            max_new_tokens,
+            num_beams,
+            batch_size,
+            seq_instruction,
+            warmup=warmup and r == 0,
+        )
+        for i, answers in zip(members, result.predictions):
+            predictions[i] = answers
+            state[chain_of[i]] = task.chain_state(examples[i], answers)
+        for k, v in result.speed.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_per_s"):
+                speed[k] = round(speed.get(k, 0) + v, 3)
+        report.truncated += result.report.truncated
+        report.changes.update(result.report.changes)
+    report.kept = len(examples)
+    gen_s = speed.get("generate_s", 0)
+    speed["examples_per_s"] = round(len(examples) / gen_s, 3) if gen_s else None
+    speed["rounds"] = len(rounds)
+    done = [replace_document(ex, d) for ex, d in zip(examples, documents)]
+    return Evaluation(
+        task.name, layout, task.score(done, predictions), speed, done, predictions, [1] * len(done), report
+    )

@@ -201,12 +201,16 @@ def cut_to_fit(text: str, spans: list[tuple[int, int]], tokenizer, room: int, ke
 
 
 def replace_document(example: Example, document: str, id: str | None = None, targets: list[str] | None = None):
-    """A copy of `example` with another document (and optionally id and targets)."""
-
+    """A copy of `example` with another document (and optionally id and targets). Its accepted
+    answers (`TaskExample.references`) stay, unless new targets replace them."""
     subtasks = example.subtasks
     if targets is not None:
         subtasks = [Subtask(s.prompt, t) for s, t in zip(subtasks, targets)]
-    return Example(example.id if id is None else id, document, list(subtasks))
+    id = example.id if id is None else id
+    refs = getattr(example, "references", None)
+    if targets is None and refs is not None:
+        return TaskExample(id, document, list(subtasks), references=refs)
+    return Example(id, document, list(subtasks))
 
 
 def check_predictions(examples: list[Example], predictions: list[list[str]]) -> None:

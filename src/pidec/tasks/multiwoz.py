@@ -17,6 +17,8 @@ Values are compared in one canonical form for both formats (`canonical`): `do no
 
 The document is the dialogue up to the turn, one utterance a line (`user: ...`, `system: ...`).
 When it is longer than the encoder allows, the oldest utterances are dropped first (counted).
+The task `multiwoz-state` (`MultiWOZState`) reads the previous dialogue state and the last
+turn instead, and is evaluated with the model's own predicted states chained turn by turn.
 """
 
 from __future__ import annotations
@@ -482,3 +484,139 @@ class MultiWOZ(Task):
                 metrics[f"joint_goal_accuracy/{domain}"] = 100.0 * domain_right[domain] / domain_turns[domain]
                 metrics[f"turns/{domain}"] = domain_turns[domain]
         return metrics
+
+
+# -- the previous state and the last turns instead of the whole history (UniConv's input) -----
+
+
+def serialize_state(values: list[str]) -> str:
+    """The 30 slot values (in SLOTS order) as one line naming the filled slots only:
+    `state: hotel area = north; hotel book stay = 3` (`state: none` when all are none)."""
+    if len(values) != len(SLOTS):
+        raise ValueError(f"a state has {len(SLOTS)} slot values, got {len(values)}")
+    filled = [f"{p} = {v}" for p, slot, value in zip(PROMPTS, SLOTS, values) if (v := canonical(slot, value)) != NONE]
+    return "state: " + ("; ".join(filled) if filled else NONE)
+
+
+def state_document(previous: list[str], recent: str) -> str:
+    """The document of the state form: the previous state's line, then the last utterances."""
+    return f"{serialize_state(previous)}\n{recent}"
+
+
+def recent_turns(document: str, n: int) -> str:
+    """The utterances of the last n turns of a history (`history`'s lines): each user line and
+    the system line before it."""
+    lines = document.split("\n")
+    users = [i for i, line in enumerate(lines) if line.startswith("user: ")]
+    start = users[-n] if len(users) >= n else 0
+    if start > 0 and lines[start - 1].startswith("system: "):
+        start -= 1
+    return "\n".join(lines[start:])
+
+
+def dialogue_turn(example_id: str) -> tuple[str, int]:
+    """`SNG01856:3` -> ("SNG01856", 3): the ids `turn_example` gives."""
+    dialogue, sep, turn = example_id.rpartition(":")
+    if not sep or not turn.isdigit():
+        raise ValueError(f"example {example_id!r}: expected a MultiWOZ turn id DIALOGUE:TURN")
+    return dialogue, int(turn)
+
+
+class MultiWOZState(MultiWOZ):
+    """MultiWOZ whose document is the previous dialogue state (`serialize_state`) followed by the
+    last `last_turns` turns (system response + user utterance), as UniConv reads it, instead of
+    the whole history. Training reads the gold previous state.
+
+    Evaluation (`previous="predicted"`, the default and what `pidec eval` and the trainer's
+    periodic evaluation run) is honest: the turns of each dialogue are decoded in order and turn
+    t+1's document holds the state the model predicted at turn t, so a mistake carries on as it
+    would in use. Dialogues are batched with each other, one round per turn index. The first
+    turn of a dialogue given starts from the state its document holds (gold; none at turn 0).
+    `previous="gold"` evaluates on the gold previous states instead: an oracle, higher than what
+    the model does alone."""
+
+    name = "multiwoz-state"
+    description = (
+        "MultiWOZ 2.1 state tracking from the previous state + the last turn; "
+        "evaluated with the model's own predicted states chained turn by turn"
+    )
+
+    def __init__(self, last_turns: int = 1, previous: str = "predicted"):
+        if isinstance(last_turns, bool) or not isinstance(last_turns, int) or last_turns < 1:
+            raise ValueError(f"last_turns must be an integer >= 1, got {last_turns!r}")
+        if previous not in ("predicted", "gold"):
+            raise ValueError(f"previous must be 'predicted' or 'gold', got {previous!r}")
+        self.last_turns, self.previous = last_turns, previous
+
+    @property
+    def chained(self) -> bool:
+        return self.previous == "predicted"
+
+    def read(self, split: str, path: Path, report: TaskReport) -> list[Example]:
+        examples = super().read(split, path, report)
+        out, previous, current = [], [NONE] * len(SLOTS), None
+        for ex in examples:
+            dialogue, turn = dialogue_turn(ex.id)
+            if dialogue != current or turn == 0:
+                current, previous = dialogue, [NONE] * len(SLOTS)
+            document = state_document(previous, recent_turns(ex.document, self.last_turns))
+            out.append(TaskExample(ex.id, document, ex.subtasks, references=getattr(ex, "references", None)))
+            previous = [s.target for s in ex.subtasks]
+        return out
+
+    def fit(self, examples, tokenizer, max_input_tokens, report):
+        """The state line is kept; the utterances lose their oldest lines first (as `MultiWOZ.fit`
+        does with a history) to make room for it; a state alone too long is cut at its end."""
+        room = document_room(max_input_tokens)
+        lengths = [
+            len(ids) for ids in tokenizer([ex.document for ex in examples], add_special_tokens=False)["input_ids"]
+        ]
+        out = []
+        for ex, n in zip(examples, lengths):
+            if n <= room:
+                out.append([ex])
+                continue
+            head, _, rest = ex.document.partition("\n")
+            refs = getattr(ex, "references", None)
+            left = room - len(tokenizer(head, add_special_tokens=False)["input_ids"]) - 1  # the newline may cost one
+            if left < 1 or not rest:
+                cut = cut_to_fit(head, token_spans(tokenizer, [head])[0], tokenizer, room, keep="start")
+                report.changes["states cut at the end"] += 1
+                report.truncated += 1
+                out.append([TaskExample(ex.id, cut, ex.subtasks, references=refs)])
+                continue
+            (piece,) = MultiWOZ.fit(
+                self, [TaskExample(ex.id, rest, ex.subtasks, references=refs)], tokenizer, left + 1, report
+            )[0]
+            out.append([TaskExample(ex.id, f"{head}\n{piece.document}", ex.subtasks, references=refs)])
+        return out
+
+    # -- chained evaluation (`pidec.evaluate.evaluate_chained` drives it) ------------------------
+
+    def chain_rounds(self, examples: list[Example]) -> tuple[list[list[int]], list[str]]:
+        """The examples by turn position (round r: the r-th turn of every dialogue), and each
+        example's dialogue. A dialogue's turns must be consecutive and in order."""
+        rounds: dict[int, list[int]] = {}
+        dialogue_of, last = [], {}
+        for i, ex in enumerate(examples):
+            dialogue, turn = dialogue_turn(ex.id)
+            if dialogue in last and turn != last[dialogue][0] + 1:
+                raise ValueError(
+                    f"example {ex.id!r}: the turns of dialogue {dialogue} must be consecutive and in order"
+                )
+            position = last[dialogue][1] + 1 if dialogue in last else 0
+            last[dialogue] = (turn, position)
+            dialogue_of.append(dialogue)
+            rounds.setdefault(position, []).append(i)
+        return [rounds[p] for p in sorted(rounds)], dialogue_of
+
+    def chain_document(self, document: str, state: list[str]) -> str:
+        """`document` with its state line replaced by `state` (the previous turn's answers)."""
+        return state_document(state, document.split("\n", 1)[1])
+
+    def chain_state(self, example: Example, answers: list[str]) -> list[str]:
+        return [canonical(slot, a) for slot, a in zip(self.slots_of(example), answers)]
+
+    def unchained(self) -> MultiWOZState:
+        """The same task reading documents as they are, to score one round."""
+        return MultiWOZState(self.last_turns, previous="gold")
