@@ -126,3 +126,30 @@ def save_family(family: str, folder: Path, tok, dtype=torch.float32):
     hf.to(dtype).save_pretrained(str(folder))
     tok.save_pretrained(str(folder))
     return hf.float().eval()
+
+
+_CACHE: dict = {}
+
+
+def tokenizer_for_tests(tmp_path_factory) -> PreTrainedTokenizerFast:
+    if "tok" not in _CACHE:
+        _CACHE["tok"] = build_tokenizer(tmp_path_factory.mktemp("causal_tok"))
+    return _CACHE["tok"]
+
+
+def family_for_tests(family: str, tmp_path_factory):
+    """(folder, transformers model in float32) for `family`, built once per test session."""
+    if family not in _CACHE:
+        tok = tokenizer_for_tests(tmp_path_factory)
+        folder = tmp_path_factory.mktemp(f"causal_{family}")
+        _CACHE[family] = (folder, save_family(family, folder, tok))
+    return _CACHE[family]
+
+
+def hf_greedy(hf, row: list[int], max_new_tokens: int, eos: list[int]) -> list[int]:
+    """transformers' greedy continuation of one row alone, final EOS removed."""
+    ids = torch.tensor([row])
+    out = hf.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+    )[0, len(row) :].tolist()
+    return out[:-1] if out and out[-1] in eos else out
