@@ -5,7 +5,7 @@ tiny byte-level BPE tokenizer with a chat template, for the test_causal* modules
 - ``smollm``:  Llama without grouping (4 and 4), tied head (SmolLM's shape of things)
 - ``qwen2``:   q/k/v biases, GQA, tied head
 - ``qwen3``:   q/k norms, head_dim 32 (not hidden/heads), GQA, untied head
-- ``mistral``: no grouping, untied, a sliding window of 64 positions (refused beyond it)
+- ``mistral``: no grouping, untied, a sliding window of 160 positions (refused beyond it)
 
 The weights are drawn with a large std and the EOS row of the head is amplified, so that greedy
 choices are well separated and rows sometimes end early and sometimes run to their budget.
@@ -97,7 +97,7 @@ def build_hf(family: str, tok, seed: int = 0):
         hf = transformers.Qwen3ForCausalLM(cfg)
     elif family == "mistral":
         cfg = transformers.MistralConfig(
-            **{**common, "num_key_value_heads": 4}, sliding_window=64, tie_word_embeddings=False
+            **{**common, "num_key_value_heads": 4}, sliding_window=160, tie_word_embeddings=False
         )
         hf = transformers.MistralForCausalLM(cfg)
     else:
