@@ -127,9 +127,10 @@ def example_rows(
     cut = None
     if longest > max_input_length:
         if truncate is None:
+            what = f"the model's {context_name}" if max_input_length == context_length else "max_input_length"
             raise InputError(
                 f"example {i}: document + prompt is {longest} tokens, longer than the model's limit of "
-                f"{max_input_length} (max_input_length); pass truncate='left' or 'right' to cut the document"
+                f"{max_input_length} ({what}); pass truncate='left' or 'right' to cut the document"
             )
         original, text = longest, document
         removed = 0
