@@ -161,3 +161,22 @@ def test_generation_config_eos_list_is_read(tmp_path_factory):
 def test_config_validation():
     with pytest.raises(ValueError, match="not a multiple"):
         CausalConfig(hidden_size=64, num_heads=4, num_kv_heads=3)
+
+
+def test_attend_fused_and_written_out_agree_on_strided_inputs(monkeypatch):
+    """The CPU flash kernel misreads a strided last dimension; attend copies such inputs."""
+    import pidec.causal as causal
+    from pidec.model import additive_mask
+
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 2, 14, 16, generator=gen)
+    k = torch.randn(3, 2, 16, 7, generator=gen).transpose(-1, -2)  # last dimension strided
+    v = torch.randn(3, 2, 16, 7, generator=gen).transpose(-1, -2)
+    keep = torch.rand(3, 1, 14, 7, generator=gen) > 0.3
+    keep[..., 0] = True
+    mask = additive_mask(keep, torch.float32)
+    fused = causal.attend(q, k, v, mask, 0.25)
+    monkeypatch.setattr(causal, "FLASH_CPU", None)
+    plain = causal.attend(q, k, v, mask, 0.25)
+    for a, b in zip(fused, plain):
+        assert (a - b).abs().max().item() < 1e-5

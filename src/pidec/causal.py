@@ -217,16 +217,37 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+def _flash_cpu():
+    """torch's fused CPU attention that also returns the log-sum-exp (what `F.scaled_dot_product_attention`
+    runs on the CPU), or None where this torch lacks it."""
+    return getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+FLASH_CPU = _flash_cpu()
+
+
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
     """Softmax attention that also returns its log-sum-exp, in float32.
 
-    q [n, h, tq, d], k, v [n, h, L, d], mask additive broadcastable to [n, h, tq, L]
-    -> out [n, h, tq, d], lse [n, h, tq, 1]."""
-    s = torch.matmul(q.float() * scale, k.float().transpose(-1, -2))
+    q [n, h, tq, d], k, v [n, h, L, d], mask additive float32 broadcastable to [n, h, tq, L]
+    -> out [n, h, tq, d], lse [n, h, tq, 1]. On the CPU through torch's fused flash kernel (no
+    [tq, L] score matrix kept), elsewhere written out."""
+    q, k, v = q.float(), k.float(), v.float()
+    if FLASH_CPU is not None and q.device.type == "cpu":
+        # the kernel reads a strided last dimension wrongly (a few-rows product returns its
+        # result transposed in memory, see packing.linear): such inputs are copied first
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        if mask is not None:
+            mask = mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out, lse = FLASH_CPU(q, k, v, 0.0, False, attn_mask=mask, scale=scale)
+        return out, lse.unsqueeze(-1)
+    s = torch.matmul(q * scale, k.transpose(-1, -2))
     if mask is not None:
         s = s + mask
-    lse = torch.logsumexp(s, dim=-1, keepdim=True)
-    return torch.matmul(torch.exp(s - lse), v.float()), lse
+    m = s.amax(-1, keepdim=True)
+    p = torch.exp(s - m)
+    total = p.sum(-1, keepdim=True)
+    return torch.matmul(p / total, v), m + torch.log(total)
 
 
 def merge(o1: Tensor, lse1: Tensor, o2: Tensor, lse2: Tensor) -> Tensor:
