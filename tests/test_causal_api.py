@@ -119,7 +119,29 @@ def test_template_defaults_and_chat_rows_are_the_models_view(llama):
     tok = model.tokenizer
     chat = Template(chat=True)
     ids = chat.ids(tok, DOC, PROMPTS[0])
-    assert ids == tok.apply_chat_template(
-        [{"role": "user", "content": f"{DOC}\n\n{PROMPTS[0]}"}], add_generation_prompt=True, tokenize=True
-    )["input_ids"]
+    assert (
+        ids
+        == tok.apply_chat_template(
+            [{"role": "user", "content": f"{DOC}\n\n{PROMPTS[0]}"}], add_generation_prompt=True, tokenize=True
+        )["input_ids"]
+    )
     assert Template().ids(tok, DOC, PROMPTS[0])[0] == tok.bos_token_id  # plain rows get the tokenizer's BOS
+
+
+def test_cli_serve_refuses_decoder_only_by_name(llama):
+    res = CliRunner().invoke(app, ["serve", "--model", str(llama)])
+    assert res.exit_code == 2 and "decoder-only checkpoints are not served yet" in res.output
+
+
+def test_cli_bench_arch_tiny(tmp_path):
+    out = tmp_path / "r.json"
+    args = ["bench", "--arch", "tiny", "--workload", "qa", "--docs", "1", "--repeats", "1"]
+    res = CliRunner().invoke(app, args + ["--configs", "pidec-pie,pidec-pid,hf-pie", "--json", str(out)])
+    assert res.exit_code == 0, res.output
+    result = json.loads(out.read_text())
+    rows = {r["config"]: r for r in result["results"]}
+    # the same tokens from every configuration (greedy, random weights), and pid reads the document once
+    assert all(r["greedy_agreement_with_pidec_pie"] == 1.0 for r in rows.values())
+    assert rows["pidec-pid"]["step_bytes"]["shared_prefix"] > 0 == rows["pidec-pie"]["step_bytes"]["shared_prefix"]
+    bad = CliRunner().invoke(app, ["bench", "--arch", "gpt2"])
+    assert bad.exit_code == 2 and "unknown --arch 'gpt2'" in bad.output

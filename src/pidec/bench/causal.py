@@ -348,7 +348,9 @@ def run_causal_sweep(ks: list[int], configs: list[str] | None = None, **kwargs) 
     return {
         "ks": ks,
         "configs": timed,
-        "latency_s": {c: [next(x for x in r["results"] if x["config"] == c)["latency_s_median"] for r in runs] for c in timed},
+        "latency_s": {
+            c: [next(x for x in r["results"] if x["config"] == c)["latency_s_median"] for r in runs] for c in timed
+        },
         "model": runs[0]["model"],
         "workload": runs[0]["workload"],
         "torch_threads": runs[0]["torch_threads"],
@@ -358,5 +360,7 @@ def run_causal_sweep(ks: list[int], configs: list[str] | None = None, **kwargs) 
 
 def plot_causal_sweep(sweep: dict, path: str) -> None:
     plot_sweep(
-        sweep, path, title=f"{sweep['workload']}, {sweep['model']['size']} (random weights), {sweep['torch_threads']} threads"
+        sweep,
+        path,
+        title=f"{sweep['workload']}, {sweep['model']['size']} (random weights), {sweep['torch_threads']} threads",
     )
