@@ -145,3 +145,15 @@ def test_cli_bench_arch_tiny(tmp_path):
     assert rows["pidec-pid"]["step_bytes"]["shared_prefix"] > 0 == rows["pidec-pie"]["step_bytes"]["shared_prefix"]
     bad = CliRunner().invoke(app, ["bench", "--arch", "gpt2"])
     assert bad.exit_code == 2 and "unknown --arch 'gpt2'" in bad.output
+
+
+def test_load_names_an_unsupported_architecture(llama, tmp_path):
+    dest = tmp_path / "m"
+    dest.mkdir()
+    for f in llama.iterdir():
+        (dest / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dest / "config.json").read_text())
+    cfg.update(model_type="phi3", architectures=["Phi3ForCausalLM"])
+    (dest / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(pidec.CheckpointError, match=r"'phi3' \(Phi3ForCausalLM\); supported: llama .*mistral.* t5"):
+        pidec.load(dest)
