@@ -60,6 +60,12 @@ def test_too_long_is_an_error_or_cut_and_reported(llama):
         result = model.generate(long_doc, PROMPTS, max_new_tokens=4, truncate=side, return_details=True)
         (cut,) = result.truncations
         assert cut.side == side and cut.kept_tokens <= 40 < cut.original_tokens
+    with pytest.raises(InputError, match=r"document prefix is \d+ tokens, longer than the model's limit of 40"):
+        model.encode(long_doc)
+    enc = model.encode(long_doc, truncate="right")
+    assert len(enc.tokens) <= 40 < enc.truncation.original_tokens
+    with pytest.raises(InputError, match=r"prompt 0: document \+ prompt is \d+ tokens, longer than .* 40"):
+        model.generate(enc, ["a prompt long enough to go past the limit of forty tokens here"])
 
 
 def test_sliding_window_is_refused_by_name(tmp_path_factory):

@@ -111,9 +111,16 @@ class CausalModel:
                 )
             if truncate not in ("left", "right"):
                 raise InputError(f"truncate={truncate!r}: expected None, 'left' or 'right'")
-            full = len(ids)
-            document = causal_layouts.cut_document(self.tokenizer, document, len(ids) - limit + 8, truncate)
-            ids = template.prefix_ids(self.tokenizer, document)
+            full, removed = len(ids), 0
+            for _ in range(8):  # re-tokenizing the cut text can merge differently: cut again if needed
+                removed += len(ids) - limit
+                text = causal_layouts.cut_document(self.tokenizer, document, removed, truncate)
+                ids = template.prefix_ids(self.tokenizer, text)
+                if len(ids) <= limit:
+                    break
+            else:  # pragma: no cover - a tokenizer that grows as it is cut
+                raise InputError(f"could not cut the document to {limit} tokens")
+            document = text
             cut = Truncation(0, None, truncate, full, len(ids))
         t0 = time.perf_counter()
         cache = self.model.prefill_prefix([ids])
@@ -232,6 +239,7 @@ class CausalModel:
             enc.tokens,
             prompts,
             max_new_tokens,
+            self.config.max_input_length,
             self.config.context_length,
             self.context_name,
         )

@@ -212,6 +212,7 @@ def build_on_prefix(
     prefix: list[int],
     prompts: list[str],
     max_new_tokens,
+    max_input_length: int,
     context_length: int,
     context_name: str = "context length",
 ) -> tuple[CausalPlan, int]:
@@ -222,6 +223,11 @@ def build_on_prefix(
     limits = budgets(max_new_tokens, len(prompts))
     rows = [template.ids(tokenizer, document, p) for p in prompts]
     for j, (r, n) in enumerate(zip(rows, limits)):
+        if len(r) > max_input_length:
+            raise InputError(
+                f"prompt {j}: document + prompt is {len(r)} tokens, longer than the model's limit of "
+                f"{max_input_length} (max_input_length); encode the document with truncate='left' or 'right'"
+            )
         if len(r) + n > context_length:
             raise InputError(
                 f"prompt {j}: {len(r)} tokens + max_new_tokens {n} = {len(r) + n}, over the model's {context_name}"
