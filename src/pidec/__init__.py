@@ -7,6 +7,7 @@ derives from `InputError`.
 """
 
 from .api import EncodedDocument, GenerationResult, Model, load
+from .causal_api import CausalModel  # also registers decoder-only checkpoints with `load`
 from .checkpoint import CheckpointError
 from .data import DataError
 from .errors import InputError
@@ -18,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "load",
     "Model",
+    "CausalModel",
     "EncodedDocument",
     "GenerationResult",
     "InputError",

@@ -305,6 +305,12 @@ def _timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:
     }
 
 
+# Other model families: (accepts(folder) -> bool, load(folder, device, dtype, tokenizer,
+# max_input_length, quantize, compile, pack_weights) -> model). `pidec.causal_api` registers the
+# decoder-only checkpoints (Llama, Qwen2, Qwen3, Mistral) here, by config.json's model_type.
+LOADERS: list = []
+
+
 def load(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
@@ -342,6 +348,9 @@ def load(
         raise InputError(str(e)) from None
     overrides = {} if max_input_length is None else {"max_input_length": int(max_input_length)}
     folder = checkpoint.resolve(path)
+    for accepts, family_load in LOADERS:  # a registered family (decoder-only models) loads its own
+        if accepts(folder):
+            return family_load(folder, device, dtype, tokenizer, max_input_length, quantize, compile, pack_weights)
     if lora.is_adapter(folder):  # a LoRA adapter: its base with the deltas merged in, tokenizer from either
         model = lora.load_merged(folder, device=device, dtype=parse_dtype(dtype), **overrides)
         folder = lora.tokenizer_folder(folder) or folder

@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from ..bench.causal import ARCHES, format_causal_table, plot_causal_sweep, run_causal_bench, run_causal_sweep
 from ..bench.harness import format_memory, format_table, run_bench, run_memory
 from ..bench.sweep import format_sweep, parse_ks, plot_sweep, run_sweep
 from ..bench.training import format_train_table, run_train_bench
@@ -49,11 +50,17 @@ def bench(
         False, "--compile", help="the float pidec configurations decode through torch.compile"
     ),
     no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+    arch: Optional[str] = typer.Option(
+        None, "--arch", help=f"a decoder-only shape instead of T5 ({', '.join(ARCHES)}; random weights, float32)"
+    ),
 ) -> None:
     """Time the configurations side by side on one workload and print a table. More configurations:
     pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
 
     names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
+    if arch is not None:  # decoder-only models: pidec.bench.causal
+        bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out)
+        return
     if compile_steps and (train_mode or sweep_k or memory_only):
         fail("--compile applies to a timed decoding run: leave out --train, --sweep-k and --memory-only")
     if plot and not sweep_k:
@@ -152,3 +159,32 @@ def bench(
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
         typer.echo(f"wrote {json_out}")
+
+
+def bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out) -> None:
+    """`pidec bench --arch NAME`: the decoder-only configurations (see pidec.bench.causal)."""
+    try:
+        if sweep_k:
+            result = run_causal_sweep(
+                parse_ks(sweep_k),
+                names,
+                arch=arch,
+                workload=workload,
+                docs=docs,
+                repeats=repeats,
+                seed=seed,
+                threads=threads,
+            )
+            for k, run in zip(result["ks"], result["runs"]):
+                typer.echo(f"K={k}\n" + format_causal_table(run))
+        else:
+            result = run_causal_bench(arch, workload, names, docs=docs, repeats=repeats, seed=seed, threads=threads)
+            typer.echo(format_causal_table(result))
+    except ValueError as e:
+        fail(str(e))
+    if json_out:
+        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        typer.echo(f"wrote {json_out}")
+    if plot and sweep_k:
+        plot_causal_sweep(result, plot)
+        typer.echo(f"wrote {plot}")

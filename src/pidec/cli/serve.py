@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ..api import load
+from ..api import Model, load
 from ..bench.loadtest import format_report, run_loadtest
 from ..checkpoint import CheckpointError
 from ..errors import InputError
@@ -86,6 +86,8 @@ def serve(
             quantize=quantize,
             pack_weights=False if no_pack else None,
         )
+        if not isinstance(m, Model):
+            fail(f"{model}: decoder-only checkpoints are not served yet; use pidec generate or the Python API")
         settings.checked(m)
     except (InputError, CheckpointError, ValueError) as e:
         fail(str(e))

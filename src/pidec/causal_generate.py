@@ -1,0 +1,293 @@
+"""Decoding many rows over shared prefixes with a decoder-only model (`pidec.causal`).
+
+Works on token ids only; `causal_layouts` turns text into rows and back. A run is
+
+1. the documents' shared prefixes prefilled once, together (`CausalLM.prefill_prefix`): one
+   key/value copy per document (`CrossCache`, lengths = prefix lengths);
+2. every row's suffix (its tokens after the shared prefix: the rest of the prompt) prefilled in
+   one packed pass: each document's suffixes laid end to end in segments of up to PACK_TOKENS
+   tokens, kept to their own row by a block-diagonal causal mask, all segments of a document
+   attending its one prefix copy; each token's keys go to its row's `KVCache` slot (rows are
+   aligned so that their suffixes end together, the slots before a short one masked);
+3. one token per row per step: tokens [R, 1] at positions prefix length + suffix length + step,
+   the rows of a document folded into one product against its prefix, merged by log-sum-exp
+   with attention over the row's own cache.
+
+Rows that end (an EOS id, or their budget) leave the batch before the next step (compaction);
+a document with no row left is dropped from the prefix cache once a quarter of them have gone.
+The `pie` layout is the same engine with no prefix: each row prefilled whole.
+
+Greedy picks the argmax; sampling (temperature, top-k, top-p) draws from a seeded generator,
+one draw per row per step in batch order. Beam search is not implemented for these models.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .causal import CausalLM
+from .generate import Decoded, DecodeStats, drop_empty_docs, sync
+from .model import CrossCache, KVCache, PackedPrefill, RowGroups, additive_mask
+
+PACK_TOKENS = 256  # longest packed prefill segment (its attention is segment x segment)
+
+
+@dataclass
+class SuffixRow:
+    """One row: its document (an index into the prefix cache, ignored without one), its tokens
+    after the document's shared prefix (at least one), and how many tokens it may add."""
+
+    doc: int
+    tokens: list[int]
+    max_new_tokens: int
+
+
+@dataclass
+class Sampling:
+    """How the next token is chosen: greedy (do_sample False) or drawn, as transformers names it."""
+
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+
+    def check(self) -> Sampling:
+        if self.do_sample:
+            if not self.temperature > 0:
+                raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            if self.top_k is not None and self.top_k < 1:
+                raise ValueError(f"top_k must be >= 1, got {self.top_k}")
+            if self.top_p is not None and not 0 < self.top_p <= 1:
+                raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        return self
+
+
+def truncate_prefix(prefix: CrossCache, length: int) -> CrossCache:
+    """The first `length` positions of a one-document prefix cache (keys at a position depend
+    only on the tokens before it, so a shorter common prefix reuses a longer one's cache)."""
+    if prefix.docs != 1:
+        raise ValueError("truncate_prefix takes a one-document cache")
+    if length == int(prefix.lengths[0]):
+        return prefix
+    return CrossCache(
+        [k[:, :, :length] for k in prefix.k],
+        [v[:, :, :length] for v in prefix.v],
+        None,
+        torch.tensor([length], device=prefix.lengths.device),
+    )
+
+
+class RowBook:
+    """Per-row bookkeeping of a greedy or sampled run, on the host: one copy of the chosen tokens
+    per step (which rows ended decides the next batch), the rest in Python lists."""
+
+    def __init__(self, limits: list[int], eos: set[int], sampling: Sampling, device):
+        self.limits, self.eos, self.sampling = limits, eos, sampling
+        self.tokens: list[list[int]] = [[] for _ in limits]  # per caller row, EOS included
+        self.alive = list(range(len(limits)))  # caller row of each batch row
+        self.generator = None
+        if sampling.do_sample:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+
+    def choose(self, logits: Tensor) -> Tensor:
+        s = self.sampling
+        if not s.do_sample:
+            return logits.argmax(-1)
+        scores = logits.float() / s.temperature
+        if s.top_k is not None and s.top_k < scores.shape[-1]:
+            kth = torch.topk(scores, s.top_k, dim=-1).values[:, -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+        if s.top_p is not None and s.top_p < 1:
+            sorted_scores, order = torch.sort(scores, descending=True, dim=-1)
+            cum = torch.softmax(sorted_scores, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_scores, -1) >= s.top_p  # keep the smallest set reaching top_p
+            scores = scores.scatter(-1, order, sorted_scores.masked_fill(drop, float("-inf")))
+        probs = torch.softmax(scores, -1)
+        return torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
+
+    def step(self, logits: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """Pick each batch row's next token from logits [R, vocab]. Returns the tokens to feed
+        [R'] (None once every row has ended) and the batch rows to keep (None: all of them)."""
+        nxt = self.choose(logits)
+        keep = []
+        for b, (i, token) in enumerate(zip(self.alive, nxt.tolist())):
+            out = self.tokens[i]
+            out.append(token)
+            if token not in self.eos and len(out) < self.limits[i]:
+                keep.append(b)
+        if not keep:
+            return None, None
+        if len(keep) == len(self.alive):
+            return nxt, None
+        index = torch.tensor(keep, device=nxt.device)
+        self.alive = [self.alive[b] for b in keep]
+        return nxt.index_select(0, index), index
+
+    def results(self) -> list[list[int]]:
+        """Tokens per caller row, a final EOS removed."""
+        return [seq[:-1] if seq and seq[-1] in self.eos else seq for seq in self.tokens]
+
+
+def prefill_suffixes(
+    model: CausalLM, prefix: CrossCache | None, rows: list[SuffixRow], cache: KVCache, P: int
+) -> Tensor:
+    """Run every row's suffix through the model in one packed pass, writing its keys/values to
+    `cache` (suffixes aligned to end at slot P); returns each row's next-token logits [R, vocab]."""
+    device = model.device
+    segments: list[list[int]] = []
+    seg_doc: list[int] = []
+    seg_len: list[int] = []
+    for i, r in enumerate(rows):
+        n = len(r.tokens)
+        if segments and seg_doc[-1] == r.doc and seg_len[-1] + n <= PACK_TOKENS:
+            segments[-1].append(i)
+            seg_len[-1] += n
+        else:
+            segments.append([i])
+            seg_doc.append(r.doc)
+            seg_len.append(n)
+    S, T = len(segments), max(seg_len)
+    tokens = torch.zeros((S, T), dtype=torch.long)
+    owner = torch.full((S, T), -1, dtype=torch.long)
+    inrow = torch.zeros((S, T), dtype=torch.long)
+    seg, tok, row, slot, last = [], [], [], [], []
+    for s, members in enumerate(segments):
+        t = 0
+        for i in members:
+            n = len(rows[i].tokens)
+            tokens[s, t : t + n] = torch.tensor(rows[i].tokens, dtype=torch.long)
+            owner[s, t : t + n] = i
+            inrow[s, t : t + n] = torch.arange(n)
+            seg += [s] * n
+            tok += range(t, t + n)
+            row += [i] * n
+            slot += range(P - n, P)
+            last.append((s, t + n - 1))
+            t += n
+    tokens, owner, inrow = tokens.to(device), owner.to(device), inrow.to(device)
+    keep = (owner[:, :, None] == owner[:, None, :]) & (inrow[:, None, :] <= inrow[:, :, None])  # [S, q, k]
+    mask = additive_mask(keep[:, None], torch.float32)  # [S, 1, T, T]
+
+    def index(values) -> Tensor:
+        return torch.tensor(values, dtype=torch.long, device=device)
+
+    writer = PackedPrefill(cache, index(seg), index(tok), index(row), index(slot), P)
+    groups = None
+    pos = inrow
+    if prefix is not None:
+        seg_doc_t = index(seg_doc)
+        groups = RowGroups.from_doc(seg_doc_t, prefix.docs)
+        pos = inrow + prefix.lengths.to(device)[seg_doc_t][:, None]
+    hidden = model.forward_hidden(tokens, pos, mask, writer, prefix, groups)
+    ends = index(last)
+    return model.logits(hidden[ends[:, 0], ends[:, 1]])
+
+
+def check_rows(rows: list[SuffixRow], prefix: CrossCache | None) -> None:
+    for i, r in enumerate(rows):
+        if r.max_new_tokens < 1:
+            raise ValueError(f"row {i}: max_new_tokens must be >= 1, got {r.max_new_tokens}")
+        if not r.tokens:
+            raise ValueError(f"row {i}: no tokens after the shared prefix (the prefix must leave at least one)")
+        if prefix is not None and not 0 <= r.doc < prefix.docs:
+            raise ValueError(f"row {i}: document {r.doc} out of range ({prefix.docs} prefilled)")
+
+
+@torch.inference_mode()
+def decode(
+    model: CausalLM,
+    prefix: CrossCache | None,
+    rows: list[SuffixRow],
+    eos_token_ids: list[int] | None = None,
+    sampling: Sampling | None = None,
+) -> Decoded:
+    """Decode `rows` over `prefix` (one entry per document; None: no shared prefix, the rows
+    are whole). Generation stops per row at any of `eos_token_ids` or its budget. Returns the
+    generated tokens per row, in the order given, final EOS removed."""
+    sampling = (sampling or Sampling()).check()
+    if not rows:
+        return Decoded([])
+    check_rows(rows, prefix)
+    order = sorted(range(len(rows)), key=lambda i: rows[i].doc if prefix is not None else 0)
+    if order != list(range(len(rows))):
+        result = decode(model, prefix, [rows[i] for i in order], eos_token_ids, sampling)
+        back = [0] * len(rows)
+        for new, old in enumerate(order):
+            back[old] = new
+        result.tokens = [result.tokens[back[i]] for i in range(len(rows))]
+        return result
+
+    device = model.device
+    cfg = model.config
+    sync(device)
+    t0 = time.perf_counter()
+    stats = DecodeStats()
+    if prefix is not None:
+        stats.cross_cache_bytes = prefix.nbytes()
+    R = len(rows)
+    P = max(len(r.tokens) for r in rows)
+    limits = [r.max_new_tokens for r in rows]
+    capacity = P + max(limits)
+    key_keep = torch.ones((R, capacity), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        key_keep[i, : P - len(r.tokens)] = False
+    key_keep = key_keep.to(device)
+    padded = any(len(r.tokens) < P for r in rows)
+    doc = torch.tensor([r.doc if prefix is not None else 0 for r in rows], device=device)
+    start = torch.tensor([len(r.tokens) for r in rows], device=device)
+    if prefix is not None:
+        start = start + prefix.lengths.to(device)[doc]
+    cache = KVCache(cfg.num_layers, R, cfg.num_kv_heads, capacity, cfg.head_dim, model.dtype, device)
+    logits = prefill_suffixes(model, prefix, rows, cache, P)
+    stats.prefill_tokens = sum(len(r.tokens) for r in rows)
+    stats.self_cache_bytes = cache.nbytes()
+
+    book = RowBook(limits, set(eos_token_ids or []), sampling, device)
+    live = prefix
+    groups = None if prefix is None else RowGroups.from_doc(doc, prefix.docs)
+    pos = start  # [R] position of the next token of each row
+    while True:
+        feed, keep = book.step(logits)
+        if feed is None:
+            break
+        if keep is not None:
+            cache.select(keep)
+            key_keep, pos, doc = key_keep.index_select(0, keep), pos.index_select(0, keep), doc.index_select(0, keep)
+            if live is not None:
+                live, doc = drop_empty_docs(live, doc)
+                groups = RowGroups.from_doc(doc, live.docs)
+        p = cache.pos
+        mask = None
+        if padded:
+            mask = additive_mask(key_keep[:, None, None, : p + 1], torch.float32)
+        hidden = model.forward_hidden(feed[:, None], pos[:, None], mask, cache, live, groups)
+        logits = model.logits(hidden[:, -1])
+        pos = pos + 1
+        stats.steps += 1
+        stats.row_steps += feed.numel()
+    sync(device)
+    stats.decode_s = time.perf_counter() - t0
+    tokens = book.results()
+    stats.output_tokens = sum(len(t) for t in tokens)
+    return Decoded(tokens, None, stats)
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """Length of the longest common prefix of token lists, capped to leave every row at least
+    one token of its own (the row's first logits come from its last token)."""
+    if not rows:
+        return 0
+    first = rows[0]
+    n = min(len(r) for r in rows) - 1
+    for r in rows[1:]:
+        i = 0
+        while i < n and r[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
