@@ -10,9 +10,9 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from pidec.causal import CausalConfig, CausalLM
-from pidec.causal_checkpoint import load_model, read_config
-from pidec.causal_generate import SuffixRow, prefill_suffixes
+from pidec.causal.checkpoint import load_model, read_config
+from pidec.causal.generate import SuffixRow, prefill_suffixes
+from pidec.causal.model import CausalConfig, CausalLM
 from pidec.checkpoint import CheckpointError
 from pidec.model import KVCache
 from tests.causal_tiny import FAMILIES, family_for_tests, save_family, tokenizer_for_tests
@@ -165,7 +165,7 @@ def test_config_validation():
 
 def test_attend_fused_and_written_out_agree_on_strided_inputs(monkeypatch):
     """The CPU flash kernel misreads a strided last dimension; attend copies such inputs."""
-    import pidec.causal as causal
+    import pidec.causal.model as causal
     from pidec.model import additive_mask
 
     gen = torch.Generator().manual_seed(3)

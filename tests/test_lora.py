@@ -308,10 +308,11 @@ def test_bad_targets_and_rank(v11, t5):
 
 def test_adapter_files_get_ordinary_permissions(adapter_folder):
     import os
+    import pathlib
     import stat
 
     folder, _ = adapter_folder
     umask = os.umask(0)
     os.umask(umask)
-    mode = stat.S_IMODE((Path(folder) / "adapter_model.safetensors").stat().st_mode)
+    mode = stat.S_IMODE((pathlib.Path(folder) / "adapter_model.safetensors").stat().st_mode)
     assert mode == 0o666 & ~umask  # what an ordinary write gives, not safetensors' 0600

@@ -7,7 +7,7 @@ derives from `InputError`.
 """
 
 from .api import EncodedDocument, GenerationResult, Model, load
-from .causal_api import CausalModel  # also registers decoder-only checkpoints with `load`
+from .causal import CausalModel  # also registers decoder-only checkpoints with `load`
 from .checkpoint import CheckpointError
 from .data import DataError
 from .errors import InputError

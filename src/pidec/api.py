@@ -306,7 +306,7 @@ def _timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:
 
 
 # Other model families: (accepts(folder) -> bool, load(folder, device, dtype, tokenizer,
-# max_input_length, quantize, compile, pack_weights) -> model). `pidec.causal_api` registers the
+# max_input_length, quantize, compile, pack_weights) -> model). `pidec.causal.api` registers the
 # decoder-only checkpoints (Llama, Qwen2, Qwen3, Mistral) here, by config.json's model_type.
 LOADERS: list = []
 

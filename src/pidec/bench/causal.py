@@ -31,10 +31,11 @@ import time
 
 import torch
 
-from .. import causal_checkpoint, checkpoint, packing
+from .. import checkpoint, packing
 from .. import quantize as quant
-from ..causal import CausalConfig, CausalLM
-from ..causal_generate import SuffixRow, decode
+from ..causal import checkpoint as causal_checkpoint
+from ..causal.generate import SuffixRow, decode
+from ..causal.model import CausalConfig, CausalLM
 from ..generate import sync
 from .harness import WORKLOADS, DocDraw, draw_documents
 from .sweep import plot_sweep

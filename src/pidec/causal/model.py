@@ -38,8 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import packing
-from .model import CrossCache, RowGroups, additive_mask
+from .. import packing
+from ..model import CrossCache, RowGroups, additive_mask
 
 ROPE_TYPES = ("default", "linear", "llama3")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .causal import CausalConfig, CausalLM, inverse_frequencies
-from .checkpoint import SAFE_WEIGHTS, CheckpointError, read_json, read_state_dict
+from ..checkpoint import SAFE_WEIGHTS, CheckpointError, read_json, read_state_dict
+from .model import CausalConfig, CausalLM, inverse_frequencies
 
 # model_type -> the transformers class that writes it
 ARCHITECTURES = {

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .causal_generate import SuffixRow, common_prefix
-from .errors import InputError
-from .layouts import TRUNCATE, Truncation, budgets, check_prompts
+from ..errors import InputError
+from ..layouts import TRUNCATE, Truncation, budgets, check_prompts
+from .generate import SuffixRow, common_prefix
 
 LAYOUTS = ("pid", "pie")
 PROMPT_MARK = "\x00pidec-prompt\x00"  # stands in for the prompt when only the part before it is wanted

@@ -1,6 +1,6 @@
 """Decoding many rows over shared prefixes with a decoder-only model (`pidec.causal`).
 
-Works on token ids only; `causal_layouts` turns text into rows and back. A run is
+Works on token ids only; `pidec.causal.layouts` turns text into rows and back. A run is
 
 1. the documents' shared prefixes prefilled once, together (`CausalLM.prefill_prefix`): one
    key/value copy per document (`CrossCache`, lengths = prefix lengths);
@@ -29,9 +29,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .causal import CausalLM
-from .generate import Decoded, DecodeStats, drop_empty_docs, sync
-from .model import CrossCache, KVCache, PackedPrefill, RowGroups, additive_mask
+from ..generate import Decoded, DecodeStats, drop_empty_docs, sync
+from ..model import CrossCache, KVCache, PackedPrefill, RowGroups, additive_mask
+from .model import CausalLM
 
 PACK_TOKENS = 256  # longest packed prefill segment (its attention is segment x segment)
 

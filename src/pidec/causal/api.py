@@ -22,15 +22,17 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from . import api, causal_checkpoint, causal_layouts, checkpoint, packing
-from . import quantize as quant
-from .causal import CausalLM
-from .causal_generate import Sampling, decode, truncate_prefix
-from .causal_layouts import Template
-from .errors import InputError
-from .generate import DecodeStats, budget_ranges, sync
-from .layouts import Truncation
-from .model import CrossCache
+from .. import api, checkpoint, packing
+from .. import quantize as quant
+from ..errors import InputError
+from ..generate import DecodeStats, budget_ranges, sync
+from ..layouts import Truncation
+from ..model import CrossCache
+from . import checkpoint as causal_checkpoint
+from . import layouts as causal_layouts
+from .generate import Sampling, decode, truncate_prefix
+from .layouts import Template
+from .model import CausalLM
 
 TEMPLATE_FIELDS = tuple(f.name for f in fields(Template))
 SAMPLING_FIELDS = tuple(f.name for f in fields(Sampling))
@@ -146,7 +148,8 @@ class CausalModel:
         else:
             per_example = [max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
             result = self.run([(document, prompts)], per_example, num_beams, layout, truncate, **options)
-        return result if return_details else result.outputs[0]
+        result.outputs = result.outputs[0]  # one document: the flat list, with details or without (as T5's)
+        return result if return_details else result.outputs
 
     def generate_batch(
         self,
