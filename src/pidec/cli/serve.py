@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -66,6 +69,11 @@ def serve(
     trim_after_idle: float = typer.Option(
         2.0, "--trim-after-idle", help="seconds idle before freed heap goes back to the OS; 0: never"
     ),
+    primitive_cache: int = typer.Option(
+        32,
+        "--primitive-cache",
+        help="oneDNN primitives kept per cache (bounds RSS; see allocator.py); 0: oneDNN's 1024",
+    ),
     quiet: bool = typer.Option(False, "--quiet", help="no access line per request"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
@@ -97,8 +105,10 @@ def serve(
         tokenizer_threads=tokenizer_threads,
     )
     settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
-    if malloc_arena_max < 0 or trim_after_idle < 0:
-        fail("--malloc-arena-max and --trim-after-idle must be >= 0 (0 turns them off)")
+    if malloc_arena_max < 0 or trim_after_idle < 0 or primitive_cache < 0:
+        fail("--malloc-arena-max, --trim-after-idle and --primitive-cache must be >= 0 (0 turns them off)")
+    if primitive_cache:
+        allocator.limit_primitive_caches(primitive_cache)  # before loading: packing makes the first primitives
     settings.malloc_arena_max = malloc_arena_max or None
     settings.trim_after_idle_s = trim_after_idle or None
     if settings.malloc_arena_max is not None:
@@ -122,6 +132,13 @@ def serve(
     except (InputError, CheckpointError, ValueError) as e:
         fail(str(e))
     run_server(m, settings, host=host, port=port, log_level=log_level, quiet=quiet, source=model)
+    # Stopped gracefully: everything held was answered, nothing is left to write. Skip the
+    # interpreter's teardown of torch and the model, which takes seconds on a busy machine and
+    # which an orchestrator's kill timer would count against the shutdown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

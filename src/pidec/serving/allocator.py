@@ -8,7 +8,7 @@ come from those arenas and stay mapped after they are freed. The process then ho
 every arena's high-water mark, fragmented, long after the load has gone: the resident set grows
 round after round although nothing is leaked.
 
-Two settings bound it, both applied by `pidec serve` before the model is loaded:
+Three settings bound it, all applied by `pidec serve` before the model is loaded:
 
 - `limit_arenas(n)`: `mallopt(M_ARENA_MAX, n)`, what `MALLOC_ARENA_MAX=n` does, so that the
   decoding thread, the tokenizer threads and the event loop share a few arenas. It only takes
@@ -18,6 +18,14 @@ Two settings bound it, both applied by `pidec serve` before the model is loaded:
   operating system. The service calls it once each time it has been idle for a while
   (`ServeSettings.trim_after_idle_s`), in a worker thread; it costs a walk over the heaps
   (milliseconds), never a request's latency.
+- `limit_primitive_caches(n)`: oneDNN (the packed float32 linear layers, `pidec.packing`)
+  keeps a compiled primitive, with its buffers, for every input shape it has seen, up to 1024
+  of them in each of its two caches (`ONEDNN_PRIMITIVE_CACHE_CAPACITY`, and torch's
+  `LRU_CACHE_CAPACITY` for ideep). A continuous batch changes its row count at nearly every
+  step, so the service would fill both over hours. A few dozen entries keep the shapes in use;
+  a new shape costs one primitive creation (well under a millisecond). The variables are read
+  once, when the first primitive is made: set them before the model is loaded (packing makes
+  primitives); a value already in the environment is left as it is.
 
 On a C library other than glibc (musl, macOS) both are no-ops that return False."""
 
@@ -26,6 +34,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import os
 
 M_ARENA_MAX = -8  # glibc's malloc.h
 
@@ -55,3 +64,16 @@ def trim() -> bool:
     """Give the free pages of every arena back to the OS. True if glibc released some memory."""
     libc = _libc()
     return bool(libc is not None and libc.malloc_trim(0) == 1)
+
+
+PRIMITIVE_CACHE_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
+
+
+def limit_primitive_caches(n: int) -> dict[str, str]:
+    """Set oneDNN's and ideep's primitive cache capacities to `n` unless already set in the
+    environment; returns the values in force."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"primitive_cache must be an integer >= 1, got {n!r}")
+    for name in PRIMITIVE_CACHE_VARIABLES:
+        os.environ.setdefault(name, str(n))
+    return {name: os.environ[name] for name in PRIMITIVE_CACHE_VARIABLES}
