@@ -248,6 +248,9 @@ async def faults(port: int, stop_at: float, rec: Record) -> None:
         rec.count(f"fault:{kind}")
         if read:
             head = answer.split(b"\r\n", 1)[0].decode("latin-1")
+            if head.startswith("HTTP/1.1 "):
+                code = int(head.split()[1])
+                rec.codes[code] = rec.codes.get(code, 0) + 1
             if f" {status} " not in head + " " or f'"kind":"{kind}"'.encode() not in answer:
                 rec.unexpected.append(f"{name}: got {head!r}")
         await asyncio.sleep(0.5)
@@ -282,7 +285,8 @@ async def retry_storm(c: httpx.AsyncClient, url: str, n: int, rec: Record) -> di
 
 async def one_round(url: str, port: int, seconds: float, rnd: int, args, rec: Record) -> dict:
     stop_at = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=args.clients * 4 + 8)
+    # idle connections dropped before the server's keep-alive timeout (5 s) can close them under us
+    limits = httpx.Limits(max_connections=args.clients * 4 + 8, keepalive_expiry=2.0)
     async with httpx.AsyncClient(limits=limits, trust_env=False, timeout=args.request_timeout + 10) as c:
         tasks = [
             client(c, url, stop_at, random.Random(f"{args.seed}:{rnd}:{i}"), rec, args) for i in range(args.clients)
@@ -364,7 +368,14 @@ def report(args, server: Server, rounds: list[dict], rec: Record, server_codes: 
         )
     lines += ["", "| outcome (client's view) | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(rec.outcomes.items())]
-    lines += ["", "| status | server counted | clients received |", "|---|---|---|"]
+    lines += [
+        "",
+        "Server's counts from /metrics when idle, before SIGTERM; clients' counts include the SIGTERM phase,",
+        "and a client that gave up (timeout, hang-up) is 499 on the server.",
+        "",
+        "| status | server counted | clients received |",
+        "|---|---|---|",
+    ]
     for code in sorted(set(server_codes) | {str(c) for c in rec.codes}):
         lines.append(f"| {code} | {server_codes.get(code, 0):.0f} | {rec.codes.get(int(code), 0)} |")
     lines += [

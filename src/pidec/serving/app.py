@@ -836,7 +836,9 @@ async def _disconnect(request: Request) -> None:
 def connection_class(service: _Service):
     """uvicorn's HTTP/1.1 connection (h11) with the service's bounds: at most max_connections
     open (one more is answered 503 and closed), and a connection that has not delivered a
-    request's head within header_timeout_s (fresh, or idle after an answer) is closed."""
+    request's head within header_timeout_s is closed (a fresh one; after an answer, uvicorn's
+    keep-alive timeout plus header_timeout_s). Clients should keep idle connections for less
+    than the keep-alive timeout (5 s), or a reused one may be closed under them."""
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     settings = service.settings
@@ -873,14 +875,15 @@ def connection_class(service: _Service):
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            self._await_head()
+            # idle keep-alive is uvicorn's to end (timeout_keep_alive); ours bounds a head begun late
+            self._await_head(self.timeout_keep_alive)
 
         def connection_lost(self, exc):
             if self.head_timer is not None:
                 self.head_timer.cancel()
             super().connection_lost(exc)
 
-        def _await_head(self) -> None:
+        def _await_head(self, idle_s: float = 0.0) -> None:
             if self.head_timer is not None:
                 self.head_timer.cancel()
             cycle = self.cycle
@@ -890,7 +893,7 @@ def connection_class(service: _Service):
                 if waiting and not self.transport.is_closing():
                     self.transport.close()  # no request came: a stalled or idle client
 
-            self.head_timer = self.loop.call_later(settings.header_timeout_s, check)
+            self.head_timer = self.loop.call_later(idle_s + settings.header_timeout_s, check)
 
     return Connection
 
