@@ -843,10 +843,13 @@ def test_short_load_test_has_no_errors(model):
     assert service.metrics.value("pidec_batch_steps_total") > 0
 
 
-def test_cli_serve_refuses_a_bad_model(tmp_path):
+def test_cli_serve_refuses_a_bad_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from pidec.cli import app
+
+    for name in allocator.PRIMITIVE_CACHE_VARIABLES:  # serve sets them if unset: not in this process
+        monkeypatch.setenv(name, "1024")
 
     r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "error:" in r.output
