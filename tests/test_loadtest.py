@@ -52,3 +52,39 @@ def test_percentile_is_nearest_rank():
     values = sorted(float(x) for x in range(1, 101))
     assert percentile(values, 50) == 50 and percentile(values, 99) == 99 and percentile(values, 100) == 100
     assert percentile([7.0], 99) == 7.0 and percentile([], 50) is None
+
+
+def test_soak_script_short_run(tmp_path):
+    """scripts/soak.py, bounded: a tiny random model, two short rounds of mixed traffic with faults,
+    a retry storm and SIGTERM under load; every promise in its report holds."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out, raw = tmp_path / "soak.md", tmp_path / "soak.json"
+    cmd = [
+        sys.executable,
+        str(root / "scripts" / "soak.py"),
+        "--random",
+        "tiny",
+        "--tokenizer",
+        str(require(T5_TOKENIZER)),
+    ]
+    cmd += ["--duration", "12", "--rounds", "2", "--clients", "4", "--max-queue", "4", "--request-timeout", "30"]
+    cmd += ["--threads", "1", "--rss-growth", "0.5", "--out", str(out), "--json", str(raw)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    text = out.read_text()
+    assert "| round | requests answered |" in text and "| status | server counted | clients received |" in text
+    assert "FAIL" not in text and text.count("| PASS") == 7
+    import json
+
+    data = json.loads(raw.read_text())
+    assert len(data["rounds"]) == 2 and all(r["answered"] > 0 for r in data["rounds"])
+    outcomes = data["outcomes"]
+    for kind in ("fault:body_timeout", "fault:invalid_json", "fault:disconnected"):
+        assert outcomes.get(kind, 0) >= 1, (kind, outcomes)
+    assert outcomes.get("200", 0) > 0 and data["sigterm"]["exit_code"] == 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import platform
+import re
 import signal
 import socket
 import subprocess
@@ -18,7 +21,9 @@ import httpx
 import pytest
 
 import pidec
-from pidec.serving.app import ServeSettings, create_app
+from pidec.serving import allocator
+from pidec.serving.app import ServeSettings, connection_class, create_app, describe
+from pidec.serving.prometheus import parse, total
 
 from .shared_data import tiny_checkpoint
 
@@ -44,9 +49,9 @@ def steady(tmp_path_factory):
 
 
 @asynccontextmanager
-async def serving(model, **settings):
+async def serving(model, access_log=True, **settings):
     """The app with its lifespan running, and an in-process client."""
-    app = create_app(model, ServeSettings(**settings))
+    app = create_app(model, ServeSettings(**settings), access_log=access_log)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://pidec", timeout=60) as client:
@@ -110,6 +115,24 @@ async def until(predicate, timeout_s: float = 10.0) -> None:
 
 def error_of(r: httpx.Response) -> dict:
     return r.json()["error"]
+
+
+def assert_accounted(metrics, replies) -> None:
+    """Every request counted once in and once out; every answer other than 200 counted under the
+    kind its body names, none outside the error shape."""
+    s = parse(metrics.render())
+    assert total(s, "pidec_http_requests_received_total") == total(s, "pidec_http_requests_total")
+    assert total(s, "pidec_errors_total", kind="unshaped") == 0
+    kinds = {}
+    for r in replies:
+        if r.status_code != 200:
+            kinds[error_of(r)["kind"]] = kinds.get(error_of(r)["kind"], 0) + 1
+    for kind, n in kinds.items():
+        assert total(s, "pidec_errors_total", kind=kind) >= n, kind
+    non_200 = sum(
+        v for (name, labels), v in s.items() if name == "pidec_http_requests_total" and ("code", "200") not in labels
+    )
+    assert total(s, "pidec_errors_total") == non_200
 
 
 # -- the contract --------------------------------------------------------------------------------
@@ -251,6 +274,16 @@ BAD = [
     (json.dumps({"document": DOC, "prompts": ["a"], "max_new_tokens": [65]}), 422, "limit_exceeded", "[0]=65"),
     (json.dumps({"document": DOC, "prompts": PROMPTS, "num_beams": 5}), 422, "limit_exceeded", "max_num_beams=4"),
     (json.dumps({"document": DOC * 30, "prompts": PROMPTS}), 413, "too_large", "max_body_bytes=2000"),
+    # not text, or not JSON the way a parser is safe with: the error shape too, never 400 or 500
+    (b'{"document": "caf\xe9", "prompts": ["a"]}', 422, "invalid_json", "not UTF-8: byte 0xe9 at offset 17"),
+    (b"[" * 1500, 422, "invalid_json", "nested too deeply"),
+    (
+        b'{"document": "x \\ud800 y", "prompts": ["a"]}',
+        422,
+        "invalid_request",
+        "document holds a lone surrogate U+D800",
+    ),
+    (b'{"document": "x", "prompts": ["a", "\\udfff"]}', 422, "invalid_request", "prompts[1] holds a lone surrogate"),
 ]
 
 
@@ -287,7 +320,86 @@ def test_bad_requests_get_clear_errors(model):
     assert chunked.status_code == 413 and error_of(chunked)["limit"] == "max_body_bytes"
     assert good.status_code == 200  # refusals leave the service serving
     assert metrics.value("pidec_errors_total", kind="too_large") == 5
-    assert metrics.value("pidec_errors_total", kind="invalid_json") == 1
+    assert metrics.value("pidec_errors_total", kind="invalid_json") == 3
+    assert metrics.value("pidec_errors_total", kind="invalid_request") == 16
+    assert_accounted(metrics, replies + [chunked, good])
+
+
+def test_every_other_answer_has_the_error_shape_and_is_counted(model, monkeypatch):
+    """404, 405, 415 and a bug in the request path answer {"error": {"kind", "message"}}, counted."""
+
+    def broken(*args):
+        raise TypeError("a bug")
+
+    async def go():
+        async with serving(model) as c:
+            replies = [
+                await c.get("/nope"),
+                await c.post("/healthz"),
+                await c.get("/v1/generate"),
+                await c.post("/v1/generate", content=json.dumps({"document": DOC, "prompts": PROMPTS})),  # no type
+                await c.post("/v1/generate", content=b"{}", headers={"content-type": "text/plain"}),
+            ]
+            monkeypatch.setattr("pidec.serving.app.build_job", broken)
+            replies.append(await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS}))
+            monkeypatch.undo()
+            replies.append(await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS[:1]}))
+            return replies, c.service.metrics
+
+    replies, metrics = run(go())
+    got = [
+        (r.status_code, r.headers["content-type"], error_of(r)["kind"] if r.status_code != 200 else None)
+        for r in replies
+    ]
+    json_type = "application/json"
+    assert got == [
+        (404, json_type, "not_found"),
+        (405, json_type, "method_not_allowed"),
+        (405, json_type, "method_not_allowed"),
+        (415, json_type, "unsupported_media_type"),
+        (415, json_type, "unsupported_media_type"),
+        (500, json_type, "internal"),
+        (200, json_type, None),
+    ]
+    assert replies[1].headers["allow"] == "GET" and "allowed: POST" in error_of(replies[2])["message"]
+    assert error_of(replies[5])["message"] == "internal error"  # the bug's text stays in the log
+    assert_accounted(metrics, replies)
+    s = parse(metrics.render())
+    assert total(s, "pidec_http_requests_total", path="other", code="404") == 1
+
+
+def test_access_lines_and_quiet(model, caplog):
+    async def go(access_log):
+        async with serving(model, access_log=access_log) as c:
+            await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS[:1], "max_new_tokens": 2})
+            await c.get("/nope")
+
+    with caplog.at_level(logging.INFO, logger="pidec.access"):
+        run(go(True))
+        lines = [r.getMessage() for r in caplog.records if r.name == "pidec.access"]
+        caplog.clear()
+        run(go(False))
+        quiet = [r for r in caplog.records if r.name == "pidec.access"]
+    assert len(lines) == 2 and not quiet
+    assert re.fullmatch(r"POST /v1/generate 200 \d+\.\dms", lines[0]), lines[0]
+    assert re.fullmatch(r"GET /nope 404 \d+\.\dms", lines[1]), lines[1]
+
+
+def test_describe_names_what_is_served(model):
+    text = describe(model, ServeSettings().checked(model), "ckpt/folder", "http://127.0.0.1:8123")
+    for part in (
+        "ckpt/folder",
+        "device cpu",
+        "dtype float32",
+        "quantization none",
+        "max_document_tokens=600",
+        "max_connections=256",
+        "shutdown_timeout=30",
+        "malloc_arena_max=2",
+        "authentication: none",
+        "listening on http://127.0.0.1:8123",
+    ):
+        assert part in text, part
 
 
 def test_bearer_token(model):
@@ -311,6 +423,26 @@ def test_bearer_token(model):
     assert 'pidec_errors_total{kind="unauthorized"} 4' in r[6].text
 
 
+@pytest.mark.parametrize("key", ["clé", "ключ-🔑"])
+def test_a_utf8_api_key(model, key):
+    """The header's bytes are compared with the key's UTF-8 bytes; the key's latin-1 bytes (what a
+    latin-1 decode of the header would have matched) are refused."""
+    body = {"document": DOC, "prompts": PROMPTS[:1], "max_new_tokens": 2}
+    utf8 = b"Bearer " + key.encode("utf-8")
+
+    async def go():
+        async with serving(model, api_key=key) as c:
+            replies = [await c.post("/v1/generate", json=body, headers={"Authorization": utf8})]
+            if key.isascii() or all(ord(ch) < 256 for ch in key):
+                latin1 = b"Bearer " + key.encode("latin-1")
+                replies.append(await c.post("/v1/generate", json=body, headers={"Authorization": latin1}))
+            return replies
+
+    replies = run(go())
+    assert replies[0].status_code == 200, replies[0].text
+    assert all(r.status_code == 401 for r in replies[1:])
+
+
 def test_settings_are_checked(model):
     with pytest.raises(ValueError, match="max_queue must be an integer >= 1"):
         ServeSettings(max_queue=0).checked(model)
@@ -320,6 +452,10 @@ def test_settings_are_checked(model):
         ServeSettings(max_new_tokens_limit=20, default_max_new_tokens=40).checked(model)
     with pytest.raises(ValueError, match="api_key"):
         ServeSettings(api_key="").checked(model)
+    with pytest.raises(ValueError, match="body_timeout_s must be a number > 0, got 'x'"):
+        ServeSettings(body_timeout_s="x").checked(model)
+    with pytest.raises(ValueError, match="max_connections must be an integer >= 1"):
+        ServeSettings(max_connections=0).checked(model)
 
 
 # -- faults --------------------------------------------------------------------------------------
@@ -470,8 +606,11 @@ def live_server(model, **settings):
     """uvicorn on a free loopback port, in a thread."""
     import uvicorn
 
-    app = create_app(model, ServeSettings(**settings))
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on"))
+    app = create_app(model, ServeSettings(**settings), access_log=False)
+    http = connection_class(app.state.service)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", http=http)
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -508,18 +647,136 @@ def test_client_disconnect_drops_its_rows(steady):
     assert result["r"].status_code == 200 and result["r"].json()["outputs"] == offline(steady, stays)
 
 
+def read_all(sock: socket.socket, timeout_s: float = 10.0) -> bytes:
+    """What the server sends until it closes the connection."""
+    sock.settimeout(timeout_s)
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def post_head(length: int) -> bytes:
+    return (
+        f"POST /v1/generate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n\r\n"
+    ).encode()
+
+
+def test_a_stalled_body_gets_408_and_a_client_gone_mid_body_counts_as_disconnected(model):
+    body = json.dumps({"document": DOC, "prompts": PROMPTS}).encode()
+    with live_server(model, body_timeout_s=0.5) as (url, service):
+        port = int(url.rsplit(":", 1)[1])
+        t0 = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port)) as stalled:
+            stalled.sendall(post_head(len(body)) + body[:20])
+            answer = read_all(stalled)  # and the server closes it
+        waited = time.monotonic() - t0
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b'"kind":"body_timeout"' in answer and b'"limit":"body_timeout_s"' in answer
+        assert 0.4 < waited < 8
+        with socket.create_connection(("127.0.0.1", port)) as gone:
+            gone.sendall(post_head(len(body)) + body[:20])
+            time.sleep(0.1)
+        run(until(lambda: service.metrics.value("pidec_errors_total", kind="disconnected") == 1))
+        ok = httpx.post(f"{url}/v1/generate", json={"document": DOC, "prompts": PROMPTS[:1], "max_new_tokens": 2})
+        assert ok.status_code == 200
+        run(until(lambda: service.in_progress == 0))  # counted just after the answer is sent
+        s = parse(service.metrics.render())
+    assert total(s, "pidec_http_requests_total", code="400") == 0
+    assert total(s, "pidec_http_requests_total", code="499") == 1 and total(s, "pidec_errors_total") == 2
+    assert total(s, "pidec_http_requests_received_total") == total(s, "pidec_http_requests_total")
+
+
+def test_connections_are_limited_and_a_silent_one_is_closed(model):
+    with live_server(model, max_connections=2, header_timeout_s=2.0) as (url, service):
+        port = int(url.rsplit(":", 1)[1])
+        silent = socket.create_connection(("127.0.0.1", port))
+        partial = socket.create_connection(("127.0.0.1", port))
+        partial.sendall(b"GET /healthz HTTP/1.1\r\nHo")  # a head that never ends
+        run(until(lambda: service.connections_open() == 2))
+        with socket.create_connection(("127.0.0.1", port)) as third:
+            third.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = read_all(third)
+        assert answer.startswith(b"HTTP/1.1 503 "), answer
+        assert b'"kind":"unavailable"' in answer and b'"limit":"max_connections"' in answer
+        t0 = time.monotonic()
+        assert read_all(silent) == b"" and read_all(partial) == b""  # closed by the server
+        assert time.monotonic() - t0 < 8
+        silent.close()
+        partial.close()
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200  # their slots are free again
+        run(until(lambda: service.in_progress == 0))
+        s = parse(service.metrics.render())
+    assert total(s, "pidec_errors_total", kind="unavailable") == 1
+    assert total(s, "pidec_http_requests_received_total") == total(s, "pidec_http_requests_total")
+
+
+def test_after_shutdown_timeout_what_is_left_gets_503_and_leaves_the_batch(steady):
+    slow = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 200}
+    quick = {"document": DOC, "prompts": PROMPTS[:2], "max_new_tokens": 4}
+
+    async def go():
+        async with serving(steady, shutdown_timeout_s=0.5, max_wait_ms=0) as c:
+            with slow_decoder(steady, 0.02):
+                held = asyncio.ensure_future(c.post("/v1/generate", json=slow))
+                await until(lambda: c.service.batcher.active_requests == 1)
+                c.service.begin_drain()
+                refused = await c.post("/v1/generate", json=quick)  # arriving while draining
+                t0 = time.monotonic()
+                late = await held
+                waited = time.monotonic() - t0
+                await until(lambda: c.service.batcher.active_rows == 0, 1.0)  # dropped, not run to the end
+            return refused, late, waited, c.service.metrics
+
+    refused, late, waited, metrics = run(go())
+    assert refused.status_code == 503 and error_of(refused)["kind"] == "unavailable"
+    assert late.status_code == 503 and error_of(late)["limit"] == "shutdown_timeout_s"
+    assert waited < 2.0
+    assert_accounted(metrics, [refused, late])
+
+
+def test_trims_the_heap_once_per_idle_spell(model):
+    body = {"document": DOC, "prompts": PROMPTS[:1], "max_new_tokens": 2}
+
+    async def go():
+        async with serving(model, trim_after_idle_s=0.1) as c:
+            m = c.service.metrics
+            await c.post("/v1/generate", json=body)
+            await until(lambda: m.value("pidec_malloc_trims_total") == 1)
+            await asyncio.sleep(0.5)
+            once = m.value("pidec_malloc_trims_total")
+            await c.post("/v1/generate", json=body)
+            await until(lambda: m.value("pidec_malloc_trims_total") == 2)
+            return once
+
+    assert run(go()) == 1
+
+
+def test_allocator_settings():
+    with pytest.raises(ValueError, match="malloc_arena_max must be an integer >= 1"):
+        allocator.limit_arenas(0)
+    glibc = platform.libc_ver()[0] == "glibc"
+    assert allocator.limit_arenas(64) is glibc  # above what a test process has: changes nothing
+    assert isinstance(allocator.trim(), bool)
+
+
 def test_sigterm_finishes_what_it_holds_then_exits(folder, model):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "pidec", "serve", "--model", str(folder), "--port", str(port), "--threads", "1"]
-    cmd += ["--max-wait-ms", "2000", "--log-level", "warning"]
+    cmd += ["--max-wait-ms", "2000", "--shutdown-timeout", "20"]
     env = dict(os.environ, PIDEC_API_KEY="k3y")
     auth = {"Authorization": "Bearer k3y"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # a loaded machine takes a while to import torch
         while True:
             assert proc.poll() is None, proc.communicate()[1]
             try:
@@ -548,7 +805,13 @@ def test_sigterm_finishes_what_it_holds_then_exits(folder, model):
         while held() < 5:
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        body = json.dumps(bodies[0]).encode()
+        stalled = socket.create_connection(("127.0.0.1", port))  # half a body, then nothing
+        stalled.sendall(post_head(len(body)).replace(b"Host: x", b"Host: x\r\nAuthorization: Bearer k3y") + body[:10])
+        time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)  # the five are held: waiting for the batch to start, or in it
+        answer = read_all(stalled)  # answered at once, not left to hold the process
+        stalled.close()
         time.sleep(0.3)
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{url}/readyz", timeout=2)  # no longer accepting
@@ -558,8 +821,12 @@ def test_sigterm_finishes_what_it_holds_then_exits(folder, model):
     finally:
         if proc.poll() is None:
             proc.kill()
+    err = proc.communicate()[1]
+    assert answer.startswith(b"HTTP/1.1 503 ") and b"shutting down" in answer, answer
     for body, r in zip(bodies, replies):
         assert r is not None and r.status_code == 200 and r.json()["outputs"] == offline(model, body)
+    assert f"listening on http://127.0.0.1:{port}" in err and "device cpu, dtype float32" in err
+    assert len(re.findall(r"pidec.access: POST /v1/generate 200 \d+\.\dms", err)) == 5, err
 
 
 def test_short_load_test_has_no_errors(model):
@@ -576,10 +843,13 @@ def test_short_load_test_has_no_errors(model):
     assert service.metrics.value("pidec_batch_steps_total") > 0
 
 
-def test_cli_serve_refuses_a_bad_model(tmp_path):
+def test_cli_serve_refuses_a_bad_model(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 
     from pidec.cli import app
+
+    for name in allocator.PRIMITIVE_CACHE_VARIABLES:  # serve sets them if unset: not in this process
+        monkeypatch.setenv(name, "1024")
 
     r = CliRunner().invoke(app, ["serve", "--model", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "error:" in r.output

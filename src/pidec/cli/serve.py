@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +15,7 @@ from ..api import Model, load
 from ..bench.loadtest import format_report, run_loadtest
 from ..checkpoint import CheckpointError
 from ..errors import InputError
+from ..serving import allocator
 from ..serving.app import ServeSettings, run_server
 from .common import NO_PACK_HELP, app, check_quantize, fail
 
@@ -46,6 +50,31 @@ def serve(
     default_max_new_tokens: Optional[int] = typer.Option(None, "--default-max-new-tokens", help="(32)"),
     max_num_beams: Optional[int] = typer.Option(None, "--max-num-beams", help="(8)"),
     max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="(1 MiB)"),
+    body_timeout: Optional[float] = typer.Option(
+        None, "--body-timeout", help="seconds to receive a body; then 408 and the connection closes (30)"
+    ),
+    header_timeout: Optional[float] = typer.Option(
+        None, "--header-timeout", help="seconds for a connection to send a request's head; then closed (10)"
+    ),
+    shutdown_timeout: Optional[float] = typer.Option(
+        None, "--shutdown-timeout", help="after SIGTERM, seconds to finish what is held; the rest get 503 (30)"
+    ),
+    max_connections: Optional[int] = typer.Option(
+        None, "--max-connections", help="connections open at once; more get 503 (256)"
+    ),
+    tokenizer_threads: Optional[int] = typer.Option(None, "--tokenizer-threads", help="threads that tokenize (2)"),
+    malloc_arena_max: int = typer.Option(
+        2, "--malloc-arena-max", help="glibc malloc arenas, set before loading (bounds RSS); 0: glibc's default"
+    ),
+    trim_after_idle: float = typer.Option(
+        2.0, "--trim-after-idle", help="seconds idle before freed heap goes back to the OS; 0: never"
+    ),
+    primitive_cache: int = typer.Option(
+        32,
+        "--primitive-cache",
+        help="oneDNN primitives kept per cache (bounds RSS; see allocator.py); 0: oneDNN's 1024",
+    ),
+    quiet: bool = typer.Option(False, "--quiet", help="no access line per request"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
     no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
@@ -69,8 +98,21 @@ def serve(
         default_max_new_tokens=default_max_new_tokens,
         max_num_beams=max_num_beams,
         max_body_bytes=max_body_bytes,
+        body_timeout_s=body_timeout,
+        header_timeout_s=header_timeout,
+        shutdown_timeout_s=shutdown_timeout,
+        max_connections=max_connections,
+        tokenizer_threads=tokenizer_threads,
     )
     settings = ServeSettings(**{k: v for k, v in given.items() if v is not None})
+    if malloc_arena_max < 0 or trim_after_idle < 0 or primitive_cache < 0:
+        fail("--malloc-arena-max, --trim-after-idle and --primitive-cache must be >= 0 (0 turns them off)")
+    if primitive_cache:
+        allocator.limit_primitive_caches(primitive_cache)  # before loading: packing makes the first primitives
+    settings.malloc_arena_max = malloc_arena_max or None
+    settings.trim_after_idle_s = trim_after_idle or None
+    if settings.malloc_arena_max is not None:
+        allocator.limit_arenas(settings.malloc_arena_max)  # before the model and the threads allocate
     if threads is not None:
         import torch
 
@@ -91,7 +133,14 @@ def serve(
         settings.checked(m)
     except (InputError, CheckpointError, ValueError) as e:
         fail(str(e))
-    run_server(m, settings, host=host, port=port, log_level=log_level)
+    run_server(m, settings, host=host, port=port, log_level=log_level, quiet=quiet, source=model)
+    # Stopped gracefully: everything held was answered, nothing is left to write. Skip the
+    # interpreter's teardown of torch and the model, which takes seconds on a busy machine and
+    # which an orchestrator's kill timer would count against the shutdown.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 @app.command()

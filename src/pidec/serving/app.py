@@ -9,44 +9,77 @@
     GET  /openapi.json  the schema (and /docs)
 
 The outputs are those of `Model.generate` for the same input; the batching (`batcher.py`) only
-decides which requests share the decoder's steps. Every refusal is JSON
-`{"error": {"kind", "message", "limit"?}}` with its status: 401 unauthorized, 413 too_large
-(body, document, prompt count, prompt length), 422 invalid_json / invalid_request /
-limit_exceeded (max_new_tokens, num_beams), 429 queue_full (with Retry-After), 500 internal (the
-batch it was in failed; the service goes on), 503 unavailable (shutting down), 504 timeout.
-A client that disconnects has its rows dropped from the batch (counted as "disconnected").
+decides which requests share the decoder's steps.
 
-On SIGTERM the service stops accepting connections, finishes the requests it holds, then exits.
+Every answer other than 200 is JSON `{"error": {"kind", "message", "limit"?}}` and is counted
+under its kind in `pidec_errors_total`:
+
+    401 unauthorized         missing or wrong bearer token
+    404 not_found            no such path
+    405 method_not_allowed   (with Allow)
+    408 body_timeout         the body did not arrive within body_timeout_s (connection closed)
+    413 too_large            body, document, prompt count or prompt length above its limit
+    415 unsupported_media_type  a body that is not Content-Type: application/json
+    422 invalid_json         not UTF-8, malformed, or nested too deeply
+    422 invalid_request      wrong types, unknown fields, empty document or prompts, text that
+                             is not valid Unicode (a lone surrogate)
+    422 limit_exceeded       max_new_tokens or num_beams above its limit
+    429 queue_full           with Retry-After
+    499 disconnected         the client went away (mid-body or while waiting); nothing is sent
+    500 internal             the batch it was in failed, or a bug; the service goes on
+    503 unavailable          shutting down, or max_connections connections open
+    504 timeout              not answered within request_timeout_s
+
+Each request is counted once when it arrives (`pidec_http_requests_received_total`) and once
+with the status it got (`pidec_http_requests_total`, 499 for a client that left): when the
+service is idle the two sums are equal. One access line per request (method, path, status,
+milliseconds) goes to the `pidec.access` logger.
+
+Bounded against slow or hostile clients: a connection must deliver a request's head within
+header_timeout_s and its body within body_timeout_s; at most max_connections are open (more
+get 503 and are closed); tokenizing runs on tokenizer_threads threads, decoding on one.
+
+On SIGTERM the service stops accepting connections, closes the idle ones, answers 503 to bodies
+still arriving, and finishes the requests it holds; what is not answered within
+shutdown_timeout_s gets 503 (its rows leave the batch), then the process exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import json
 import logging
+import re
+import resource
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from typing import Literal
 
 from fastapi import FastAPI, Request, Security
-from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import layouts
 from ..api import Model
 from ..errors import InputError
+from . import allocator
 from .batcher import Batcher, BatchFailed, Cancelled, Job, QueueFull, ShuttingDown
 from .prometheus import LATENCY_BUCKETS, Registry
 
 log = logging.getLogger("pidec.serve")
+access_log = logging.getLogger("pidec.access")
 
 PROTECTED = ("/v1/", "/metrics")  # paths that need the bearer token when one is set
+PATHS = ("/v1/generate", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")  # metric labels; else "other"
+OPTIONAL_SETTINGS = ("max_document_tokens", "malloc_arena_max", "trim_after_idle_s")  # None allowed
 
 
 @dataclass
@@ -67,6 +100,13 @@ class ServeSettings:
     max_wait_ms: float = 5.0  # how long an idle service waits for more requests to batch
     request_timeout_s: float = 120.0  # from arrival to answer; then 504
     retry_after_s: int = 1  # the Retry-After of a 429
+    body_timeout_s: float = 30.0  # to receive a request's whole body; then 408 and the connection closes
+    header_timeout_s: float = 10.0  # for a connection to deliver a request's head; then it is closed
+    shutdown_timeout_s: float = 30.0  # after SIGTERM, to finish what is held; the rest get 503
+    max_connections: int = 256  # connections open at once; more get 503 and are closed
+    tokenizer_threads: int = 2  # threads that parse and tokenize request bodies
+    malloc_arena_max: int | None = 2  # glibc malloc arenas (see allocator.py); None: glibc's default
+    trim_after_idle_s: float | None = 2.0  # give freed heap back to the OS once idle this long; None: never
 
     def checked(self, model: Model) -> ServeSettings:
         """Validate every field (naming it) and fill max_document_tokens from the model."""
@@ -74,11 +114,11 @@ class ServeSettings:
             raise ValueError("api_key must be a non-empty string (or None for no authentication)")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name == "api_key" or (f.name == "max_document_tokens" and value is None):
+            if f.name == "api_key" or (value is None and f.name in OPTIONAL_SETTINGS):
                 continue
-            if f.name in ("max_wait_ms", "request_timeout_s"):
-                low_ok = value >= 0 if f.name == "max_wait_ms" else value > 0
-                if isinstance(value, bool) or not isinstance(value, (int, float)) or not low_ok:
+            if f.name == "max_wait_ms" or (f.name.endswith("_s") and f.name != "retry_after_s"):
+                number = not isinstance(value, bool) and isinstance(value, (int, float))
+                if not number or not (value >= 0 if f.name == "max_wait_ms" else value > 0):
                     bound = ">= 0" if f.name == "max_wait_ms" else "> 0"
                     raise ValueError(f"{f.name} must be a number {bound}, got {value!r}")
             elif isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -146,23 +186,42 @@ ERROR_RESPONSES = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in (
         (401, "missing or wrong bearer token"),
+        (408, "the body did not arrive within body_timeout_s"),
         (413, "body, document, prompt count or prompt length above a limit"),
+        (415, "the body is not Content-Type: application/json"),
         (422, "malformed JSON, wrong types, empty document or prompts, a parameter above its limit"),
         (429, "queue full; retry after Retry-After seconds"),
         (500, "the batch this request was in failed"),
-        (503, "shutting down"),
+        (503, "shutting down, or too many connections open"),
         (504, "not answered within the request timeout"),
     )
 }
 
 
 class ServiceError(Exception):
-    def __init__(self, status: int, kind: str, message: str, limit: str | None = None, headers: dict | None = None):
+    """A refusal: answered as `{"error": {"kind", "message", "limit"?}}` with `status`.
+    close: the connection is closed after the answer (the body was not read to its end)."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        message: str,
+        limit: str | None = None,
+        headers: dict | None = None,
+        close: bool = False,
+    ):
         super().__init__(message)
-        self.status, self.kind, self.message, self.limit, self.headers = status, kind, message, limit, headers
+        self.status, self.kind, self.message, self.limit = status, kind, message, limit
+        self.headers = dict(headers or {})
+        if close:
+            self.headers["Connection"] = "close"
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status, self.kind, self.message, self.limit, self.headers)
 
 
-def _error_response(status: int, kind: str, message: str, limit: str | None = None, headers=None) -> JSONResponse:
+def error_response(status: int, kind: str, message: str, limit: str | None = None, headers=None) -> JSONResponse:
     body = {"kind": kind, "message": message}
     if limit is not None:
         body["limit"] = limit
@@ -171,9 +230,49 @@ def _error_response(status: int, kind: str, message: str, limit: str | None = No
 
 # -- requests -> jobs --------------------------------------------------------------------------
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def parse_request(body: bytes) -> GenerateRequest:
+    """The request body, strict UTF-8 JSON, as a GenerateRequest; a ServiceError naming what is wrong."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ServiceError(
+            422, "invalid_json", f"body is not UTF-8: byte 0x{body[e.start]:02x} at offset {e.start}"
+        ) from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ServiceError(422, "invalid_json", f"malformed JSON at character {e.pos}: {e.msg}") from None
+    except RecursionError:
+        raise ServiceError(422, "invalid_json", "JSON nested too deeply") from None
+    if not isinstance(data, dict):
+        raise ServiceError(422, "invalid_request", "body: expected a JSON object (Content-Type: application/json)")
+    try:
+        return GenerateRequest.model_validate(data)
+    except ValidationError as e:
+        raise ServiceError(422, "invalid_request", _validation_message(e.errors())) from None
+    except RecursionError:  # a deep value under a known field
+        raise ServiceError(422, "invalid_json", "JSON nested too deeply") from None
+
+
+def _check_text(name: str, text: str) -> None:
+    """A lone surrogate (a JSON escape like \\ud800 with no partner) is not text: refuse it by name."""
+    m = _SURROGATE.search(text)
+    if m is not None:
+        raise ServiceError(
+            422,
+            "invalid_request",
+            f"{name} holds a lone surrogate U+{ord(m.group()):04X} at character {m.start()}: not valid Unicode text",
+        )
+
 
 def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Job:
     """Check a request against the limits and tokenize it as `Model.generate` would."""
+    _check_text("document", req.document)
+    for j, p in enumerate(req.prompts):
+        _check_text(f"prompts[{j}]", p)
     if not req.document.strip():
         raise ServiceError(422, "invalid_request", "document is empty")
     if not req.prompts:
@@ -256,11 +355,7 @@ def _field(loc) -> str:
     return out or "body"
 
 
-def _validation_message(errors) -> tuple[str, str]:
-    for e in errors:
-        if e.get("type") == "json_invalid":
-            where = e["loc"][-1] if isinstance(e["loc"][-1], int) else "?"
-            return "invalid_json", f"malformed JSON at character {where}: {e.get('ctx', {}).get('error', e['msg'])}"
+def _validation_message(errors) -> str:
     parts, seen = [], set()
     for e in errors:
         name = _field(e.get("loc", ()))
@@ -271,22 +366,30 @@ def _validation_message(errors) -> tuple[str, str]:
             parts.append(f"{name}: unknown field")
         elif e.get("type") == "missing":
             parts.append(f"{name}: required")
-        elif name == "body" and e.get("type") == "model_attributes_type":
-            parts.append("body: expected a JSON object (Content-Type: application/json)")
         elif name == "max_new_tokens":
             parts.append("max_new_tokens: expected an integer or a list of integers")
         else:
             parts.append(f"{name}: {e.get('msg', 'invalid')}")
-    return "invalid_request", "; ".join(parts)
+    return "; ".join(parts)
 
 
-# -- the gate: authentication, body size, request counting --------------------------------------
+# -- the gate: every HTTP request passes here ---------------------------------------------------
+
+
+class _Gone(Exception):
+    """The client closed the connection before its body arrived."""
 
 
 class _Gate:
-    """Pure ASGI middleware, so that it runs before the body is read: checks the bearer token,
-    refuses bodies above max_body_bytes (by Content-Length, or while a chunked body streams in),
-    counts responses by status and times /v1/generate."""
+    """Pure ASGI middleware, so that it runs before the app sees anything:
+
+    - checks the bearer token, comparing the header's bytes with the key's UTF-8 bytes;
+    - reads the whole body itself, within max_body_bytes and body_timeout_s, and stops reading
+      when the service starts draining (408, 413 or 503, the connection closed after; a client
+      that leaves mid-body is counted as disconnected); the app then reads it from memory;
+    - answers 500 internal, in the error shape, for anything the app lets escape;
+    - counts each request once in and once out (by path, status and error kind) and writes one
+      access line."""
 
     def __init__(self, app, service: _Service):
         self.app, self.service = app, service
@@ -295,107 +398,181 @@ class _Gate:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         service, settings = self.service, self.service.settings
-        path = scope.get("path", "")
         t0 = time.monotonic()
-        status = {"code": 0}
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        path = scope.get("path", "")
+        label = path if path in PATHS else "other"
+        out = {"status": 0, "kind": None, "body": b""}
+        service.request_arrived(label)
 
-        async def reply(response: JSONResponse) -> None:
-            status["code"] = response.status_code
-            await response(scope, receive, send)
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                out["status"] = message["status"]
+            elif message["type"] == "http.response.body" and out["status"] != 200 and len(out["body"]) < 65536:
+                out["body"] += message.get("body", b"")
+            await send(message)
+
+        async def answer(error: ServiceError) -> None:
+            await error.response()(scope, receive, counted_send)
 
         try:
-            if settings.api_key is not None and path.startswith(PROTECTED):
-                auth = headers.get("authorization", "")
-                scheme, _, token = auth.partition(" ")
-                ok = scheme.lower() == "bearer" and hmac.compare_digest(
-                    token.strip().encode(), settings.api_key.encode()
-                )
-                if not ok:
-                    service.error("unauthorized")
-                    return await reply(
-                        _error_response(
-                            401,
-                            "unauthorized",
-                            "missing or wrong bearer token (Authorization: Bearer KEY)",
-                            headers={"WWW-Authenticate": "Bearer"},
-                        )
-                    )
-            length = headers.get("content-length")
-            limit = settings.max_body_bytes
-            if length is not None and length.isdigit() and int(length) > limit:
-                service.error("too_large")
-                return await reply(
-                    _error_response(
-                        413,
-                        "too_large",
-                        f"body is {length} bytes, above the limit max_body_bytes={limit}",
-                        "max_body_bytes",
+            if settings.api_key is not None and path.startswith(PROTECTED) and not _authorized(scope, service.key):
+                return await answer(
+                    ServiceError(
+                        401,
+                        "unauthorized",
+                        "missing or wrong bearer token (Authorization: Bearer KEY)",
+                        headers={"WWW-Authenticate": "Bearer"},
                     )
                 )
-            seen = {"bytes": 0, "over": False, "replaced": False}
-
-            async def counted_receive():
-                message = await receive()
-                if message["type"] == "http.request":
-                    seen["bytes"] += len(message.get("body", b""))
-                    if seen["bytes"] > limit:
-                        seen["over"] = True
-                        raise _BodyTooLarge()
-                return message
-
-            async def checked_send(message):
-                if message["type"] == "http.response.start":
-                    if seen["over"]:
-                        seen["replaced"] = True
-                        service.error("too_large")
-                        return await reply(
-                            _error_response(
-                                413, "too_large", f"body is above the limit max_body_bytes={limit}", "max_body_bytes"
-                            )
-                        )
-                    status["code"] = message["status"]
-                elif seen["replaced"]:
-                    return
-                await send(message)
-
             try:
-                await self.app(scope, counted_receive, checked_send)
-            except _BodyTooLarge:
-                if status["code"]:
-                    raise
-                service.error("too_large")
-                await reply(
-                    _error_response(
-                        413, "too_large", f"body is above the limit max_body_bytes={limit}", "max_body_bytes"
-                    )
-                )
+                body = await self._read_body(scope, receive)
+            except ServiceError as e:
+                return await answer(e)
+            except _Gone:
+                out["status"], out["kind"] = 499, "disconnected"
+                return
+            try:
+                await self.app(scope, _replay(body, receive), counted_send)
+            except Exception:
+                log.exception("unhandled error on %s %s", scope.get("method"), path)
+                if out["status"]:
+                    raise  # the answer has begun: the server closes the connection
+                await answer(ServiceError(500, "internal", "internal error"))
+        except asyncio.CancelledError:  # the caller went away, or the server gave up on it at shutdown
+            if not out["status"]:
+                shutdown = service.drain_expired is not None and service.drain_expired.is_set()
+                out["status"], out["kind"] = 499, "aborted" if shutdown else "disconnected"
+            raise
         finally:
-            if path.startswith("/v1/") and status["code"]:
-                service.metrics.inc("pidec_http_requests_total", path=path, code=str(status["code"]))
-                service.metrics.observe("pidec_request_duration_seconds", time.monotonic() - t0, path=path)
+            status = out["status"] or 499
+            kind = None if status == 200 else out["kind"] or _kind_of(out["body"])
+            elapsed = time.monotonic() - t0
+            service.request_answered(label, status, kind, elapsed)
+            if service.access_log:
+                access_log.info("%s %s %d %.1fms", scope.get("method", "-"), path, status, elapsed * 1e3)
+
+    async def _read_body(self, scope, receive) -> bytes:
+        service, settings = self.service, self.service.settings
+        limit = settings.max_body_bytes
+        length = _header(scope, b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ServiceError(
+                413,
+                "too_large",
+                f"body is {int(length)} bytes, above the limit max_body_bytes={limit}",
+                "max_body_bytes",
+                close=True,
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + settings.body_timeout_s
+        chunks, size = [], 0
+        while True:
+            message = await self._next_message(receive, deadline - loop.time(), service.drain_started)
+            if message["type"] == "http.disconnect":
+                raise _Gone()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise ServiceError(
+                    413, "too_large", f"body is above the limit max_body_bytes={limit}", "max_body_bytes", close=True
+                )
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    async def _next_message(self, receive, timeout: float, stop: asyncio.Event) -> dict:
+        """The next ASGI message, unless `timeout` passes (408) or `stop` is set (503) first."""
+        settings = self.service.settings
+        if stop.is_set():
+            raise ServiceError(503, "unavailable", "the service is shutting down", close=True)
+        getter = asyncio.ensure_future(receive())
+        stopper = asyncio.ensure_future(stop.wait())
+        try:
+            done, _ = await asyncio.wait(
+                {getter, stopper}, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stopper.cancel()
+            if not getter.done():
+                getter.cancel()
+        if getter in done:
+            return getter.result()
+        if stopper in done:
+            raise ServiceError(503, "unavailable", "the service is shutting down", close=True)
+        raise ServiceError(
+            408,
+            "body_timeout",
+            f"the body did not arrive within body_timeout_s={settings.body_timeout_s:g}",
+            "body_timeout_s",
+            close=True,
+        )
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _authorized(scope, key: bytes) -> bool:
+    """`Authorization: Bearer KEY`, the header's bytes against the key's UTF-8 bytes, in constant time."""
+    value = _header(scope, b"authorization")
+    if value is None:
+        return False
+    scheme, _, token = value.strip().partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), key)
+
+
+def _replay(body: bytes, receive):
+    """A receive() that hands the app the body already read, then the connection's own messages."""
+    first = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay():
+        return first.pop() if first else await receive()
+
+    return replay
+
+
+def _kind_of(body: bytes) -> str:
+    """The error kind of an answer in the error shape; "unshaped" for anything else (a bug)."""
+    try:
+        kind = json.loads(body)["error"]["kind"]
+    except (ValueError, TypeError, KeyError):
+        return "unshaped"
+    return kind if isinstance(kind, str) else "unshaped"
 
 
 # -- the application ----------------------------------------------------------------------------
 
 
 class _Service:
-    """What the endpoints share: the model, its batcher, the metrics, and whether we are draining."""
+    """What the endpoints share: the model, its batcher, the metrics, the tokenizer threads, and
+    the state of a shutdown."""
 
-    def __init__(self, model: Model, settings: ServeSettings):
+    def __init__(self, model: Model, settings: ServeSettings, access_log: bool = True):
         self.model = model
         self.settings = settings.checked(model)
+        self.key = settings.api_key.encode("utf-8") if settings.api_key is not None else b""
+        self.access_log = access_log
         self.metrics = Registry()
         self.draining = False
+        self.in_progress = 0
+        self.arrivals = 0  # requests seen since start: the idle trimmer's clock
+        self.connections_open = lambda: 0  # set by the server (connection_class)
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.drain_started: asyncio.Event | None = None  # set on SIGTERM: bodies still arriving get 503
+        self.drain_expired: asyncio.Event | None = None  # set shutdown_timeout_s later: waiters get 503
+        self.executor: ThreadPoolExecutor | None = None
         m = self.metrics
-        m.counter("pidec_http_requests_total", "responses by path and status code", ("path", "code"))
-        m.counter("pidec_errors_total", "refused or failed requests by kind", ("kind",))
+        m.counter("pidec_http_requests_received_total", "requests that arrived, by path", ("path",))
+        m.counter(
+            "pidec_http_requests_total", "answers by path and status code (499: the client left)", ("path", "code")
+        )
+        m.counter("pidec_errors_total", "answers other than 200, by error kind", ("kind",))
         m.histogram("pidec_request_duration_seconds", "arrival to answer", LATENCY_BUCKETS, ("path",))
         m.histogram("pidec_queue_seconds", "arrival until the decoding thread took the request", LATENCY_BUCKETS)
+        m.counter("pidec_malloc_trims_total", "times freed heap was given back to the OS after an idle spell")
         self.batcher = Batcher(
             model,
             max_batch_tokens=self.settings.max_batch_tokens,
@@ -407,29 +584,90 @@ class _Service:
         m.gauge("pidec_queue_depth", "requests waiting to start", lambda: self.batcher.queue_depth)
         m.gauge("pidec_active_requests", "requests being decoded", lambda: self.batcher.active_requests)
         m.gauge("pidec_active_rows", "decoder rows in the running batch", lambda: self.batcher.active_rows)
+        m.gauge("pidec_http_requests_in_progress", "requests arrived and not yet answered", lambda: self.in_progress)
+        m.gauge("pidec_open_connections", "HTTP connections open", lambda: self.connections_open())
 
-    def error(self, kind: str) -> None:
-        self.metrics.inc("pidec_errors_total", kind=kind)
+    # -- counting
+    def request_arrived(self, path: str) -> None:
+        self.in_progress += 1
+        self.arrivals += 1
+        self.metrics.inc("pidec_http_requests_received_total", path=path)
+
+    def request_answered(self, path: str, status: int, kind: str | None, seconds: float) -> None:
+        self.in_progress -= 1
+        self.metrics.inc("pidec_http_requests_total", path=path, code=str(status))
+        if kind is not None:
+            self.metrics.inc("pidec_errors_total", kind=kind)
+        self.metrics.observe("pidec_request_duration_seconds", seconds, path=path)
+
+    def connection_refused(self) -> None:
+        """A connection over max_connections, answered 503 by the server before any request was read."""
+        self.request_arrived("other")
+        self.request_answered("other", 503, "unavailable", 0.0)
+
+    # -- lifetime
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.drain_started, self.drain_expired = asyncio.Event(), asyncio.Event()
+        self.executor = ThreadPoolExecutor(self.settings.tokenizer_threads, thread_name_prefix="pidec-tokenize")
+        self.batcher.start()
+
+    def begin_drain(self) -> None:
+        """Stop taking requests: new ones and bodies still arriving get 503 now; requests held
+        get until shutdown_timeout_s from now. Call on the event loop; once is enough."""
+        self.draining = True
+        if self.drain_started is None or self.drain_started.is_set():
+            return
+        self.drain_started.set()
+        self.loop.call_later(self.settings.shutdown_timeout_s, self.drain_expired.set)
+
+    async def stop(self) -> None:
+        self.begin_drain()
+        left = self.settings.shutdown_timeout_s + 1.0
+        t0 = time.monotonic()
+        # on our own threads: anyio's idle workers would hold the interpreter's exit for 10 s
+        if not await self.loop.run_in_executor(self.executor, self.batcher.stop, left):
+            log.error("the decoding thread did not stop within %.0f s; exiting without it", left)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        log.info("stopped: the decoding thread ended %.1f s after the last request", time.monotonic() - t0)
+
+    async def trim_when_idle(self) -> None:
+        """Once the service has been idle for trim_after_idle_s, give freed heap back to the OS
+        (allocator.trim), once per idle spell."""
+        every = self.settings.trim_after_idle_s
+        seen, trimmed = -1, -1
+        while True:
+            await asyncio.sleep(every / 2)
+            busy = self.in_progress or self.batcher.queue_depth or self.batcher.active_requests
+            if busy or self.arrivals != seen:
+                seen = -1 if busy else self.arrivals  # idle from now: trim if still idle next time
+                continue
+            if trimmed != seen:
+                trimmed = seen
+                await self.loop.run_in_executor(self.executor, allocator.trim)
+                self.metrics.inc("pidec_malloc_trims_total")
 
     @property
     def ready(self) -> bool:
         return self.batcher.alive and not self.draining
 
 
-def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(model: Model, settings: ServeSettings | None = None, access_log: bool = True) -> FastAPI:
     """The FastAPI application; its lifespan starts the decoding thread and, on shutdown,
-    lets it finish what it holds."""
-    service = _Service(model, settings or ServeSettings())
+    lets it finish what it holds (within shutdown_timeout_s)."""
+    service = _Service(model, settings or ServeSettings(), access_log=access_log)
     settings = service.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        service.batcher.start()
+        await service.start()
+        trimmer = asyncio.ensure_future(service.trim_when_idle()) if settings.trim_after_idle_s else None
         try:
             yield
         finally:
-            service.draining = True
-            await run_in_threadpool(service.batcher.stop)
+            if trimmer is not None:
+                trimmer.cancel()
+            await service.stop()
 
     app = FastAPI(
         title="pidec",
@@ -442,32 +680,48 @@ def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
-        service.error(exc.kind)
-        return _error_response(exc.status, exc.kind, exc.message, exc.limit, exc.headers)
+        return exc.response()
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        kind, message = _validation_message(exc.errors())
-        service.error(kind)
-        return _error_response(422, kind, message)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            return error_response(404, "not_found", f"no such path: {path}", headers=exc.headers)
+        if exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{method} is not allowed on {path}" + (f" (allowed: {allowed})" if allowed else "")
+            return error_response(405, "method_not_allowed", message, headers=exc.headers)
+        return error_response(exc.status_code, "http_error", str(exc.detail), headers=exc.headers)
 
     bearer = HTTPBearer(auto_error=False)  # documents the scheme in the schema; _Gate enforces it
+    request_body = {
+        "required": True,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/GenerateRequest"}}},
+    }
 
     @app.post(
         "/v1/generate",
         response_model=GenerateResponse,
         responses=ERROR_RESPONSES,
         dependencies=[Security(bearer)] if settings.api_key else [],
+        openapi_extra={"requestBody": request_body},
     )
-    async def generate(body: GenerateRequest, request: Request):
-        """Answer every prompt about the document; outputs in prompt order."""
+    async def generate(request: Request):
+        """Answer every prompt about the document; outputs in prompt order. The body is a
+        GenerateRequest, UTF-8 JSON with Content-Type: application/json."""
         arrived = time.monotonic()
         if service.draining:
             raise ServiceError(503, "unavailable", "the service is shutting down")
-        job = await run_in_threadpool(build_job, model, settings, body)
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
+            raise ServiceError(
+                415, "unsupported_media_type", f"Content-Type {ctype or '(none)'}: expected application/json"
+            )
+        body = await request.body()
+        loop = asyncio.get_running_loop()
+        job = await loop.run_in_executor(service.executor, _job_from_body, model, settings, body)
         job.arrived = arrived
         job.deadline = arrived + settings.request_timeout_s
-        loop = asyncio.get_running_loop()
         future = loop.create_future()
         job.on_done = lambda j: loop.call_soon_threadsafe(_settle, future, j)
         try:
@@ -480,14 +734,19 @@ def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
             raise ServiceError(503, "unavailable", str(e)) from e
         outcome = "disconnected"  # unless _wait returns: the request's task was cancelled
         try:
-            outcome = await _wait(future, request, job.deadline - time.monotonic())
+            outcome = await _wait(future, request, job.deadline - time.monotonic(), service.drain_expired)
         finally:
             if outcome != "done":
-                service.batcher.cancel(job, outcome)  # its rows leave the batch at the next step
-            if outcome == "disconnected":
-                service.error("disconnected")
+                service.batcher.cancel(job, "timeout" if outcome == "shutdown" else outcome)
         if outcome == "disconnected":
-            return _error_response(499, "disconnected", "the client closed the connection")
+            return error_response(499, "disconnected", "the client closed the connection")
+        if outcome == "shutdown":
+            raise ServiceError(
+                503,
+                "unavailable",
+                f"the service is shutting down: not answered within shutdown_timeout_s={settings.shutdown_timeout_s:g}",
+                "shutdown_timeout_s",
+            )
         if outcome == "timeout" or isinstance(job.error, Cancelled):
             raise ServiceError(
                 504,
@@ -506,7 +765,7 @@ def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
     async def healthz():
         """Alive: the decoding thread runs (or has not been started yet)."""
         if service.batcher.stopped:
-            return _error_response(503, "unavailable", "the decoding thread has stopped")
+            return error_response(503, "unavailable", "the decoding thread has stopped")
         return {"status": "alive"}
 
     @app.get("/readyz")
@@ -514,7 +773,7 @@ def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
         """Ready: the model is loaded, the decoding thread runs and the service is not shutting down."""
         if not service.ready:
             why = "shutting down" if service.draining else "the decoding thread is not running"
-            return _error_response(503, "unavailable", why)
+            return error_response(503, "unavailable", why)
         return {"status": "ready", "queue_depth": service.batcher.queue_depth}
 
     @app.get("/metrics", response_class=PlainTextResponse)
@@ -522,7 +781,21 @@ def create_app(model: Model, settings: ServeSettings | None = None) -> FastAPI:
         """Prometheus text format."""
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+            schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = (
+                GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
+
+
+def _job_from_body(model: Model, settings: ServeSettings, body: bytes) -> Job:
+    return build_job(model, settings, parse_request(body))
 
 
 def _settle(future: asyncio.Future, job: Job) -> None:
@@ -530,16 +803,23 @@ def _settle(future: asyncio.Future, job: Job) -> None:
         future.set_result(job)
 
 
-async def _wait(future: asyncio.Future, request: Request, timeout: float) -> str:
-    """Wait for the job; "done", "timeout", or "disconnected" when the client goes away first."""
+async def _wait(future: asyncio.Future, request: Request, timeout: float, expired: asyncio.Event) -> str:
+    """Wait for the job: "done", "timeout", "shutdown" (the drain ran out), or "disconnected"
+    when the client goes away first."""
     gone = asyncio.ensure_future(_disconnect(request))
+    stop = asyncio.ensure_future(expired.wait())
     try:
-        done, _ = await asyncio.wait({future, gone}, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait(
+            {future, gone, stop}, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED
+        )
     finally:
         gone.cancel()
+        stop.cancel()
     if future in done:
         return "done"
-    return "disconnected" if gone in done else "timeout"
+    if gone in done:
+        return "disconnected"
+    return "shutdown" if stop in done else "timeout"
 
 
 async def _disconnect(request: Request) -> None:
@@ -553,27 +833,167 @@ async def _disconnect(request: Request) -> None:
 # -- running it ---------------------------------------------------------------------------------
 
 
+def connection_class(service: _Service):
+    """uvicorn's HTTP/1.1 connection (h11) with the service's bounds: at most max_connections
+    open (one more is answered 503 and closed), and a connection that has not delivered a
+    request's head within header_timeout_s is closed (a fresh one; after an answer, uvicorn's
+    keep-alive timeout plus header_timeout_s). Clients should keep idle connections for less
+    than the keep-alive timeout (5 s), or a reused one may be closed under them."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    settings = service.settings
+    refusal = error_response(
+        503,
+        "unavailable",
+        f"too many connections open: the limit is max_connections={settings.max_connections}",
+        "max_connections",
+    ).body
+    refusal = (
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        + f"content-length: {len(refusal)}\r\nconnection: close\r\n\r\n".encode()
+        + refusal
+    )
+
+    class Connection(H11Protocol):
+        refused = False
+        head_timer = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            service.connections_open = lambda: len(self.connections)
+            self.refused = len(self.connections) > settings.max_connections
+            self._await_head()
+
+        def data_received(self, data: bytes) -> None:
+            if self.refused:  # answered once its request starts arriving, so that the client reads it
+                if not self.transport.is_closing():
+                    service.connection_refused()
+                    self.transport.write(refusal)
+                    self.transport.close()
+                return
+            super().data_received(data)
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            # idle keep-alive is uvicorn's to end (timeout_keep_alive); ours bounds a head begun late
+            self._await_head(self.timeout_keep_alive)
+
+        def connection_lost(self, exc):
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _await_head(self, idle_s: float = 0.0) -> None:
+            if self.head_timer is not None:
+                self.head_timer.cancel()
+            cycle = self.cycle
+
+            def check():
+                waiting = self.cycle is cycle and (cycle is None or cycle.response_complete)
+                if waiting and not self.transport.is_closing():
+                    self.transport.close()  # no request came: a stalled or idle client
+
+            self.head_timer = self.loop.call_later(idle_s + settings.header_timeout_s, check)
+
+    return Connection
+
+
+def raise_open_files_limit(needed: int) -> None:
+    """Raise the soft limit on open files to `needed` if it is lower (up to the hard limit);
+    a ValueError if the hard limit is lower."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            raise ValueError(
+                f"max_connections needs about {needed} open files, above this process's hard limit {hard}: "
+                "lower max_connections or raise the limit (ulimit -n)"
+            )
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
+def describe(model: Model, settings: ServeSettings, source: str | None, url: str) -> str:
+    """What the service serves, in a few lines: printed on start."""
+    cfg = model.config
+    params = sum(p.numel() for p in model.model.parameters())
+    quant = getattr(model.model, "quantization", None) or "none"
+    lines = [
+        f"pidec serve: {source or 'model'} (T5, d_model={cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} "
+        f"layers, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters)",
+        f"  device {model.device}, dtype {str(model.model.dtype).removeprefix('torch.')}, quantization {quant}",
+        "  limits: "
+        + ", ".join(
+            f"{name}={getattr(settings, name)}"
+            for name in (
+                "max_document_tokens",
+                "max_prompts",
+                "max_prompt_tokens",
+                "max_new_tokens_limit",
+                "max_num_beams",
+                "max_body_bytes",
+                "max_queue",
+                "max_connections",
+            )
+        ),
+        "  batching: "
+        + ", ".join(f"{n}={getattr(settings, n)}" for n in ("max_batch_documents", "max_batch_tokens", "max_wait_ms")),
+        "  timeouts (s): "
+        + ", ".join(
+            f"{n.removesuffix('_s')}={getattr(settings, n):g}"
+            for n in ("request_timeout_s", "body_timeout_s", "header_timeout_s", "shutdown_timeout_s")
+        ),
+        f"  memory: malloc_arena_max={settings.malloc_arena_max}, trim_after_idle_s={settings.trim_after_idle_s}",
+        f"  authentication: {'bearer token' if settings.api_key else 'none'}",
+        f"  listening on {url}",
+    ]
+    return "\n".join(lines)
+
+
 def run_server(
     model: Model,
     settings: ServeSettings | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    quiet: bool = False,
+    source: str | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop accepting, finish the requests held, and return."""
+    """Serve until SIGTERM or SIGINT, then stop accepting, finish the requests held (within
+    shutdown_timeout_s), and return. Prints what it serves once listening; one access line per
+    request at info level unless `quiet`."""
     import uvicorn
 
-    app = create_app(model, settings)
+    app = create_app(model, settings, access_log=not quiet)
     service: _Service = app.state.service
-    if service.settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
+    settings = service.settings
+    raise_open_files_limit(settings.max_connections + 64)
+    if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
+    _log_to_stderr(log_level)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig, frame):
             service.draining = True  # readyz says so at once; requests arriving now get 503
+            if service.loop is not None:
+                service.loop.call_soon_threadsafe(service.begin_drain)
             super().handle_exit(sig, frame)
 
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()
+                h = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                log.info("%s", describe(model, settings, source, f"http://{h}:{bound[1]}"))
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        lifespan="on",
+        http=connection_class(service),
+        access_log=False,  # ours is pidec.access, with the latency
+        timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 2,  # a backstop: the service answers first
+    )
     server = Server(config)
     main = threading.current_thread() is threading.main_thread()
     # uvicorn raises the caught signal again once it has shut down; with these handlers in place
@@ -584,6 +1004,17 @@ def run_server(
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    log.info("stopped")
+
+
+def _log_to_stderr(level: str) -> None:
+    """pidec's loggers (pidec.serve, pidec.access) to stderr at uvicorn's level, once."""
+    root = logging.getLogger("pidec")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level.upper())
 
 
 def _ignore(sig, frame) -> None:

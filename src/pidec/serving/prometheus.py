@@ -2,11 +2,12 @@
 
 A few dozen lines instead of a dependency: the service needs labelled counters, gauges read at
 scrape time and fixed-bucket histograms, all updated from the event loop and from the decoding
-thread, hence one lock."""
+thread, hence one lock. `parse` reads such a page back (for tests and the soak script)."""
 
 from __future__ import annotations
 
 import math
+import re
 import threading
 from collections.abc import Callable
 
@@ -115,3 +116,34 @@ class Registry:
                         lines.append(f"{name}_sum{_labels(label_names, key)} {_number(row[-2])}")
                         lines.append(f"{name}_count{_labels(label_names, key)} {row[-1]}")
         return "\n".join(lines) + "\n"
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def parse(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The samples of a page in the text format (what `Registry.render` writes):
+    {(name, ((label, value), ...)): value}, labels sorted by name. A line that is not a comment
+    and not a sample is a ValueError naming its number."""
+    out = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        if m is None:
+            raise ValueError(f"line {n} is not a Prometheus sample: {line!r}")
+        name, labels, value = m.groups()
+        pairs = tuple(sorted((k, _unescape(v)) for k, v in _LABEL.findall(labels or "")))
+        out[(name, pairs)] = math.inf if value == "+Inf" else float(value)
+    return out
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
+
+
+def total(samples: dict, name: str, **labels) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (all of them when none given)."""
+    want = set(labels.items())
+    return sum(v for (n, pairs), v in samples.items() if n == name and want <= set(pairs))
