@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from ..bench.harness import format_memory, format_table, run_bench, run_memory
+from ..bench.harness import run_bench, run_memory
+from ..bench.report import format_memory, format_table
 from ..bench.sweep import format_sweep, parse_ks, plot_sweep, run_sweep
 from ..bench.training import format_train_table, run_train_bench
 from .common import NO_PACK_HELP, app, check_quantize, fail
@@ -51,7 +52,7 @@ def bench(
     no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
 ) -> None:
     """Time the configurations side by side on one workload and print a table. More configurations:
-    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
+    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ".[ct2]")."""
 
     names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
     if compile_steps and (train_mode or sweep_k or memory_only):
