@@ -40,7 +40,7 @@ def result(rows, **more):
 
 DST = [
     row("hf-pie", 30.0, 10, 1.0),
-    row("pidec-seq", 12.0, 171, 2.5),
+    row("pidec-seq", 12.0, 290, 2.5),
     row("pidec-pid", 1.5, 10, 20.0),
 ]
 
@@ -59,12 +59,12 @@ def test_slow_notes_say_why_seq_is_slow():
     notes = slow_notes(DST)
     assert notes[0] == "slower by design:"
     seq = next(n for n in notes if "pidec-seq" in n)
-    assert "171 sequential steps" in seq and "pidec-pid's rows take 10" in seq
+    assert "290 sequential steps" in seq and "pidec-pid's rows take 10" in seq
     assert any("hf-pie" in n and "once per subtask" in n for n in notes)
     assert not any("pidec-pid:" in n for n in notes)  # the fastest row needs no excuse
     assert slow_notes([row("pidec-pid", 1.0)]) == []
     assert slow_notes([row("pidec-seq", 1.0), row("pidec-pid", 2.0)]) == []  # seq the fastest: nothing to say
-    assert slow_notes([row("pidec-seq-int8", 3.0, 171), row("pidec-pid-int8", 1.0, 10)])[1].startswith(
+    assert slow_notes([row("pidec-seq-int8", 3.0, 290), row("pidec-pid-int8", 1.0, 10)])[1].startswith(
         "  pidec-seq-int8: one row writes"
     )
 

@@ -86,6 +86,11 @@ def run_sweep(
             runs.append({"k": k, "result": result})
             if progress is not None:
                 progress(k, result)
+    return _collect(runs, workload, model_size, model_dir, dtype, docs, repeats, ks)
+
+
+def _collect(runs: list[dict], workload, model_size, model_dir, dtype, docs, repeats, ks) -> dict:
+    """The sweep's result: one latency list per configuration, the runs themselves kept."""
     names = [r["config"] for r in runs[0]["result"]["results"]]
     latency = {
         name: [next(r["latency_s_median"] for r in run["result"]["results"] if r["config"] == name) for run in runs]
