@@ -33,23 +33,17 @@ def test_pidec_runners_write_the_asked_lengths(folder):
 
 def test_build_engines_skips_what_cannot_run(folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ctranslate2", None)  # as if not installed
-    e, skipped = engines.build_engines(
-        folder, tmp_path, ["pidec-pid", "ct2-pie"], CPU, "bfloat16", torch.bfloat16, False, True
-    )
+    e, skipped = engines.build_engines(folder, tmp_path, ["pidec-pid", "ct2-pie"], device=CPU, dtype="bfloat16")
     assert skipped[0][0] == ["ct2-pie"] and "ctranslate2 is not installed" in skipped[0][1]
     assert e.ct2 == {} and e.packed is False  # bfloat16: nothing to pack
     # int8 on a bfloat16 CPU model goes to torchao; where torchao is missing that is a skip, not a crash
     monkeypatch.setitem(sys.modules, "torchao", None)
-    e, skipped = engines.build_engines(
-        folder, tmp_path, ["pidec-pid-int8"], CPU, "bfloat16", torch.bfloat16, False, True
-    )
+    e, skipped = engines.build_engines(folder, tmp_path, ["pidec-pid-int8"], device=CPU, dtype="bfloat16")
     assert e.ours_int8 is None and skipped[0][0] == ["pidec-pid-int8"] and "torchao" in skipped[0][1]
 
 
 def test_engines_route_int8_names_to_the_int8_model(folder, tmp_path, monkeypatch):
-    e, skipped = engines.build_engines(
-        folder, tmp_path, ["pidec-pid", "pidec-pid-int8"], CPU, "float32", torch.float32, False, True
-    )
+    e, skipped = engines.build_engines(folder, tmp_path, ["pidec-pid", "pidec-pid-int8"], device=CPU, dtype="float32")
     assert skipped == [] and e.packed is packing.available()
     seen = []
     e.ours_int8 = object()  # the runner gets the model its configuration names

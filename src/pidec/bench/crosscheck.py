@@ -2,8 +2,8 @@
 compared between pidec and a peer (`agree`), and logits teacher-forced through float64 copies of
 pidec and transformers (`logits_gap`). Random weights leave near-ties between the top logits,
 where two correct float32 stacks that round differently can choose differently; in float64 the
-same function gives differences near 1e-12 and a wrong one does not. docs/performance.md
-("Packed weights") has the measured gaps.
+same function agrees to rounding, far below `LOGITS_RTOL`, and a wrong one does not.
+docs/performance.md ("Packed weights") has the measured gaps.
 """
 
 from __future__ import annotations

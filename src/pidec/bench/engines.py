@@ -97,7 +97,9 @@ def load_models(folder, device: torch.device, dtype: torch.dtype, need_hf: bool)
     return ours, hf
 
 
-def build_engines(folder, tmp, configs: list[str], device, dtype: str, torch_dtype, compile: bool, pack: bool):
+def build_engines(
+    folder, tmp, configs: list[str], *, device: torch.device, dtype: str, compile: bool = False, pack: bool = True
+):
     """Load and prepare every model `configs` need from checkpoint `folder` (`tmp`: room for the
     CTranslate2 conversion). Returns (Engines, skipped: [(names, reason)]) where a
     configuration cannot run here (ctranslate2 missing, int8 refused)."""
@@ -105,7 +107,7 @@ def build_engines(folder, tmp, configs: list[str], device, dtype: str, torch_dty
     why = peers.ct2_missing()
     if why is not None and any(c.startswith("ct2-") for c in configs):
         skipped.append(([c for c in configs if c.startswith("ct2-")], why))
-    ours, hf = load_models(folder, device, torch_dtype, any(c.startswith("hf-") for c in configs))
+    ours, hf = load_models(folder, device, getattr(torch, dtype), any(c.startswith("hf-") for c in configs))
     engines = Engines(ours, hf)
     pack_weights = None if pack else False  # pack where it applies, as pidec.load does by default
     int8_pidec = [c for c in configs if is_int8(c) and c.startswith("pidec-")]

@@ -137,7 +137,7 @@ def build(spec: BenchSpec) -> Built:
         else:
             folder = checkpoint.resolve(spec.model_dir)
         engines, skipped = build_engines(
-            folder, tmp, list(spec.configs), spec.device, spec.dtype, spec.torch_dtype, spec.compile, spec.pack
+            folder, tmp, list(spec.configs), device=spec.device, dtype=spec.dtype, compile=spec.compile, pack=spec.pack
         )
     gone = {c for names, _ in skipped for c in names}
     cfg = engines.ours.config
