@@ -29,7 +29,7 @@ def needs(module: str, extra: str):
     except ImportError as e:
         if os.environ.get("CI", "").lower() == "true":
             pytest.fail(f"{module} is missing in CI ({e}): .ci/run installs pidec[{extra}]")
-        pytest.skip(f"{module} is not installed (pip install 'pidec[{extra}]')")
+        pytest.skip(f'{module} is not installed (pip install ".[{extra}]")')
 
 
 def linears(model) -> dict[str, torch.nn.Module]:
@@ -174,7 +174,7 @@ def test_missing_torchao_names_the_extra(v11, monkeypatch):
     for name in [m for m in sys.modules if m == "torchao" or m.startswith("torchao.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao -> ImportError
-    with pytest.raises(quant.QuantizeError, match=r"pidec\[int8\]"):
+    with pytest.raises(quant.QuantizeError, match=r'pip install "\.\[int8\]"'):
         quant.quantize_model(copy.deepcopy(v11.pid), "int8", backend="torchao")
 
 

@@ -42,7 +42,7 @@ from .model import T5
 
 METHODS = ("int8",)
 BACKENDS = ("auto", "torch", "torchao")
-INSTALL_HINT = 'pip install "pidec[int8]"  (or: pip install torchao)'
+INSTALL_HINT = 'pip install ".[int8]"  (the int8 extra, from a pidec checkout)'
 
 
 class QuantizeError(InputError):
