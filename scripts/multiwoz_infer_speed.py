@@ -18,7 +18,7 @@ import time
 
 from pidec import checkpoint, tasks
 from pidec.api import load
-from pidec.bench import harness as bench
+from pidec.bench.workloads import build_random_model
 from pidec.tasks.base import data_root
 
 p = argparse.ArgumentParser()
@@ -33,7 +33,7 @@ task = tasks.get("multiwoz")
 examples = task.load("test", a.data, limit=a.limit)
 tok_path = a.tokenizer or str(data_root().parent / "tokenizers" / "t5")
 with tempfile.TemporaryDirectory() as tmp:
-    checkpoint.save(bench.build_random_model(a.size), tmp, tokenizer=checkpoint.load_tokenizer(tok_path))
+    checkpoint.save(build_random_model(a.size), tmp, tokenizer=checkpoint.load_tokenizer(tok_path))
     model = load(tmp)
 tok = model.tokenizer
 budgets = [[len(tok(t, add_special_tokens=False)["input_ids"]) + 1 for t in ex.targets] for ex in examples]

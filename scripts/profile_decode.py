@@ -12,7 +12,8 @@ import argparse
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from pidec.bench import harness as bench
+from pidec.bench.engines import run_pidec_pid
+from pidec.bench.workloads import WORKLOADS, build_random_model, draw_documents
 from pidec.packing import Linear
 
 p = argparse.ArgumentParser()
@@ -22,7 +23,7 @@ p.add_argument("--rows", type=int, default=15)
 p.add_argument("--repeats", type=int, default=3)
 p.add_argument("--no-pack", action="store_true", help="BLAS linear layers, not oneDNN-packed weights")
 a = p.parse_args()
-model = bench.build_random_model(a.size).eval()
+model = build_random_model(a.size).eval()
 packed = False
 if hasattr(Linear, "packed") and not a.no_pack:  # this checkout has pidec.packing
     from pidec import packing
@@ -30,12 +31,12 @@ if hasattr(Linear, "packed") and not a.no_pack:  # this checkout has pidec.packi
     if packing.available():
         packing.pack(model)
         packed = True
-d = bench.draw_documents(bench.WORKLOADS[a.workload], 1, 0)[0]
+d = draw_documents(WORKLOADS[a.workload], 1, 0)[0]
 with torch.inference_mode():
-    bench._run_pidec_pid(model, None, d, torch.device("cpu"))  # warm-up
+    run_pidec_pid(model, None, d, torch.device("cpu"))  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(a.repeats):
-            bench._run_pidec_pid(model, None, d, torch.device("cpu"))
+            run_pidec_pid(model, None, d, torch.device("cpu"))
 print("linear layers:", "oneDNN-packed" if packed else "BLAS", f"| {a.repeats} runs of one {a.workload} document")
 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=32))
 total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e6

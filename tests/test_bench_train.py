@@ -4,8 +4,8 @@ import random
 
 import pytest
 
-from pidec.bench.harness import WORKLOADS, draw_documents
 from pidec.bench.training import format_train_table, items_for, run_train_bench
+from pidec.bench.workloads import WORKLOADS, draw_documents
 
 
 def test_layouts_carry_the_same_targets():

@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from pidec.bench.harness import WORKLOADS
 from pidec.bench.loadtest import check_url, draw_request, percentile
+from pidec.bench.workloads import WORKLOADS
 
 from .shared_data import T5_TOKENIZER, require
 

@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import checkpoint, layouts, lora, packing
-from . import quantize as quant
+from . import checkpoint, layouts, lora
 from .errors import InputError
-from .generate import DecodeStats, Row, budget_ranges, compile_steps, decode, encode, sync
+from .generate import DecodeStats, Row, budget_ranges, decode, encode, sync
+from .inference import check_inference_options, prepare_for_inference
 from .layouts import Truncation
 from .model import T5, CrossCache
 
@@ -339,13 +339,7 @@ def load(
     float32 model on the CPU that is not compiled, where torch has oneDNN; True where that does
     not hold is an error."""
 
-    if compile and quantize is not None:
-        raise InputError("compile=True and quantize='int8' do not go together: pick one")
-
-    try:
-        quantize = quant.check_method(quantize)
-    except quant.QuantizeError as e:
-        raise InputError(str(e)) from None
+    quantize = check_inference_options(quantize, compile)
     overrides = {} if max_input_length is None else {"max_input_length": int(max_input_length)}
     folder = checkpoint.resolve(path)
     for accepts, family_load in LOADERS:  # a registered family (decoder-only models) loads its own
@@ -365,18 +359,5 @@ def load(
         )
     tok = checkpoint.load_tokenizer(tok_source)
     checkpoint.check_tokenizer(tok, model.config, str(tok_source))
-    if quantize is not None:
-        try:
-            quant.quantize_model(model.eval(), quantize)
-        except quant.QuantizeError as e:
-            raise InputError(str(e)) from None
-    if compile:
-        compile_steps(model.eval())
-    can_pack = packing.supported(model.device, model.dtype)
-    if pack_weights and not (can_pack and not compile):
-        raise InputError("pack_weights=True needs a float32 model on the CPU, not compiled, and torch with oneDNN")
-    if pack_weights is None:
-        pack_weights = can_pack and not compile
-    if pack_weights:  # after quantizing: what is left in float (an int8 model's LM head) is packed
-        packing.pack(model)
+    prepare_for_inference(model, quantize, compile, pack_weights)
     return Model(model, tok)

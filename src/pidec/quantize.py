@@ -6,9 +6,11 @@ activations quantized to int8 on the fly, through a quantization library, not ke
 - ``torch``: torch's dynamically quantized Linear (`torch.ao.nn.quantized.dynamic.Linear`,
   FBGEMM / oneDNN x86 kernels on weights packed once at load). CPU and float32 only. An
   activation gets one scale per call (per tensor: a row's rounding depends a little on the
-  other rows decoded with it), over 8 bits where the CPU has VNNI (torch's own module always
-  uses 7). torch marks the `torch.ao` quantization API deprecated in favour of torchao, but it
-  still ships and runs in torch 2.13.
+  other rows decoded with it), over `activation_bits()` bits: 8 where the CPU has VNNI, 7
+  without it (AVX2 only: the u8 x s8 pair sums of those kernels saturate int16 at full range;
+  torch's own module always uses 7). Without VNNI the activation step is twice as coarse, so
+  the int8 outputs sit about twice as far from float32. torch marks the `torch.ao` quantization
+  API deprecated in favour of torchao, but it still ships and runs in torch 2.13.
 - ``torchao``: `torchao.quantization.quantize_` with `Int8DynamicActivationInt8WeightConfig`
   (one scale per token, symmetric). Any device and dtype. On the CPU in eager mode its per-call
   work around the int8 product (quantizing the activation in several passes, converting it to
@@ -16,12 +18,9 @@ activations quantized to int8 on the fly, through a quantization library, not ke
   saves (pytorch/ao#1930): it is meant to run under `torch.compile`.
 
 ``auto`` (the default) takes ``torch`` for a float32 model on the CPU and ``torchao`` otherwise:
-measured on a 2-core AVX-512 VNNI CPU shared with another job (T5 v1.1 base, random weights,
-one `dst` document, pidec-pid, best of 4 round-robin runs): float32 4.9 s, torchao 4.8 s,
-torch 2.3 s (`pidec bench --configs pidec-pid,pidec-pid-int8`: 3.2 s and 1.6 s). On two small
-models trained by `pidec train` (synthetic booking task, 3600 subtasks) greedy int8 answers
-matched float32 on 99.6 % and 99.0 % of subtasks (torchao: 99.8 % and 99.3 %), exact match
-moving by +0.03 and +0.14 points.
+in eager mode on the CPU the torch backend is the one that is faster than float32. The
+measurements behind that choice, the agreement of int8 with float32 on trained models, and how
+far the outputs move without VNNI are in docs/performance.md ("int8"), with their commands.
 
 The LM head stays in float32 (`head=False`): it is a tenth of a base model's weights, and it is
 where int8 rounding turns directly into a different argmax over the vocabulary. The embedding
@@ -43,7 +42,7 @@ from .model import T5
 
 METHODS = ("int8",)
 BACKENDS = ("auto", "torch", "torchao")
-INSTALL_HINT = 'pip install "pidec[int8]"  (or: pip install torchao)'
+INSTALL_HINT = 'pip install ".[int8]"  (the int8 extra, from a pidec checkout)'
 
 
 class QuantizeError(InputError):
@@ -143,13 +142,20 @@ def quantize_model(model: T5, method: str = "int8", backend: str = "auto", head:
 
 def cpu_has_vnni() -> bool:
     """AVX512-VNNI / AMX: int8 products accumulate in int32 without saturating, so activations
-    can use the full 8-bit range (without it, FBGEMM's int16 pair sums overflow: torch reduces
-    activations to 7 bits)."""
+    can use the full 8-bit range (without it, FBGEMM's and oneDNN's int16 pair sums overflow:
+    torch reduces activations to 7 bits)."""
     probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.13; absent: be safe
     try:
         return bool(probe()) if probe is not None else False
     except (RuntimeError, AttributeError):  # pragma: no cover
         return False
+
+
+def activation_bits() -> int:
+    """Bits an activation is quantized to by the ``torch`` backend on this CPU: 8 with VNNI, else
+    7 (`cpu_has_vnni`). With 8 bits and no VNNI the kernels' int16 pair sums saturate and the
+    outputs go wrong, several times further from float32 than with 7 (docs/performance.md)."""
+    return 8 if cpu_has_vnni() else 7
 
 
 @functools.cache
@@ -173,7 +179,7 @@ def _quantize_torch(targets) -> None:
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     cls = _dynamic_linear_class()
-    reduce_range = not cpu_has_vnni()
+    reduce_range = activation_bits() < 8
 
     with warnings.catch_warnings():
         # "quantized tensor creation functions ... are deprecated" (torch 2.13): still the
@@ -213,8 +219,10 @@ __all__ = [
     "BACKENDS",
     "INSTALL_HINT",
     "METHODS",
+    "activation_bits",
     "QuantizeError",
     "check_method",
+    "cpu_has_vnni",
     "describe",
     "import_torchao",
     "is_quantized",

@@ -1,7 +1,7 @@
 """`pidec loadtest`: N concurrent clients against a running `pidec serve`, for a fixed time.
 
 Each client sends one request after another, each with a new document drawn in the shape of
-`pidec bench`'s workload (`bench.WORKLOADS`): for dst a 512-token dialogue with 30 prompts of
+`pidec bench`'s workload (`workloads.WORKLOADS`): for dst a 512-token dialogue with 30 prompts of
 4-8 tokens whose answers get budgets of 2 tokens (80 % of them) or 3-10, for qa a 512-token
 passage with 14 prompts of 8-16 tokens and budgets of 3-20. The words are common English words
 that the T5 vocabulary holds as one token each, so a document of n words is n tokens plus EOS.
@@ -22,7 +22,7 @@ import random
 import time
 from urllib.parse import urlparse
 
-from .harness import WORKLOADS
+from .workloads import WORKLOADS
 
 _COMMON_WORDS = """
 the hotel room night train time day week city north south east west centre cheap expensive moderate

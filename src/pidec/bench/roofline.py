@@ -1,13 +1,14 @@
-"""How far a configuration is from the machine: bytes moved per decoding step and documents that
-fit in a memory budget. Pure arithmetic on a `T5Config` and a few shape numbers (the benchmark
-supplies them per configuration); the timed half, the machine's own matmul ceiling, is
-`pidec.bench.measure_ceiling`.
+"""The analytic side of the benchmark: matmul FLOPs, bytes moved per decoding step and
+documents that fit in a memory budget. Pure arithmetic on a `T5Config` and a few shape numbers
+(`bench.configs` supplies them per configuration); the timed half, the machine's own matmul
+ceiling, is `bench.ceiling`.
 
-Bytes moved per decoding step = the weights one decoder pass reads + the cross-attention
-keys/values it attends to + the self-attention keys/values of the rows still decoding. A
-decoding step does little arithmetic per byte, so at small batch these bytes, not the FLOPs,
-set its speed; prompt-in-decoder shrinks the cross-attention term by reading one copy of a
-document's cache for all of its rows.
+FLOPs count matrix products only, 2 per multiply-add, of what a configuration actually
+computes, padding included. Bytes moved per decoding step = the weights one decoder pass reads
++ the cross-attention keys/values it attends to + the self-attention keys/values of the rows
+still decoding. A decoding step does little arithmetic per byte, so at small batch these bytes,
+not the FLOPs, set its speed; prompt-in-decoder shrinks the cross-attention term by reading one
+copy of a document's cache for all of its rows. How the columns are used: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -18,6 +19,69 @@ from dataclasses import asdict, dataclass
 from ..model import T5Config
 
 SCALE_BYTES = 4  # an int8 linear layer keeps one float32 scale per output channel
+
+
+# -- FLOPs (matmuls only, 2 per multiply-add) -----------------------------------------------
+
+
+def _ffn_flops(cfg: T5Config) -> int:
+    return 2 * cfg.d_model * cfg.d_ff * (3 if cfg.is_gated else 2)
+
+
+def encoder_token_flops(cfg: T5Config, seq_len: int) -> int:
+    """One encoder token in a sequence of `seq_len` (padding included), all encoder layers:
+    q/k/v/o projections, attention scores and weighted sum over seq_len keys, feed-forward."""
+    inner = cfg.inner_dim
+    per_layer = 8 * cfg.d_model * inner + 4 * seq_len * inner + _ffn_flops(cfg)
+    return cfg.num_layers * per_layer
+
+
+def cross_kv_flops(cfg: T5Config) -> int:
+    """Projecting one encoded token to the cross-attention keys and values of every decoder layer."""
+    return cfg.num_decoder_layers * 4 * cfg.d_model * cfg.inner_dim
+
+
+def decoder_token_flops(cfg: T5Config, self_len: int, cross_len: int) -> int:
+    """One decoder token, all decoder layers, without the LM head: self-attention projections and
+    scores over `self_len` keys, cross-attention q/o projections and scores over `cross_len`
+    keys (their k/v projection is `cross_kv_flops`), feed-forward."""
+    inner, d = cfg.inner_dim, cfg.d_model
+    per_layer = 8 * d * inner + 4 * self_len * inner + 4 * d * inner + 4 * cross_len * inner + _ffn_flops(cfg)
+    return cfg.num_decoder_layers * per_layer
+
+
+def lm_head_flops(cfg: T5Config) -> int:
+    return 2 * cfg.d_model * cfg.vocab_size
+
+
+def decoding_flops(
+    cfg: T5Config,
+    prefix: int,
+    lengths: list[int],
+    cross_len: int,
+    compaction: bool,
+    head_on_prefix: bool = False,
+    packed: list[int] | None = None,
+) -> int:
+    """A batch of rows sharing a left-padded prefix of `prefix` tokens, row i generating lengths[i]
+    tokens: a prefill pass (every prefix position computed, dense attention over the prefix),
+    then one pass per further token over the rows still alive (all rows without compaction).
+    The LM head runs on the last position of each pass (on every prefix position with
+    `head_on_prefix`, as transformers' T5 does). `packed`: the rows' own prefix lengths, when
+    the prefill computes only those tokens (pidec packs them), not prefix tokens per row."""
+    rows, longest = len(lengths), max(lengths)
+    if packed is None:
+        total = rows * prefix * decoder_token_flops(cfg, prefix, cross_len)
+    else:
+        total = sum(n * decoder_token_flops(cfg, n, cross_len) for n in packed)
+    total += rows * (prefix if head_on_prefix else 1) * lm_head_flops(cfg)
+    for step in range(1, longest):
+        alive = sum(1 for n in lengths if n > step) if compaction else rows
+        total += alive * (decoder_token_flops(cfg, prefix + step, cross_len) + lm_head_flops(cfg))
+    return total
+
+
+# -- bytes ------------------------------------------------------------------------------------
 
 
 def linear_bytes(in_features: int, out_features: int, element_size: int, int8: bool = False) -> int:

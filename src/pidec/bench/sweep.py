@@ -1,7 +1,7 @@
 """Per-document latency against the number of subtasks K: `pidec bench --sweep-k 1,2,4,...`.
 
 For each K the workload is drawn with K prompts (same document length, prompt lengths and
-output-length distribution; `bench.draw_documents(subtasks=K)`) and `bench.run_bench` times the
+output-length distribution; `workloads.draw_documents(subtasks=K)`) and `harness.run_bench` times the
 configurations side by side on it, round-robin, as a normal run does. One random-weight model
 is built once and shared by every K (saved to a temporary checkpoint folder that each run
 loads), so the lines of the plot differ only in K and in the configuration.
@@ -17,7 +17,8 @@ from __future__ import annotations
 import tempfile
 
 from .. import checkpoint
-from .harness import WORKLOADS, build_random_model, run_bench
+from .harness import run_bench
+from .workloads import WORKLOADS, build_random_model
 
 SWEEP_CONFIGS = ["hf-pie", "ct2-pie-int8", "pidec-pie", "pidec-pid", "pidec-pid-int8"]
 DEFAULT_KS = [1, 2, 4, 8, 16, 32, 64]
@@ -85,6 +86,11 @@ def run_sweep(
             runs.append({"k": k, "result": result})
             if progress is not None:
                 progress(k, result)
+    return _collect(runs, workload, model_size, model_dir, dtype, docs, repeats, ks)
+
+
+def _collect(runs: list[dict], workload, model_size, model_dir, dtype, docs, repeats, ks) -> dict:
+    """The sweep's result: one latency list per configuration, the runs themselves kept."""
     names = [r["config"] for r in runs[0]["result"]["results"]]
     latency = {
         name: [next(r["latency_s_median"] for r in run["result"]["results"] if r["config"] == name) for run in runs]

@@ -18,7 +18,7 @@ import torch
 
 from ..forcing import Part, collate, loss_sum
 from ..layouts import TrainItem
-from .harness import WORKLOADS, build_random_model, draw_documents
+from .workloads import WORKLOADS, build_random_model, draw_documents
 
 LAYOUTS = ("pid", "pie", "seq")
 

@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 
 from ..bench.causal import ARCHES, format_causal_table, plot_causal_sweep, run_causal_bench, run_causal_sweep
-from ..bench.harness import format_memory, format_table, run_bench, run_memory
+from ..bench.harness import run_bench, run_memory
+from ..bench.report import format_memory, format_table
 from ..bench.sweep import format_sweep, parse_ks, plot_sweep, run_sweep
 from ..bench.training import format_train_table, run_train_bench
 from .common import NO_PACK_HELP, app, check_quantize, fail
@@ -55,7 +56,7 @@ def bench(
     ),
 ) -> None:
     """Time the configurations side by side on one workload and print a table. More configurations:
-    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ctranslate2)."""
+    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ".[ct2]")."""
 
     names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
     if arch is not None:  # decoder-only models: pidec.bench.causal
@@ -65,11 +66,14 @@ def bench(
         fail("--compile applies to a timed decoding run: leave out --train, --sweep-k and --memory-only")
     if plot and not sweep_k:
         fail("--plot draws the --sweep-k results: give --sweep-k too")
-    if sweep_k:
-        if train_mode or memory_budget or quantize:
-            fail("--sweep-k times decoding per K: leave out --train, --memory-budget and --quantize")
-
-        try:
+    if sweep_k and (train_mode or memory_budget or quantize):
+        fail("--sweep-k times decoding per K: leave out --train, --memory-budget and --quantize")
+    if memory_only and memory_budget is None:
+        fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
+    if train_mode and (quantize or memory_budget):
+        fail("--train times training steps: --quantize and --memory-budget apply to decoding")
+    try:
+        if sweep_k:
             sweep = run_sweep(
                 parse_ks(sweep_k),
                 names,
@@ -82,83 +86,54 @@ def bench(
                 seed=seed,
                 threads=threads,
                 pack=not no_pack,
-                progress=lambda k, r: typer.echo(
-                    f"K={k}: " + ", ".join(f"{x['config']} {x['latency_s_median']:.3f}s" for x in r["results"])
-                ),
+                progress=_sweep_progress,
             )
-        except ValueError as e:
-            fail(str(e))
-        typer.echo(format_sweep(sweep))
-        if json_out:
-            Path(json_out).write_text(json.dumps(sweep, indent=2) + "\n")
-            typer.echo(f"wrote {json_out}")
-        if plot:
-            plot_sweep(sweep, plot)
-            typer.echo(f"wrote {plot}")
-        return
-    if memory_only:
-        if memory_budget is None:
-            fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
-        try:
-            mem = run_memory(
-                workload,
-                model_size,
-                model,
-                names,
-                memory_budget,
-                dtype,
-                quantize,
-                pack=not no_pack,
-            )
-        except ValueError as e:
-            fail(str(e))
-        typer.echo(format_memory(mem))
-        if json_out:
-            Path(json_out).write_text(json.dumps(mem, indent=2) + "\n")
-        return
-    if train_mode and (quantize or memory_budget):
-        fail("--train times training steps: --quantize and --memory-budget apply to decoding")
-    if train_mode:
-        try:
+            _emit(format_sweep(sweep), sweep, json_out)
+            if plot:
+                plot_sweep(sweep, plot)
+                typer.echo(f"wrote {plot}")
+        elif memory_only:
+            mem = run_memory(workload, model_size, model, names, memory_budget, dtype, quantize, pack=not no_pack)
+            _emit(format_memory(mem), mem, json_out, say=False)
+        elif train_mode:
+            layout_names = [x.strip() for x in layouts.split(",") if x.strip()]
             result = run_train_bench(
-                workload,
-                model_size,
-                [x.strip() for x in layouts.split(",") if x.strip()],
+                workload, model_size, layout_names, docs=docs, repeats=repeats, seed=seed, threads=threads
+            )
+            _emit(format_train_table(result), result, json_out, say=False)
+        else:
+            result = run_bench(
+                workload=workload,
+                model_size=model_size,
+                model_dir=model,
+                configs=names,
                 docs=docs,
                 repeats=repeats,
+                device=device,
+                dtype=dtype,
                 seed=seed,
                 threads=threads,
+                quantize=quantize,
+                memory_budget=memory_budget,
+                compile=compile_steps,
+                pack=not no_pack,
             )
-        except ValueError as e:
-            fail(str(e))
-        typer.echo(format_train_table(result))
-        if json_out:
-            Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-        return
-
-    try:
-        result = run_bench(
-            workload=workload,
-            model_size=model_size,
-            model_dir=model,
-            configs=names,
-            docs=docs,
-            repeats=repeats,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            threads=threads,
-            quantize=quantize,
-            memory_budget=memory_budget,
-            compile=compile_steps,
-            pack=not no_pack,
-        )
+            _emit(format_table(result), result, json_out)
     except ValueError as e:
         fail(str(e))
-    typer.echo(format_table(result))
+
+
+def _sweep_progress(k: int, result: dict) -> None:
+    typer.echo(f"K={k}: " + ", ".join(f"{x['config']} {x['latency_s_median']:.3f}s" for x in result["results"]))
+
+
+def _emit(table: str, result: dict, json_out: Optional[str], say: bool = True) -> None:
+    """Print the table; with --json, write the result there too (and say so when `say`)."""
+    typer.echo(table)
     if json_out:
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-        typer.echo(f"wrote {json_out}")
+        if say:
+            typer.echo(f"wrote {json_out}")
 
 
 def bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out) -> None:
