@@ -130,7 +130,9 @@ def test_bad_records_are_counted_with_clear_messages_and_the_run_goes_on(ckpt, t
     errors = {r["error"]["kind"]: r for r in out if "error" in r}
     assert errors["malformed_line"]["error"]["message"].startswith(f"{path}:2: invalid JSON")
     assert errors["missing_id"]["error"]["message"] == f"{path}:3: no 'id' (the record's id)"
-    assert errors["missing_document"]["id"] == "no-doc" and f"{path}:4" in errors["missing_document"]["error"]["message"]
+    assert (
+        errors["missing_document"]["id"] == "no-doc" and f"{path}:4" in errors["missing_document"]["error"]["message"]
+    )
     assert errors["empty_document"]["id"] == "empty"
     assert "81 tokens, over the model's limit of 40" in errors["document_too_long"]["error"]["message"]
     assert "--truncate" in errors["document_too_long"]["error"]["message"]
@@ -169,7 +171,9 @@ def test_on_error_fail_and_fields_file_errors_stop_the_run(ckpt, tmp_path):
     assert f"{path}:4: id e: 'document' is empty [empty_document; --on-error fail stops here]" in err
     dup = tmp_path / "dup.json"
     dup.write_text(json.dumps([{"name": "area", "prompt": "a"}, {"name": "area", "prompt": "b"}]))
-    assert f"{dup}: field 'area': duplicate name" in _cli_err(base + ["--output", str(tmp_path / "o2"), "--fields", str(dup)])
+    assert f"{dup}: field 'area': duplicate name" in _cli_err(
+        base + ["--output", str(tmp_path / "o2"), "--fields", str(dup)]
+    )
     missing = tmp_path / "missing.yaml"
     missing.write_text("- name: area\n  prompt: hotel area\n- name: price\n  max_new_tokens: 4\n")
     assert f"{missing}: field 'price': missing prompt" in _cli_err(
@@ -217,7 +221,14 @@ def test_limit_and_json_summary(ckpt, tmp_path):
     r = cli.invoke(
         app,
         ["run", "--model", str(ckpt), "--input", str(path), "--output", str(tmp_path / "o.jsonl")]
-        + ["--fields", str(write_fields(tmp_path / "f.json")), "--limit", "5", "--json-summary", str(tmp_path / "s.json")]
+        + [
+            "--fields",
+            str(write_fields(tmp_path / "f.json")),
+            "--limit",
+            "5",
+            "--json-summary",
+            str(tmp_path / "s.json"),
+        ]
         + ["--progress", "log"],
     )
     assert r.exit_code == 0, r.output
@@ -227,6 +238,7 @@ def test_limit_and_json_summary(ckpt, tmp_path):
     assert [x["id"] for x in read_output(tmp_path / "o.jsonl")] == [f"doc-{i}" for i in range(5)]
 
 
+@pytest.mark.slow  # two worker processes each import torch and load the model
 def test_workers_two_match_workers_one(ckpt, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", records(40))
     one = run(ckpt, path, tmp_path / "one.jsonl", window=8, batch_tokens=64)
