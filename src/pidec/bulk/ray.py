@@ -146,22 +146,19 @@ def extract(
 
 
 def read(shards) -> object:
-    """One Ray Dataset over the input shards, in path order, by format."""
+    """One Ray Dataset over the input shards, in path order. Reading takes no CPU slot
+    (`num_cpus=0`): it is light I/O, and actors that hold every slot must not starve it."""
     ray = _import_ray()
-    parts = []
-    for fmt in ("jsonl", "csv", "parquet"):
-        paths = [str(s.path) for s in shards if s.format == fmt]
-        if not paths:
-            continue
-        if fmt == "jsonl":
-            parts.append(ray.data.read_text(paths, include_paths=True, drop_empty_lines=True))
-        elif fmt == "csv":
-            parts.append(ray.data.read_csv(paths))
-        else:
-            parts.append(ray.data.read_parquet(paths))
-    if len({s.format for s in shards}) > 1:
+    formats = {s.format for s in shards}
+    if len(formats) > 1:
         raise InputError("--engine ray: an input folder mixes formats; give one format per run")
-    return parts[0]
+    (fmt,) = formats
+    paths = [str(s.path) for s in shards]
+    if fmt == "jsonl":
+        return ray.data.read_text(paths, include_paths=True, drop_empty_lines=True, num_cpus=0)
+    if fmt == "csv":
+        return ray.data.read_csv(paths, num_cpus=0)
+    return ray.data.read_parquet(paths, num_cpus=0)
 
 
 def count_output(folder: Path) -> dict:
@@ -235,9 +232,9 @@ def run(
         )
         try:
             if out_format == "parquet":
-                out.write_parquet(str(output))
+                out.write_parquet(str(output), ray_remote_args={"num_cpus": 0})
             else:
-                out.write_json(str(output), force_ascii=False)
+                out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0})
         except Exception as e:
             if isinstance(e, RecordError) or "RecordError" in str(e):
                 line = next((x for x in str(e).splitlines() if "--on-error fail stops here" in x), str(e))

@@ -209,9 +209,11 @@ class _Loop:
             self.fail_on(entries)
         w = _Window(shard, start, entries)
         wid = next(self.ids)
-        self.windows[wid] = w
         self.pending.append(w)
-        for b, jobs in enumerate(batches([e for e in entries if isinstance(e, Job)], self.options.batch_tokens)):
+        groups = batches([e for e in entries if isinstance(e, Job)], self.options.batch_tokens)
+        if groups:
+            self.windows[wid] = w
+        for b, jobs in enumerate(groups):
             w.batches[b] = [j.index for j in jobs]
             w.outstanding += 1
             self.in_flight += 1
