@@ -245,3 +245,17 @@ def test_workers_two_match_workers_one(ckpt, tmp_path):
     two = run(ckpt, path, tmp_path / "two.jsonl", window=8, batch_tokens=64, workers=2)
     assert one["records"] == two["records"] == 40 and two["workers"] == 2
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
+
+
+def test_log_lines_without_a_terminal_say_rate_and_eta():
+    import io
+
+    from pidec.bulk.report import Display
+
+    stream = io.StringIO()
+    shown = Display(total=100, initial=20, mode="auto", log_every=0.0, stream=stream)
+    assert shown.mode == "log"  # not a terminal
+    shown.t0 -= 10.0  # ten seconds in
+    shown.update(30, 600)
+    line = stream.getvalue().strip()
+    assert line.startswith("pidec run: 50/100 documents, 3.00 documents/s, 60 output tokens/s, ETA 17s"), line

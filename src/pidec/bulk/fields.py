@@ -82,7 +82,8 @@ def parse_fields(data, source: str) -> tuple[Field, ...]:
         unknown = set(item) - {"name", "prompt", "max_new_tokens", "num_beams"}
         if unknown:
             raise FieldsError(
-                f"{where}: unknown key(s) {', '.join(sorted(unknown))} (expected name, prompt, max_new_tokens, num_beams)"
+                f"{where}: unknown key(s) {', '.join(sorted(unknown))} "
+                "(expected name, prompt, max_new_tokens, num_beams)"
             )
         if name in seen:
             raise FieldsError(f"{where}: duplicate name (fields {seen[name]} and {i})")

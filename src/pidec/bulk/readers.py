@@ -140,7 +140,8 @@ def _read_csv(path: Path, start: int) -> Iterator[RawRecord]:
                 if offset >= start:
                     where = f"{path}:{reader.line_num}"
                     if None in row:  # more values than header columns
-                        message = f"{where}: {len(reader.fieldnames) + len(row[None])} values for {len(reader.fieldnames)} columns"
+                        columns = len(reader.fieldnames)
+                        message = f"{where}: {columns + len(row[None])} values for {columns} columns"
                         yield RawRecord(offset, where, error=("malformed_line", message))
                     else:
                         yield RawRecord(offset, where, data={k: v for k, v in row.items() if v is not None})
