@@ -1,6 +1,8 @@
 """`pidec run --engine ray` on a local Ray started by the test (2 CPUs, loopback only) gives the
 records of the single-process run, in the same order."""
 
+import os
+
 import pytest
 
 from pidec.bulk import ray as bulk_ray
@@ -21,6 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def local_ray():
+    os.environ.setdefault(bulk_ray.NICENESS, "0")  # as `pidec run --engine ray` does for a local Ray
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -26,6 +26,7 @@ Ray and pyarrow are imported inside the functions, so pidec imports without the 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import replace
@@ -43,6 +44,7 @@ from .writers import output_format_of, to_table
 
 INSTALL = "pip install 'pidec[ray]'  (Ray Data and pyarrow)"
 TEXT_COLUMN, PATH_COLUMN = "text", "path"
+NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
 
 
 class RecordError(InputError):
@@ -211,6 +213,8 @@ def run(
         shutil.rmtree(output)
     started = False
     if not ray.is_initialized():
+        if address is None:  # Ray runs its workers at nice 15; here they do all the work, so run them at 0
+            os.environ.setdefault(NICENESS, "0")
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         started = True
     try:
