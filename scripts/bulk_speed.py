@@ -85,8 +85,11 @@ def env() -> dict:
     return os.environ | {"PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
-def build(out: Path, size: str, docs: int, seed: int = 0) -> tuple[Path, Path, Path]:
-    """A random checkpoint of `size`, a dst-shaped corpus of `docs` records and its fields file."""
+def build(
+    out: Path, size: str, docs: int, seed: int = 0, doc_tokens: int | None = None, subtasks: int | None = None
+) -> tuple[Path, Path, Path]:
+    """A random checkpoint of `size`, a dst-shaped corpus of `docs` records and its fields file
+    (doc_tokens, subtasks: another document length or number of fields than dst's)."""
     from pidec import checkpoint
     from pidec.bench.harness import WORKLOADS, build_random_model, draw_documents
 
@@ -95,13 +98,13 @@ def build(out: Path, size: str, docs: int, seed: int = 0) -> tuple[Path, Path, P
     if not (ckpt / "config.json").exists():
         checkpoint.save(build_random_model(size, seed), ckpt, tokenizer=tok)
     workload = WORKLOADS["dst"]
-    corpus = out / f"corpus-{docs}.jsonl"
-    draws = draw_documents(workload, min(docs, 64), seed)
+    corpus = out / f"corpus-{docs}-{doc_tokens or workload.doc_tokens}.jsonl"
+    draws = draw_documents(workload, min(docs, 64), seed, doc_tokens=doc_tokens, subtasks=subtasks)
     with corpus.open("w") as f:
         for i in range(docs):
             d = draws[i % len(draws)]
             f.write(json.dumps({"id": f"doc-{i}", "document": tok.decode(d.document[:-1])}) + "\n")
-    fields = out / "fields.json"
+    fields = out / f"fields-{len(draws[0].prompts)}.json"
     fields.write_text(
         json.dumps([{"name": f"slot_{j}", "prompt": tok.decode(p)} for j, p in enumerate(draws[0].prompts)])
     )
@@ -144,6 +147,8 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--configs", default="run-w1,loop,run-w2,ray-a2,hf-pie")
     p.add_argument("--memory-docs", default="64,4096", help="corpus sizes for the peak-memory check ('' to skip)")
+    p.add_argument("--memory-doc-tokens", type=int, default=None, help="document length there (default: dst's)")
+    p.add_argument("--memory-subtasks", type=int, default=None, help="fields there (default: dst's)")
     p.add_argument("--out", default="bulk-speed")
     a = p.parse_args()
     out = Path(a.out)
@@ -188,10 +193,11 @@ def main() -> None:
             ratios["ray-a2 / run-w2"] = best["ray-a2"]["docs_per_s"] / best["run-w2"]["docs_per_s"]
         result["ratios"] = ratios
     if a.memory_docs:
-        tiny, _, tiny_fields = build(out, "tiny", 1)
+        shape = dict(doc_tokens=a.memory_doc_tokens, subtasks=a.memory_subtasks)
+        tiny, _, tiny_fields = build(out, "tiny", 1, **shape)
         result["peak_rss_mib"] = {}
         for n in map(int, a.memory_docs.split(",")):
-            _, c, _ = build(out, "tiny", n)
+            _, c, _ = build(out, "tiny", n, **shape)
             shutil.rmtree(out / "o-mem", ignore_errors=True)
             rss = peak_rss(["--model", str(tiny), "--input", str(c), "--output", str(out / "o-mem"), "--fields",
                             str(tiny_fields), "--truncate", "right", "--max-new-tokens", str(a.max_new_tokens),

@@ -153,8 +153,9 @@ def convert_to_parquet(jsonl: Path, out: Path, names: list[str] | None) -> None:
 
 def read_output(path: str | Path) -> list[dict]:
     """Every output record of an output file or folder, in shard then record order (for tests,
-    the speed script and small outputs: this one loads them all). Nulls that Parquet adds for
-    absent keys are dropped, so JSONL and Parquet outputs read back alike."""
+    the speed script and small outputs: this one loads them all). Top-level nulls (which Parquet
+    and Ray's JSON writer add for absent keys, and the null id of an unreadable line) are
+    dropped, so every output format reads back alike."""
     path = Path(path)
     files = (
         [path]
@@ -165,14 +166,13 @@ def read_output(path: str | Path) -> list[dict]:
             if p.suffix in (".jsonl", ".parquet", ".json") and not p.name.startswith(("_", "."))
         )
     )
-    records = []
+    rows = []
     for p in files:
         if p.suffix == ".parquet":
             import pyarrow.parquet as pq
 
-            rows = pq.read_table(p).to_pylist()
-            records += [{k: v for k, v in r.items() if v is not None} for r in rows]
+            rows += pq.read_table(p).to_pylist()
         else:
             with p.open(encoding="utf-8") as f:
-                records += [json.loads(line) for line in f if line.strip()]
-    return records
+                rows += [json.loads(line) for line in f if line.strip()]
+    return [{k: v for k, v in r.items() if v is not None} for r in rows]
