@@ -62,6 +62,7 @@ class GenerationResult:
     timings: dict = field(default_factory=dict)  # tokenize_ms, encode_ms, decode_ms, total_ms
     truncations: list[Truncation] = field(default_factory=list)
     stats: DecodeStats = field(default_factory=DecodeStats)
+    example_output_tokens: list[int] = field(default_factory=list)  # per example, tokens generated (EOS not counted)
 
     def to_dict(self) -> dict:
         return {
@@ -234,6 +235,7 @@ class Model:
             timings=_timings(t_tok + t_detok, stats, time.perf_counter() - t0),
             truncations=plan.truncations,
             stats=stats,
+            example_output_tokens=_example_output_tokens(plan, tokens),
         )
 
     def _generate_encoded(
@@ -267,6 +269,7 @@ class Model:
             _usage(enc.tokens, plan, out.tokens),
             _timings(t_tok, out.stats, time.perf_counter() - t0),
             stats=out.stats,
+            example_output_tokens=_example_output_tokens(plan, out.tokens),
         )
 
 
@@ -276,6 +279,13 @@ def _usage(document_tokens: int, plan: layouts.Plan, tokens: list[list[int]]) ->
         "prompt_tokens": plan.prompt_tokens,
         "output_tokens": sum(len(t) for t in tokens),
     }
+
+
+def _example_output_tokens(plan: layouts.Plan, tokens: list[list[int]]) -> list[int]:
+    counts = [0] * len(plan.prompts)
+    for (example, _), toks in zip(plan.owner, tokens):
+        counts[example] += len(toks)
+    return counts
 
 
 def _check_decoding(num_beams) -> None:

@@ -3,6 +3,7 @@
 Each module of this package registers its commands on the one Typer app of `common`."""
 
 from . import bench, demo, infer, serve, train  # noqa: F401  (registers the commands)
+from . import run  # noqa: F401  (registers `pidec run`)
 from .common import app as app
 from .common import command
 

@@ -1,0 +1,263 @@
+"""The same bulk extraction on Ray Data, for a corpus one machine cannot get through in time.
+
+    import ray, pidec.bulk.ray as pray
+    ds = ray.data.read_parquet("s3://bucket/corpus/")
+    out = pray.extract(ds, model="/shared/ckpt", fields=[{"name": "area", "prompt": "hotel area"}], actors=8)
+    out.write_parquet("s3://bucket/answers/")
+
+`extract` is `map_batches` with `Extractor`, a callable class that Ray instantiates once per
+actor: it loads the model once and answers each batch of rows with the code the local runner
+uses (`extract.prepare`, `extract.batches`, `extract.decode`), so a record gets the same output
+record on Ray as with `pidec run`. Rows in, Arrow tables of output records out (the schema of
+`writers.output_schema`). Ray schedules the actors (`actors` replicas, `actor_cpus` or
+`actor_gpus` each) and moves the data; pidec writes no scheduler of its own.
+
+`run` is `pidec run --engine ray`: `ray.data.read_text` (JSONL, parsed in the actor so a
+malformed line is a counted error record, named by file: Ray does not give line numbers),
+`read_csv` (column types inferred by Arrow) or `read_parquet` -> `extract` -> `write_json` or
+`write_parquet` into an output folder, with the order of records kept. It starts a local Ray
+when none is running and `address` is None, else joins the cluster at `address`. A Ray run
+is not resumable record by record (Ray Data has no checkpoint of a pipeline): a failed run
+is started again with --overwrite.
+
+Ray and pyarrow are imported inside the functions, so pidec imports without the `ray` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from ..errors import InputError
+from .extract import Job, Options, PromptCounter, batches, decode, prepare
+from .fields import Questions
+from .fields import questions as make_questions
+from .progress import add_counts, empty_counts
+from .readers import RawRecord, find_shards, parse_line
+from .report import summary
+from .workers import ModelSpec
+from .writers import output_format_of, to_table
+
+INSTALL = "pip install 'pidec[ray]'  (Ray Data and pyarrow)"
+TEXT_COLUMN, PATH_COLUMN = "text", "path"
+NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
+
+
+class RecordError(InputError):
+    """--on-error fail on Ray: the first record that could not be processed."""
+
+
+def _import_ray():
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise InputError(f"--engine ray needs Ray Data: {INSTALL} ({e})") from None
+    return ray
+
+
+class Extractor:
+    """One Ray actor: the model loaded once, each batch of rows answered as the local runner does."""
+
+    def __init__(self, spec: ModelSpec, questions: Questions, options: Options, on_error: str = "continue"):
+        self.model = spec.load()
+        self.questions, self.options, self.on_error = questions, options, on_error
+        self.count_prompts = PromptCounter(self.model.tokenizer)
+
+    def _raws(self, rows: list[dict]) -> list[RawRecord]:
+        raws = []
+        for i, row in enumerate(rows):
+            if TEXT_COLUMN in row and PATH_COLUMN in row and len(row) == 2:  # a JSONL line from read_text
+                if row[TEXT_COLUMN].strip():
+                    raws.append(parse_line(row[TEXT_COLUMN], i, str(row[PATH_COLUMN])))
+            else:
+                raws.append(RawRecord(i, f"row {row.get(self.options.id_field)!s}", data=row))
+        return raws
+
+    def __call__(self, table):
+        entries = prepare(
+            self._raws(table.to_pylist()),
+            self.questions,
+            self.options,
+            self.model.tokenizer,
+            self.model.config.max_input_length,
+            self.count_prompts,
+        )
+        for jobs in batches([e for e in entries if isinstance(e, Job)], self.options.batch_tokens):
+            for job, record in zip(jobs, decode(self.model, jobs, self.options)):
+                entries[job.index] = record
+        if self.on_error == "fail":
+            for r in entries:
+                if "error" in r:
+                    raise RecordError(f"{r['error']['message']} [{r['error']['kind']}; --on-error fail stops here]")
+        return to_table(entries, self.questions.names())
+
+
+def extract(
+    dataset,
+    model: str | ModelSpec,
+    fields=None,
+    prompts: list[str] | None = None,
+    *,
+    options: Options | None = None,
+    questions: Questions | None = None,
+    actors: int = 1,
+    actor_cpus: float | None = None,
+    actor_gpus: float | None = None,
+    batch_size: int = 256,
+    on_error: str = "continue",
+    **option_values,
+):
+    """A Ray Dataset of output records (one per input row, see `pidec.bulk.extract`) for a
+    Dataset of records (`id`, `document` and, without fields or prompts, `prompts`).
+
+    model: a checkpoint folder every actor can read (shared storage), or a `ModelSpec`.
+    fields: a fields file path, or a list of {name, prompt, max_new_tokens, num_beams}.
+    options / option_values: `extract.Options` (layout, num_beams, max_new_tokens, truncate,
+    id_field, document_field, batch_tokens). batch_size: rows per actor call."""
+    _import_ray()
+    if questions is None and isinstance(fields, (str, Path)):
+        questions = make_questions(fields_file=fields)
+    elif questions is None:
+        questions = make_questions(fields=fields, prompts=prompts)
+    options = options or Options(**option_values)
+    for name, value in (("actors", actors), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(f"{name} must be an integer >= 1, got {value!r}")
+    if actor_cpus is not None and actor_gpus is not None:
+        raise InputError("give actor_cpus or actor_gpus, not both")
+    spec = model if isinstance(model, ModelSpec) else ModelSpec(str(model))
+    if actor_gpus:
+        spec = replace(spec, device="cuda" if spec.device == "cpu" else spec.device)
+    cpus = actor_cpus if actor_cpus is not None else (0 if actor_gpus else 1)
+    if not spec.threads and cpus >= 1:
+        spec = replace(spec, threads=int(cpus))
+    return dataset.map_batches(
+        Extractor,
+        fn_constructor_args=(spec, questions, options, on_error),
+        batch_size=batch_size,
+        batch_format="pyarrow",
+        concurrency=actors,
+        num_cpus=cpus,
+        num_gpus=actor_gpus or None,
+    )
+
+
+def read(shards) -> object:
+    """One Ray Dataset over the input shards, in path order. Reading takes no CPU slot
+    (`num_cpus=0`): it is light I/O, and actors that hold every slot must not starve it."""
+    ray = _import_ray()
+    formats = {s.format for s in shards}
+    if len(formats) > 1:
+        raise InputError("--engine ray: an input folder mixes formats; give one format per run")
+    (fmt,) = formats
+    paths = [str(s.path) for s in shards]
+    if fmt == "jsonl":
+        return ray.data.read_text(paths, include_paths=True, drop_empty_lines=True, num_cpus=0)
+    if fmt == "csv":
+        return ray.data.read_csv(paths, num_cpus=0)
+    return ray.data.read_parquet(paths, num_cpus=0)
+
+
+def count_output(folder: Path) -> dict:
+    """Counts of an output folder written by `run` (streamed; Parquet reads its error column)."""
+    counts = empty_counts()
+    for p in sorted(folder.rglob("*")):
+        if p.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            f = pq.ParquetFile(p)
+            for batch in f.iter_batches(columns=["id", "usage", "truncated_from", "error"]):
+                add_counts(counts, [{k: v for k, v in r.items() if v is not None} for r in batch.to_pylist()])
+        elif p.suffix == ".json":
+            with p.open(encoding="utf-8") as f:
+                rows = (json.loads(line) for line in f if line.strip())
+                for r in rows:
+                    add_counts(counts, [{k: v for k, v in r.items() if v is not None}])
+    return counts
+
+
+def run(
+    spec: ModelSpec,
+    input,
+    output,
+    questions: Questions,
+    options: Options,
+    input_format: str | None = None,
+    output_format: str | None = None,
+    address: str | None = None,
+    actors: int = 1,
+    actor_cpus: float | None = None,
+    actor_gpus: float | None = None,
+    limit: int | None = None,
+    on_error: str = "continue",
+    overwrite: bool = False,
+    json_summary=None,
+    batch_size: int = 256,
+) -> dict:
+    """`pidec run --engine ray`: read -> extract -> write into the folder `output`."""
+    ray = _import_ray()
+    t0 = time.perf_counter()
+    shards = find_shards(input, input_format)
+    out_format = output_format_of(output, output_format)
+    output = Path(output)
+    if output.suffix.lower() in (".jsonl", ".parquet", ".json"):
+        raise InputError(f"--engine ray: --output {output} must be a folder (Ray writes one file per block)")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise InputError(f"--output {output} is not empty: write to a new folder, or pass --overwrite")
+        shutil.rmtree(output)
+    started = False
+    if not ray.is_initialized():
+        if address is None:  # Ray runs its workers at nice 15; here they do all the work, so run them at 0
+            os.environ.setdefault(NICENESS, "0")
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        started = True
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True
+        ds = read(shards)
+        if limit is not None:
+            ds = ds.limit(limit)
+        out = extract(
+            ds,
+            spec,
+            options=options,
+            questions=questions,
+            actors=actors,
+            actor_cpus=actor_cpus,
+            actor_gpus=actor_gpus,
+            batch_size=batch_size,
+            on_error=on_error,
+        )
+        try:
+            if out_format == "parquet":
+                out.write_parquet(str(output), ray_remote_args={"num_cpus": 0})
+            else:
+                out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0})
+        except Exception as e:
+            if isinstance(e, RecordError) or "RecordError" in str(e):
+                line = next((x for x in str(e).splitlines() if "--on-error fail stops here" in x), str(e))
+                raise RecordError(line.split("RecordError: ")[-1].strip()) from None
+            raise
+    finally:
+        if started:
+            ray.shutdown()
+    counts = count_output(output)
+    result = summary(
+        counts,
+        time.perf_counter() - t0,
+        counts["records"],
+        counts["output_tokens"],
+        output=str(output),
+        resumed=False,
+        actors=actors,
+        engine="ray",
+    )
+    if json_summary:
+        Path(json_summary).write_text(json.dumps(result, indent=1) + "\n")
+    return result
