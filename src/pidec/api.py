@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import checkpoint, layouts, lora
+from .cpu import auto_dtype
 from .errors import InputError
 from .generate import DecodeStats, Row, budget_ranges, decode, encode, sync
 from .inference import check_inference_options, prepare_for_inference
@@ -32,11 +33,15 @@ DTYPES = {
 }
 
 
-def parse_dtype(dtype) -> torch.dtype:
+def parse_dtype(dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from its name; "auto" is what `pidec.cpu.auto_dtype` picks for `device`
+    (bfloat16 where it is multiplied in hardware, float32 elsewhere)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return auto_dtype(device)
     if dtype not in DTYPES:
-        raise InputError(f"unknown dtype {dtype!r}: expected one of float32, bfloat16, float16")
+        raise InputError(f"unknown dtype {dtype!r}: expected one of auto, float32, bfloat16, float16")
     return DTYPES[dtype]
 
 
@@ -356,10 +361,10 @@ def load(
         if accepts(folder):
             return family_load(folder, device, dtype, tokenizer, max_input_length, quantize, compile, pack_weights)
     if lora.is_adapter(folder):  # a LoRA adapter: its base with the deltas merged in, tokenizer from either
-        model = lora.load_merged(folder, device=device, dtype=parse_dtype(dtype), **overrides)
+        model = lora.load_merged(folder, device=device, dtype=parse_dtype(dtype, device), **overrides)
         folder = lora.tokenizer_folder(folder) or folder
     else:
-        model = checkpoint.load_model(folder, device=device, dtype=parse_dtype(dtype), **overrides)
+        model = checkpoint.load_model(folder, device=device, dtype=parse_dtype(dtype, device), **overrides)
     tok_source = tokenizer if tokenizer is not None else folder
     if tokenizer is None and not any(
         (folder / f).exists() for f in ("tokenizer.json", "spiece.model", "tokenizer_config.json")

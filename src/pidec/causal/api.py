@@ -320,7 +320,7 @@ def load(
         raise InputError(str(e)) from None
     folder = checkpoint.resolve(folder)
     overrides = {} if max_input_length is None else {"max_input_length": int(max_input_length)}
-    model = causal_checkpoint.load_model(folder, device=device, dtype=api.parse_dtype(dtype), **overrides)
+    model = causal_checkpoint.load_model(folder, device=device, dtype=api.parse_dtype(dtype, device), **overrides)
     tok_source = tokenizer if tokenizer is not None else folder
     if tokenizer is None and not any(
         (folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")

@@ -2,8 +2,14 @@
 
 Each module of this package registers its commands on the one Typer app of `common`."""
 
-from . import bench, demo, infer, serve, train  # noqa: F401  (registers the commands)
-from . import run  # noqa: F401  (registers `pidec run`)
+from . import (  # noqa: F401  (registers the commands)
+    bench,
+    demo,
+    infer,
+    run,  # noqa: F401  (registers `pidec run`)
+    serve,
+    train,
+)
 from .common import app as app
 from .common import command
 

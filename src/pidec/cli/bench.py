@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Optional
 
 import typer
 
+from ..api import parse_dtype
 from ..bench.causal import ARCHES, format_causal_table, plot_causal_sweep, run_causal_bench, run_causal_sweep
 from ..bench.harness import run_bench, run_memory
 from ..bench.report import format_memory, format_table
 from ..bench.sweep import format_sweep, parse_ks, plot_sweep, run_sweep
 from ..bench.training import format_train_table, run_train_bench
-from .common import NO_PACK_HELP, app, check_quantize, fail
+from .common import Device, Dtype, NoPack, app, check_quantize, fail, input_errors_fail, write_json
 
 
 @app.command()
@@ -29,8 +28,8 @@ def bench(
     ),
     docs: int = typer.Option(2, "--docs", help="documents per configuration"),
     repeats: int = typer.Option(3, "--repeats", help="passes over the documents"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("float32", "--dtype"),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON here"),
@@ -50,7 +49,7 @@ def bench(
     compile_steps: bool = typer.Option(
         False, "--compile", help="the float pidec configurations decode through torch.compile"
     ),
-    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+    no_pack: NoPack = False,
     arch: Optional[str] = typer.Option(
         None, "--arch", help=f"a decoder-only shape instead of T5 ({', '.join(ARCHES)}; random weights, float32)"
     ),
@@ -58,6 +57,8 @@ def bench(
     """Time the configurations side by side on one workload and print a table. More configurations:
     pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ".[ct2]")."""
 
+    if dtype == "auto":  # the bench times one named dtype: what auto means here
+        dtype = str(parse_dtype("auto", device)).removeprefix("torch.")
     names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
     if arch is not None:  # decoder-only models: pidec.bench.causal
         bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out)
@@ -72,7 +73,7 @@ def bench(
         fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
     if train_mode and (quantize or memory_budget):
         fail("--train times training steps: --quantize and --memory-budget apply to decoding")
-    try:
+    with input_errors_fail():
         if sweep_k:
             sweep = run_sweep(
                 parse_ks(sweep_k),
@@ -119,8 +120,6 @@ def bench(
                 pack=not no_pack,
             )
             _emit(format_table(result), result, json_out)
-    except ValueError as e:
-        fail(str(e))
 
 
 def _sweep_progress(k: int, result: dict) -> None:
@@ -130,15 +129,12 @@ def _sweep_progress(k: int, result: dict) -> None:
 def _emit(table: str, result: dict, json_out: Optional[str], say: bool = True) -> None:
     """Print the table; with --json, write the result there too (and say so when `say`)."""
     typer.echo(table)
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-        if say:
-            typer.echo(f"wrote {json_out}")
+    write_json(json_out, result, say)
 
 
 def bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out) -> None:
     """`pidec bench --arch NAME`: the decoder-only configurations (see pidec.bench.causal)."""
-    try:
+    with input_errors_fail():
         if sweep_k:
             result = run_causal_sweep(
                 parse_ks(sweep_k),
@@ -155,11 +151,7 @@ def bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, p
         else:
             result = run_causal_bench(arch, workload, names, docs=docs, repeats=repeats, seed=seed, threads=threads)
             typer.echo(format_causal_table(result))
-    except ValueError as e:
-        fail(str(e))
-    if json_out:
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
-        typer.echo(f"wrote {json_out}")
+    write_json(json_out, result)
     if plot and sweep_k:
         plot_causal_sweep(result, plot)
         typer.echo(f"wrote {plot}")

@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from ..errors import InputError
-from ..quantize import QuantizeError, check_method
+from ..quantize import check_method
 
 try:  # typer >= 0.24 carries its own copy of click
     from typer._click.exceptions import NoArgsIsHelpError, UsageError
@@ -55,10 +55,8 @@ NO_PACK_HELP = "plain BLAS linear layers on the CPU (less memory) instead of one
 
 def check_quantize(value: Optional[str]) -> Optional[str]:
     """--quantize is checked before anything is loaded."""
-    try:
+    with input_errors_fail():
         return check_method(value)
-    except QuantizeError as e:
-        fail(str(e))
 
 
 def read_text(path: str, what: str) -> str:
@@ -110,11 +108,12 @@ def print_json(data) -> None:
     typer.echo(json.dumps(data, ensure_ascii=False))
 
 
-def write_json(path: str | None, data) -> None:
-    """With a path, `data` as indented JSON there, and `wrote PATH` on stderr."""
+def write_json(path: str | None, data, say: bool = True) -> None:
+    """With a path (--json), `data` as indented JSON there, and `wrote PATH` when `say`."""
     if path:
         Path(path).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        typer.echo(f"wrote {path}", err=True)
+        if say:
+            typer.echo(f"wrote {path}")
 
 
 # -- options several commands take ------------------------------------------------------------

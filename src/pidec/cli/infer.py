@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -11,11 +10,23 @@ import typer
 from .. import lora
 from .. import tasks as registry
 from ..api import load, parse_dtype
-from ..checkpoint import CheckpointError
-from ..errors import InputError
 from ..evaluate import evaluate, write
 from ..layouts import LAYOUTS
-from .common import NO_PACK_HELP, app, check_quantize, fail, read_prompts_file, read_text
+from .common import (
+    Compile,
+    Device,
+    Dtype,
+    Layout,
+    NoPack,
+    Quantize,
+    Tokenizer,
+    app,
+    fail,
+    input_errors_fail,
+    print_json,
+    read_prompts_file,
+    read_text,
+)
 
 
 @app.command()
@@ -24,20 +35,16 @@ def generate(
     document: str = typer.Option(..., "--document", help="file holding the document, or - for stdin"),
     prompt: Optional[list[str]] = typer.Option(None, "--prompt", help="a subtask prompt (repeatable)"),
     prompts_file: Optional[str] = typer.Option(None, "--prompts-file", help="one prompt a line, or a JSON list"),
-    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
+    layout: Layout = "pid",
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     num_beams: int = typer.Option(1, "--num-beams"),
     truncate: Optional[str] = typer.Option(None, "--truncate", help="left | right: cut a too-long document"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    quantize: Optional[str] = typer.Option(
-        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=check_quantize
-    ),
-    compile_steps: bool = typer.Option(
-        False, "--compile", help="decoding steps through torch.compile (slow start, faster steps)"
-    ),
-    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+    tokenizer: Tokenizer = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    quantize: Quantize = None,
+    compile_steps: Compile = False,
+    no_pack: NoPack = False,
 ) -> None:
     """Answer every prompt about one document; prints {"outputs": [...], "timings": {...}}."""
 
@@ -51,7 +58,7 @@ def generate(
     if not prompts:
         fail("no prompts: give --prompt P (repeatable) or --prompts-file F")
     text = read_text(document, "document")
-    try:
+    with input_errors_fail():
         m = load(
             model,
             device=device,
@@ -70,10 +77,8 @@ def generate(
             truncate=truncate,
             return_details=True,
         )
-    except (InputError, CheckpointError) as e:
-        fail(str(e))
     out = result.to_dict()
-    typer.echo(json.dumps(out, ensure_ascii=False))
+    print_json(out)
 
 
 @app.command("export")
@@ -98,10 +103,8 @@ def export_checkpoint(
         fail(f"{checkpoint_dir} is a LoRA adapter: a LoRA checkpoint must be merged into its base, pass --merge-lora")
     if merge_lora and not adapter:
         fail(f"--merge-lora: {checkpoint_dir} is not a LoRA adapter folder (no adapter_config.json, or a config.json)")
-    try:
+    with input_errors_fail():
         written = lora.export(checkpoint_dir, out, dtype=None if dtype is None else parse_dtype(dtype))
-    except (InputError, CheckpointError, ValueError) as e:
-        fail(str(e))
     typer.echo(f"wrote {written}")
 
 
@@ -120,7 +123,7 @@ def list_tasks() -> None:
 def eval_task(
     task: str = typer.Option(..., "--task", help="a task from `pidec tasks`"),
     model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
-    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
+    layout: Layout = "pid",
     split: str = typer.Option("test", "--split"),
     limit: Optional[int] = typer.Option(None, "--limit", help="the first N examples of the split"),
     data: Optional[str] = typer.Option(None, "--data", help="the task's data folder or file (default: its own)"),
@@ -129,13 +132,11 @@ def eval_task(
     num_beams: int = typer.Option(1, "--num-beams"),
     batch_size: int = typer.Option(8, "--batch-size", help="documents decoded together"),
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="encoder limit (default: model's)"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    quantize: Optional[str] = typer.Option(
-        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=check_quantize
-    ),
-    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+    tokenizer: Tokenizer = None,
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    quantize: Quantize = None,
+    no_pack: NoPack = False,
 ) -> None:
     """Score a model on a task's split; prints {"metrics": ..., "speed": ...} and, with --out,
     writes TASK-SPLIT-LAYOUT.metrics.json and .predictions.jsonl."""
@@ -145,7 +146,7 @@ def eval_task(
     for name, value in (("--limit", limit), ("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size)):
         if value is not None and value < 1:
             fail(f"{name} must be >= 1, got {value}")
-    try:
+    with input_errors_fail():
         spec = registry.get(task)
         known = tuple(spec.splits) + tuple(getattr(spec, "split_aliases", {}))
         if split not in known and not (data is not None and Path(data).is_dir()):
@@ -162,9 +163,7 @@ def eval_task(
             pack_weights=False if no_pack else None,
         )
         result = evaluate(m, spec, examples, layout, max_new_tokens, num_beams, batch_size)
-    except (InputError, CheckpointError, ValueError) as e:
-        fail(str(e))
     summary = result.summary() | {"split": split}
     if out:
         summary["wrote"] = [str(p) for p in write(result, out, f"{task}-{split}-{layout}")]
-    typer.echo(json.dumps(summary, ensure_ascii=False))
+    print_json(summary)

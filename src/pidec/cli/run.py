@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import Optional
 
@@ -13,9 +12,7 @@ from ..bulk import ray as bulk_ray
 from ..bulk import runner
 from ..bulk.extract import Options
 from ..bulk.workers import ModelSpec
-from ..checkpoint import CheckpointError
-from ..errors import InputError
-from .common import app, check_quantize, fail
+from .common import Dtype, Layout, Quantize, Tokenizer, app, fail, input_errors_fail, print_json
 
 ENGINES = ("local", "ray")
 
@@ -37,18 +34,16 @@ def run_corpus(
     ),
     id_field: str = typer.Option("id", "--id-field", help="the record's id column"),
     document_field: str = typer.Option("document", "--document-field", help="the record's document column"),
-    layout: str = typer.Option("pid", "--layout", help="pid | pie | seq"),
+    layout: Layout = "pid",
     num_beams: int = typer.Option(1, "--num-beams", help="default for fields without their own"),
     max_new_tokens: int = typer.Option(32, "--max-new-tokens", help="default for fields without their own"),
     truncate: Optional[str] = typer.Option(None, "--truncate", help="left | right: cut a too-long document (counted)"),
-    quantize: Optional[str] = typer.Option(
-        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=check_quantize
-    ),
+    quantize: Quantize = None,
     device: str = typer.Option(
         "cpu", "--device", help="cpu, cuda, cuda:N (with --workers N and cuda: one device each)"
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
+    dtype: Dtype = "float32",
+    tokenizer: Tokenizer = None,
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="encoder limit (default: model's)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N records of the input"),
     batch_tokens: int = typer.Option(8192, "--batch-tokens", help="padded document tokens decoded together"),
@@ -85,7 +80,7 @@ def run_corpus(
         fail("--ray-address, --actors, --actor-cpus and --actor-gpus go with --engine ray")
     if engine == "ray" and (workers != 1 or resume):
         fail("--engine ray: give --actors N instead of --workers; --resume is for the local engine")
-    try:
+    with input_errors_fail():
         questions = bulk_fields.questions(fields_file, list(prompt or []))
         options = Options(layout, num_beams, max_new_tokens, truncate, id_field, document_field, batch_tokens)
         spec = ModelSpec(model, device, dtype, quantize, tokenizer, max_input_length)
@@ -126,9 +121,7 @@ def run_corpus(
                 log_every=log_every,
                 json_summary=json_summary,
             )
-    except (InputError, CheckpointError) as e:
-        fail(str(e))
     if progress != "off":
         typer.echo(runner.describe(result), err=True)
-    typer.echo(json.dumps(result, ensure_ascii=False))
+    print_json(result)
     sys.stdout.flush()

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..api import Model, load
 from ..bench.loadtest import format_report, run_loadtest
-from ..checkpoint import CheckpointError
-from ..errors import InputError
 from ..serving import allocator
 from ..serving.app import ServeSettings, run_server
-from .common import NO_PACK_HELP, app, check_quantize, fail
+from .common import Device, Dtype, NoPack, Quantize, Tokenizer, app, fail, input_errors_fail, write_json
 
 
 @app.command()
@@ -25,12 +21,10 @@ def serve(
     model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind: loopback unless told otherwise"),
     port: int = typer.Option(8000, "--port", help="0 picks a free port"),
-    device: str = typer.Option("cpu", "--device"),
-    dtype: str = typer.Option("float32", "--dtype", help="float32 | bfloat16 | float16"),
-    quantize: Optional[str] = typer.Option(
-        None, "--quantize", help="int8: int8 weights and activations in the linear layers", callback=check_quantize
-    ),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="tokenizer folder if the checkpoint has none"),
+    device: Device = "cpu",
+    dtype: Dtype = "float32",
+    quantize: Quantize = None,
+    tokenizer: Tokenizer = None,
     api_key: Optional[str] = typer.Option(
         None, "--api-key", envvar="PIDEC_API_KEY", help="require 'Authorization: Bearer KEY' (prefer PIDEC_API_KEY)"
     ),
@@ -77,7 +71,7 @@ def serve(
     quiet: bool = typer.Option(False, "--quiet", help="no access line per request"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
-    no_pack: bool = typer.Option(False, "--no-pack", help=NO_PACK_HELP),
+    no_pack: NoPack = False,
 ) -> None:
     """HTTP service: POST /v1/generate batches concurrent requests into shared-cache decoding;
     GET /healthz, /readyz, /metrics. On SIGTERM it stops accepting, finishes what it holds, exits."""
@@ -119,7 +113,7 @@ def serve(
         if threads < 1:
             fail(f"--threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
-    try:
+    with input_errors_fail():
         m = load(
             model,
             device=device,
@@ -131,8 +125,6 @@ def serve(
         if not isinstance(m, Model):
             fail(f"{model}: decoder-only checkpoints are not served yet; use pidec generate or the Python API")
         settings.checked(m)
-    except (InputError, CheckpointError, ValueError) as e:
-        fail(str(e))
     run_server(m, settings, host=host, port=port, log_level=log_level, quiet=quiet, source=model)
     # Stopped gracefully: everything held was answered, nothing is left to write. Skip the
     # interpreter's teardown of torch and the model, which takes seconds on a busy machine and
@@ -158,7 +150,7 @@ def loadtest(
     """Load a running service for --duration seconds; print requests/s, documents/s, latency
     p50/p95/p99 and errors by kind."""
 
-    try:
+    with input_errors_fail():
         report = run_loadtest(
             url,
             concurrency=concurrency,
@@ -169,9 +161,5 @@ def loadtest(
             seed=seed,
             timeout_s=timeout,
         )
-    except ValueError as e:
-        fail(str(e))
     typer.echo(format_report(report))
-    if json_out:
-        Path(json_out).write_text(json.dumps(report, indent=2) + "\n")
-        typer.echo(f"wrote {json_out}")
+    write_json(json_out, report)

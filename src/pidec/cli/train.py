@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import typing
 from typing import Annotated, Any, Callable, Optional
 
 import typer
 
 from .. import training
-from ..checkpoint import CheckpointError
-from ..data import DataError
 from ..training.compare import (
     COMPARE_DEFAULTS,
     COMPARE_HELP,
@@ -26,7 +23,7 @@ from ..training.compare import (
     run_comparison,
 )
 from ..training.config import PANELS, TrainConfig
-from .common import app, fail
+from .common import app, fail, input_errors_fail, print_json
 
 
 def option_parameter(
@@ -117,7 +114,7 @@ RESUME = inspect.Parameter(
     "Train a T5 in the pid, pie or seq layout (run under `accelerate launch` for data parallel).",
 )
 def train(ctx: typer.Context, **options) -> None:
-    try:
+    with input_errors_fail():
         if options["resume"] is not None:
             flags = {p.name: p.opts[0] for p in ctx.command.params}
             given = [
@@ -132,10 +129,8 @@ def train(ctx: typer.Context, **options) -> None:
             if options["output"] is None:
                 fail("--output DIR is required (or --resume DIR)")
             result = training.train(build_config(TrainConfig, options))
-    except (DataError, CheckpointError, ValueError) as e:
-        fail(str(e))
     if result.get("rank", 0) == 0:
-        typer.echo(json.dumps(result))
+        print_json(result)
 
 
 @command(
@@ -149,7 +144,7 @@ def train(ctx: typer.Context, **options) -> None:
     "Train seq, pie and pid on the same budget (steps x tokens per step) and compare metric and speed.",
 )
 def compare(ctx: typer.Context, **options) -> None:
-    try:
+    with input_errors_fail():
         names = parse_layouts(options["layouts"])
         train_values = {k: v for k, v in options.items() if k in COMPARE_TRAIN_FIELDS}
         # checked as a pid/pie run where there is one: their subtask sampling is left out for seq
@@ -164,6 +159,4 @@ def compare(ctx: typer.Context, **options) -> None:
             eval_batch_size=settings.eval_batch_size,
             max_new_tokens=settings.max_new_tokens,
         )
-    except (DataError, CheckpointError, ValueError) as e:
-        fail(str(e))
     typer.echo(format_results(result))
