@@ -25,6 +25,7 @@ import transformers
 from torch import nn
 
 from pidec.checkpoint import state_dict_to_model
+from pidec.generate import Row
 from pidec.model import T5, T5Config
 
 transformers.logging.set_verbosity_error()
@@ -197,3 +198,31 @@ def padded_batch(seqs: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, t
         ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = True
     return ids, mask
+
+
+# -- ragged documents and rows for the decoding tests -------------------------------------------
+
+DOC_LENGTHS = [40, 17, 6]
+# (document, prompt length, max_new_tokens): 1-4 rows per document, prompts of 0-5 tokens, 1-12 new tokens
+LAYOUT = [
+    (0, 0, 12),
+    (0, 3, 1),
+    (0, 5, 9),
+    (1, 2, 12),
+    (2, 1, 7),
+    (2, 4, 12),
+    (2, 0, 3),
+    (2, 5, 10),
+]
+
+
+def random_docs(vocab: int, seed: int, lengths=DOC_LENGTHS) -> list[list[int]]:
+    """Documents of random tokens, one per length (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    return [random_tokens(g, n, vocab) for n in lengths]
+
+
+def random_rows(vocab: int, seed: int, layout=LAYOUT) -> list[Row]:
+    """Decoder rows over `random_docs`: [decoder start] + a random prompt, per `layout` entry."""
+    g = torch.Generator().manual_seed(seed)
+    return [Row(d, [0] + random_tokens(g, p, vocab), n) for d, p, n in layout]

@@ -42,7 +42,7 @@ def test_answers_match_model_generate_in_input_order(ckpt, tmp_path):
     budgets = [f.get("max_new_tokens", 4) for f in FIELDS]
     for row, rec in zip(rows, out):
         want = model.generate(row["document"], prompts, max_new_tokens=budgets, return_details=True)
-        assert rec["answers"] == dict(zip([f["name"] for f in FIELDS], want.outputs[0]))
+        assert rec["answers"] == dict(zip([f["name"] for f in FIELDS], want.outputs))
         assert rec["usage"]["output_tokens"] == want.usage["output_tokens"]
         assert rec["usage"]["prompt_tokens"] == want.usage["prompt_tokens"]
         assert rec["usage"]["document_tokens"] == want.usage["document_tokens"]

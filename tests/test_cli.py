@@ -116,7 +116,7 @@ def _err(args, input=None):
 def test_generate_bad_input_is_one_clear_line(folder, doc_file, tmp_path):
     base = ["generate", "--model", str(folder), "--document", str(doc_file)]
     assert "no prompts" in _err(base)
-    assert "unknown layout 'x'" in _err(base + ["--prompt", "a", "--layout", "x"])
+    assert "'x' is not one of 'pid', 'pie', 'seq'" in _err(base + ["--prompt", "a", "--layout", "x"])
     assert "max_new_tokens must be an integer >= 1" in _err(base + ["--prompt", "a", "--max-new-tokens", "0"])
     assert "prompt 0 is empty or whitespace" in _err(base + ["--prompt", "   "])
     assert "not found" in _err(

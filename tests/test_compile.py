@@ -15,7 +15,7 @@ import torch
 from pidec.generate import compile_steps, decode, encode, is_compiled
 from pidec.session import DecodeSession
 
-from .test_generate import _docs, _rows
+from .conftest import random_docs, random_rows
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +32,8 @@ def pair(tmp_path_factory):
 def test_compiled_steps_give_the_same_greedy_tokens(pair):
     v, eager, compiled = pair
     assert is_compiled(compiled) and not is_compiled(eager)
-    docs = _docs(v.vocab, seed=130)
-    rows = _rows(v.vocab, seed=230)  # 3 documents, ragged prompts, budgets 1-12: rows leave at different steps
+    docs = random_docs(v.vocab, seed=130)
+    rows = random_rows(v.vocab, seed=230)  # 3 documents, ragged prompts, budgets 1-12: rows leave at different steps
     cross = encode(eager, docs)
     want = decode(eager, cross, rows)
     got = decode(compiled, cross, rows)
@@ -48,8 +48,8 @@ def test_compiled_steps_give_the_same_greedy_tokens(pair):
 @pytest.mark.slow
 def test_compiled_session_steps_give_the_same_tokens(pair):
     v, eager, compiled = pair
-    docs = _docs(v.vocab, seed=132)
-    rows = _rows(v.vocab, seed=232)
+    docs = random_docs(v.vocab, seed=132)
+    rows = random_rows(v.vocab, seed=232)
     cross = encode(eager, docs)
     want = decode(eager, cross, rows).tokens
     session = DecodeSession(compiled)

@@ -15,30 +15,7 @@ import torch
 import pidec.generate as gen_mod
 from pidec.generate import Decoded, Row, decode, encode
 
-from .conftest import EOS, random_tokens
-
-DOC_LENGTHS = [40, 17, 6]
-# (document, prompt length, max_new_tokens): 1-4 rows per document, prompts of 0-5 tokens, 1-12 new tokens
-LAYOUT = [
-    (0, 0, 12),
-    (0, 3, 1),
-    (0, 5, 9),
-    (1, 2, 12),
-    (2, 1, 7),
-    (2, 4, 12),
-    (2, 0, 3),
-    (2, 5, 10),
-]
-
-
-def _docs(vocab: int, seed: int, lengths=DOC_LENGTHS) -> list[list[int]]:
-    g = torch.Generator().manual_seed(seed)
-    return [random_tokens(g, n, vocab) for n in lengths]
-
-
-def _rows(vocab: int, seed: int, layout=LAYOUT) -> list[Row]:
-    g = torch.Generator().manual_seed(seed)
-    return [Row(d, [0] + random_tokens(g, p, vocab), n) for d, p, n in layout]
+from .conftest import DOC_LENGTHS, EOS, random_docs, random_rows, random_tokens
 
 
 def hf_generate(v, doc: list[int], row: Row, num_beams: int = 1, **kw) -> tuple[list[int], bool, float | None]:
@@ -84,8 +61,8 @@ def _assert_coverage(rows, ref):
 
 def test_greedy_matches_transformers(variant):
     model = variant.pid64()
-    docs = _docs(variant.vocab, seed=102)
-    rows = _rows(variant.vocab, seed=202)
+    docs = random_docs(variant.vocab, seed=102)
+    rows = random_rows(variant.vocab, seed=202)
     got = decode(model, encode(model, docs), rows)
     ref = hf_reference(variant, docs, rows)
     assert isinstance(got, Decoded) and got.scores is None
@@ -98,8 +75,8 @@ def test_greedy_matches_transformers(variant):
 @pytest.mark.parametrize("num_beams", [2, 4])
 def test_beam_matches_transformers(variant, num_beams):
     model = variant.pid64()
-    docs = _docs(variant.vocab, seed=101)
-    rows = _rows(variant.vocab, seed=201)
+    docs = random_docs(variant.vocab, seed=101)
+    rows = random_rows(variant.vocab, seed=201)
     got = decode(model, encode(model, docs), rows, num_beams=num_beams)
     ref = hf_reference(variant, docs, rows, num_beams=num_beams)
     assert got.tokens == [t for t, _, _ in ref]
@@ -113,8 +90,8 @@ def test_beam_matches_transformers(variant, num_beams):
 def test_beam_options_match_transformers(v11, mt5, num_beams, length_penalty, early_stopping):
     for v in (v11, mt5):
         model = v.pid64()
-        docs = _docs(v.vocab, seed=114)
-        rows = _rows(v.vocab, seed=214)
+        docs = random_docs(v.vocab, seed=114)
+        rows = random_rows(v.vocab, seed=214)
         got = decode(
             model,
             encode(model, docs),
@@ -147,8 +124,8 @@ def test_pad_and_eos_ids_inside_documents_and_prompts(variant):
 
 def test_greedy_float32_matches_transformers(t5):
     """The float32 path too (the one benchmarks use)."""
-    docs = _docs(t5.vocab, seed=100)
-    rows = _rows(t5.vocab, seed=200)
+    docs = random_docs(t5.vocab, seed=100)
+    rows = random_rows(t5.vocab, seed=200)
     got = decode(t5.pid, encode(t5.pid, docs), rows)
     ref = hf_reference(t5, docs, rows)
     assert got.tokens == [t for t, _, _ in ref]
@@ -157,8 +134,8 @@ def test_greedy_float32_matches_transformers(t5):
 def test_rows_for_some_documents_only(v11):
     """Encoded documents without rows are fine (and row doc indices keep their meaning)."""
     model = v11.pid64()
-    docs = _docs(v11.vocab, seed=103)
-    rows = [r for r in _rows(v11.vocab, seed=203) if r.doc == 2]
+    docs = random_docs(v11.vocab, seed=103)
+    rows = [r for r in random_rows(v11.vocab, seed=203) if r.doc == 2]
     got = decode(model, encode(model, docs), rows)
     assert got.tokens == [t for t, _, _ in hf_reference(v11, docs, rows)]
 
@@ -166,8 +143,8 @@ def test_rows_for_some_documents_only(v11):
 def test_custom_eos_token(mt5):
     """eos_token_id given explicitly: that id ends a row, the model's EOS is an ordinary token."""
     model = mt5.pid64()
-    docs = _docs(mt5.vocab, seed=104)
-    rows = _rows(mt5.vocab, seed=204)
+    docs = random_docs(mt5.vocab, seed=104)
+    rows = random_rows(mt5.vocab, seed=204)
     default = decode(model, encode(model, docs), rows)
     # pick, as the custom EOS, a token the default run generates somewhere in the middle of a row
     candidates = [t[1] for t in default.tokens if len(t) > 2]
@@ -189,8 +166,8 @@ def _generated_lengths(tokens, rows, eos=EOS):
 
 def test_compaction_changes_cost_not_tokens_greedy(variant):
     model = variant.pid64()
-    docs = _docs(variant.vocab, seed=105)
-    rows = _rows(variant.vocab, seed=205)
+    docs = random_docs(variant.vocab, seed=105)
+    rows = random_rows(variant.vocab, seed=205)
     cross = encode(model, docs)
     on = decode(model, cross, rows, compaction=True)
     off = decode(model, cross, rows, compaction=False)
@@ -208,8 +185,8 @@ def test_compaction_changes_cost_not_tokens_greedy(variant):
 @pytest.mark.parametrize("num_beams", [2, 3])
 def test_compaction_changes_cost_not_tokens_beam(variant, num_beams):
     model = variant.pid64()
-    docs = _docs(variant.vocab, seed=106)
-    rows = _rows(variant.vocab, seed=206)
+    docs = random_docs(variant.vocab, seed=106)
+    rows = random_rows(variant.vocab, seed=206)
     cross = encode(model, docs)
     on = decode(model, cross, rows, num_beams=num_beams, compaction=True)
     off = decode(model, cross, rows, num_beams=num_beams, compaction=False)
@@ -226,8 +203,8 @@ def test_compaction_changes_cost_not_tokens_beam(variant, num_beams):
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_rows_out_of_document_order_come_back_in_caller_order(v11, num_beams):
     model = v11.pid64()
-    docs = _docs(v11.vocab, seed=107)
-    rows = _rows(v11.vocab, seed=207)
+    docs = random_docs(v11.vocab, seed=107)
+    rows = random_rows(v11.vocab, seed=207)
     shuffled_index = [5, 0, 3, 7, 1, 4, 2, 6]
     shuffled = [rows[i] for i in shuffled_index]
     assert [r.doc for r in shuffled] != sorted(r.doc for r in shuffled)
@@ -246,8 +223,8 @@ def test_rows_out_of_document_order_come_back_in_caller_order(v11, num_beams):
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_eos_none_runs_every_row_to_max_new_tokens(variant, num_beams):
     model = variant.pid64()
-    docs = _docs(variant.vocab, seed=108)
-    rows = _rows(variant.vocab, seed=208)
+    docs = random_docs(variant.vocab, seed=108)
+    rows = random_rows(variant.vocab, seed=208)
     cross = encode(model, docs)
     full = decode(model, cross, rows, num_beams=num_beams, eos_token_id=None)
     assert [len(t) for t in full.tokens] == [r.max_new_tokens for r in rows]
@@ -271,7 +248,7 @@ def test_eos_none_runs_every_row_to_max_new_tokens(variant, num_beams):
 
 def test_cross_cache_is_one_copy_per_document(t5):
     model = t5.pid
-    docs = _docs(t5.vocab, seed=109)
+    docs = random_docs(t5.vocab, seed=109)
     cross = encode(model, docs)
     cfg = model.config
     assert len(cross.k) == len(cross.v) == 3  # one per decoder layer
@@ -294,8 +271,8 @@ def test_cross_cache_is_one_copy_per_document(t5):
 def test_cross_cache_is_reusable(v11):
     """decode does not modify the documents' cache: encode once, decode many times."""
     model = v11.pid64()
-    docs = _docs(v11.vocab, seed=110)
-    rows = _rows(v11.vocab, seed=210)
+    docs = random_docs(v11.vocab, seed=110)
+    rows = random_rows(v11.vocab, seed=210)
     cross = encode(model, docs)
     k0 = [k.clone() for k in cross.k]
     first = decode(model, cross, rows)
@@ -310,7 +287,7 @@ def test_cross_cache_is_reusable(v11):
 def test_finished_documents_are_dropped_without_changing_outputs(variant, num_beams, monkeypatch):
     model = variant.pid64()
     lengths = [33, 5, 21, 40, 9, 14, 2, 27]
-    docs = _docs(variant.vocab, seed=111, lengths=lengths)
+    docs = random_docs(variant.vocab, seed=111, lengths=lengths)
     max_new = [1, 12, 2, 20, 1, 3, 16, 1]
     g = torch.Generator().manual_seed(211)
     rows = []
@@ -349,7 +326,7 @@ def test_finished_documents_are_dropped_without_changing_outputs(variant, num_be
 def test_one_long_document_among_finished_ones_matches_transformers(mt5):
     """After dropping, the remaining rows must still read their own document's cache."""
     model = mt5.pid64()
-    docs = _docs(mt5.vocab, seed=112, lengths=[12, 30, 7, 40, 19])
+    docs = random_docs(mt5.vocab, seed=112, lengths=[12, 30, 7, 40, 19])
     rows = [
         Row(0, [0], 1),
         Row(1, [0, 4], 1),
@@ -369,7 +346,7 @@ def test_one_long_document_among_finished_ones_matches_transformers(mt5):
 
 def test_bad_input(t5):
     model = t5.pid
-    cross = encode(model, _docs(t5.vocab, seed=113))
+    cross = encode(model, random_docs(t5.vocab, seed=113))
     ok = Row(0, [0, 5], 3)
     with pytest.raises(ValueError, match=r"row 1: max_new_tokens must be >= 1, got 0"):
         decode(model, cross, [ok, Row(1, [0], 0)])
@@ -403,8 +380,8 @@ def test_unwritten_cache_slots_never_reach_outputs(variant, monkeypatch, num_bea
     from pidec.model import KVCache
 
     model = variant.pid64()
-    docs = _docs(variant.vocab, seed=108)
-    rows = _rows(variant.vocab, seed=208)
+    docs = random_docs(variant.vocab, seed=108)
+    rows = random_rows(variant.vocab, seed=208)
     assert len({len(r.prefix) for r in rows}) > 1  # ragged prompts, so some slots stay unwritten
     cross = encode(model, docs)
     clean = decode(model, cross, rows, num_beams=num_beams)
@@ -423,8 +400,8 @@ def test_unwritten_cache_slots_never_reach_outputs(variant, monkeypatch, num_bea
 def test_prefill_packs_long_documents_into_several_segments(variant, monkeypatch):
     """More prompt tokens than one packed segment holds: outputs do not depend on the packing."""
     model = variant.pid64()
-    docs = _docs(variant.vocab, seed=109)
-    rows = _rows(variant.vocab, seed=209)
+    docs = random_docs(variant.vocab, seed=109)
+    rows = random_rows(variant.vocab, seed=209)
     cross = encode(model, docs)
     one_segment_each = decode(model, cross, rows)
     monkeypatch.setattr(gen_mod, "PACK_TOKENS", 3)  # a segment per row (or two rows when short)

@@ -17,8 +17,8 @@ from pidec import packing
 from pidec.generate import compile_steps, decode, encode
 from pidec.packing import Linear
 
+from .conftest import random_docs, random_rows
 from .shared_data import tiny_checkpoint
-from .test_generate import _docs, _rows
 
 pytestmark = pytest.mark.skipif(not packing.available(), reason="torch without oneDNN (torch.backends.mkldnn)")
 
@@ -66,8 +66,8 @@ def test_packed_path_is_really_taken(pair, monkeypatch):
 
 def test_packed_greedy_decoding_gives_the_same_tokens(pair):
     v, plain, packed = pair
-    docs = _docs(v.vocab, seed=140)
-    rows = _rows(v.vocab, seed=240)
+    docs = random_docs(v.vocab, seed=140)
+    rows = random_rows(v.vocab, seed=240)
     with torch.inference_mode():
         want = decode(plain, encode(plain, docs), rows).tokens
         got = decode(packed, encode(packed, docs), rows).tokens

@@ -81,10 +81,10 @@ def test_eval_jsonl_pie(folder, tmp_path):
     "args, message",
     [
         (["--task", "squad"], "unknown task 'squad'"),
-        (["--task", "multiwoz", "--split", "eval"], "unknown split 'eval'"),
+        (["--task", "multiwoz", "--split", "eval"], "--split 'eval': task multiwoz has the splits train, dev, test"),
         (["--task", "multiwoz", "--data", "/nowhere/multiwoz"], "data path /nowhere/multiwoz not found"),
         (["--task", "jsonl"], "no default data path"),
-        (["--task", "multiwoz", "--layout", "both"], "unknown layout 'both'"),
+        (["--task", "multiwoz", "--layout", "both"], "'both' is not one of 'pid', 'pie', 'seq'"),
         (["--task", "multiwoz", "--limit", "0"], "--limit must be >= 1"),
     ],
 )
