@@ -53,3 +53,16 @@ def test_cli_demo_says_where_it_writes_and_shows_progress_off_a_terminal(tmp_pat
     assert err.splitlines()[0] == f"pidec demo: writing data, tokenizer, model, table and plot into {out}/"
     assert "[3/4] training" in err and "[4/4] decoding" in err
     assert "joint accuracy" in result.stdout
+
+
+def test_tokenizer_training_prints_nothing_on_a_redirected_stdout(tmp_path):
+    import subprocess
+    import sys
+
+    code = (
+        "from pathlib import Path; from pidec.tasks import booking; from pidec.demo.run import build_tokenizer; "
+        f"build_tokenizer(booking.make_splits(100, 2, 0)[0], Path({str(tmp_path / 'tok')!r}), vocab_size=400)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == ""  # the demo's table is the only thing it prints on stdout

@@ -53,6 +53,7 @@ def build_tokenizer(examples, folder: Path, vocab_size: int = 1000):
         vocab_size=vocab_size,
         special_tokens=["<pad>", "</s>", "<unk>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,  # its bar prints empty lines when stdout is not a terminal
     )
     texts = [ex.document for ex in examples] + [f"{s.prompt} {s.target}" for ex in examples for s in ex.subtasks]
     tk.train_from_iterator(texts, trainer)
