@@ -28,3 +28,9 @@ def test_main_runs_the_fixed_command(monkeypatch, capsys):
     assert exit_.value.code == 0
     out = capsys.readouterr().out
     assert "--no-pack" in out and "<bool>" not in out
+
+
+def test_generate_help_names_every_key_it_prints():
+    result = CliRunner().invoke(GROUP, ["generate", "--help"], prog_name="pidec", terminal_width=200)
+    for key in ("outputs", "usage", "timings", "truncations"):
+        assert f'"{key}"' in result.output

@@ -46,7 +46,8 @@ def generate(
     compile_steps: Compile = False,
     no_pack: NoPack = False,
 ) -> None:
-    """Answer every prompt about one document; prints {"outputs": [...], "timings": {...}}."""
+    """Answer every prompt about one document; prints {"outputs": [...], "usage": {...}, "timings": {...},
+    "truncations": [...]}."""
 
     if layout not in LAYOUTS:
         fail(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
