@@ -271,7 +271,9 @@ def _merge(x: Tensor) -> Tensor:
     return x.transpose(1, 2).reshape(n, t, h * d)
 
 
-class SelfAttention(nn.Module):
+class Projections(nn.Module):
+    """The q, k, v and o projections of a T5 attention block (the names Hugging Face's weights use)."""
+
     def __init__(self, config: T5Config):
         super().__init__()
         inner = config.inner_dim
@@ -282,6 +284,8 @@ class SelfAttention(nn.Module):
         self.o = Linear(inner, config.d_model)
         self.dropout = config.dropout_rate
 
+
+class SelfAttention(Projections):
     def forward(self, x: Tensor, mask: Tensor | None, cache: KVCache | None = None, layer: int = 0) -> Tensor:
         """x [n, t, d_model]; mask additive, broadcastable to [n, heads, t, L] (bias + padding + causal).
         With a cache, this step's keys/values are written at cache.pos and attention spans [0, pos + t)."""
@@ -368,17 +372,7 @@ class CrossCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-class CrossAttention(nn.Module):
-    def __init__(self, config: T5Config):
-        super().__init__()
-        inner = config.inner_dim
-        self.heads = config.num_heads
-        self.q = Linear(config.d_model, inner)
-        self.k = Linear(config.d_model, inner)
-        self.v = Linear(config.d_model, inner)
-        self.o = Linear(inner, config.d_model)
-        self.dropout = config.dropout_rate
-
+class CrossAttention(Projections):
     def project(self, enc: Tensor) -> tuple[Tensor, Tensor]:
         """encoder output [docs, S, d_model] -> k, v [docs, heads, S, d_kv]; done once per document."""
         return _heads(self.k(enc), self.heads), _heads(self.v(enc), self.heads)
