@@ -201,7 +201,7 @@ class Model:
         """Tokenize the examples into a plan, encode the documents in chunks of at most
         `max_batch_tokens` padded tokens, decode each chunk's rows, detokenize."""
         _check_decoding(num_beams)
-        examples = _check_examples(examples)
+        examples = check_examples(examples)
         t0 = time.perf_counter()
         cfg = self.config
         plan = layouts.build(
@@ -298,14 +298,17 @@ def _check_decoding(num_beams) -> None:
         raise InputError(f"num_beams must be an integer >= 1, got {num_beams!r}")
 
 
-def _check_examples(examples) -> list[tuple[str, list[str]]]:
+def check_examples(examples, encoded: type | None = None) -> list[tuple[str, list[str]]]:
+    """`generate_batch`'s examples as (document, prompts) pairs, refusing anything else by its
+    position; a document already encoded (`encoded`, default EncodedDocument) goes to generate()."""
+    encoded = EncodedDocument if encoded is None else encoded
     if isinstance(examples, tuple) and len(examples) == 2 and isinstance(examples[0], str):
         raise InputError("generate_batch takes a list of (document, prompts) pairs; use generate for one")
     out = []
     for i, ex in enumerate(examples):
         if not isinstance(ex, (tuple, list)) or len(ex) != 2:
             raise InputError(f"example {i}: expected a (document, prompts) pair")
-        if isinstance(ex[0], EncodedDocument):
+        if isinstance(ex[0], encoded):
             raise InputError(f"example {i}: encoded documents go to generate(), one at a time")
         out.append((ex[0], ex[1]))
     return out

@@ -181,7 +181,7 @@ class CausalModel:
             raise InputError("compaction=False is not offered for decoder-only models: rows always leave when done")
         template = self._template(template, options)
         sampling = self._sampling(options)
-        examples = check_examples(examples)
+        examples = api.check_examples(examples, EncodedPrefix)
         t0 = time.perf_counter()
         cfg = self.config
         plan = causal_layouts.build(
@@ -265,19 +265,6 @@ def check_beams(num_beams) -> None:
             f"num_beams={num_beams}: beam search is not implemented for decoder-only models; "
             "use greedy (num_beams=1) or do_sample=True"
         )
-
-
-def check_examples(examples) -> list[tuple[str, list[str]]]:
-    if isinstance(examples, tuple) and len(examples) == 2 and isinstance(examples[0], str):
-        raise InputError("generate_batch takes a list of (document, prompts) pairs; use generate for one")
-    out = []
-    for i, ex in enumerate(examples):
-        if not isinstance(ex, (tuple, list)) or len(ex) != 2:
-            raise InputError(f"example {i}: expected a (document, prompts) pair")
-        if isinstance(ex[0], EncodedPrefix):
-            raise InputError(f"example {i}: encoded documents go to generate(), one at a time")
-        out.append((ex[0], ex[1]))
-    return out
 
 
 def usage(plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> dict:
