@@ -509,13 +509,7 @@ def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str 
             f"(num_layers={config.num_layers}, num_decoder_layers={config.num_decoder_layers}, "
             f"feed_forward_proj={config.feed_forward_proj})"
         )
-    for k, param in expected.items():
-        if tuple(ours[k].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{source}: tensor {ours_to_hf(k)} has shape {tuple(ours[k].shape)}, "
-                f"config.json implies {tuple(param.shape)}"
-            )
-    model.load_state_dict(ours, assign=True, strict=True)
+    assign_checked(model, ours, expected, source, ours_to_hf)
     return model
 
 
@@ -776,3 +770,15 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def assign_checked(model, ours: dict, expected: dict, source: str, name_in_file) -> None:
+    """Put `ours` into a model built on the meta device (its `expected` state dict), after checking
+    every tensor's shape against the config's; a wrong one is named as the file names it."""
+    for k, param in expected.items():
+        if tuple(ours[k].shape) != tuple(param.shape):
+            raise CheckpointError(
+                f"{source}: tensor {name_in_file(k)} has shape {tuple(ours[k].shape)}, "
+                f"config.json implies {tuple(param.shape)}"
+            )
+    model.load_state_dict(ours, assign=True, strict=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..checkpoint import SAFE_WEIGHTS, CheckpointError, read_json, read_state_dict
+from ..checkpoint import SAFE_WEIGHTS, CheckpointError, assign_checked, read_json, read_state_dict
 from .model import CausalConfig, CausalLM, inverse_frequencies
 
 # model_type -> the transformers class that writes it
@@ -254,13 +254,7 @@ def state_dict_to_model(config: CausalConfig, hf_sd: dict[str, Tensor], source: 
             f"{source}: tensor {ours_to_hf(extra[0])} does not fit this config "
             f"(num_hidden_layers={config.num_layers}, model_type={config.model_type})"
         )
-    for k, param in expected.items():
-        if tuple(ours[k].shape) != tuple(param.shape):
-            raise CheckpointError(
-                f"{source}: tensor {ours_to_hf(k)} has shape {tuple(ours[k].shape)}, "
-                f"config.json implies {tuple(param.shape)}"
-            )
-    model.load_state_dict(ours, assign=True, strict=True)
+    assign_checked(model, ours, expected, source, ours_to_hf)
     model.rotary.inv_freq = inverse_frequencies(config)  # a computed buffer, not in the checkpoint
     return model
 
