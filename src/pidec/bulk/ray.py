@@ -15,10 +15,10 @@ record on Ray as with `pidec run`. Rows in, Arrow tables of output records out (
 `run` is `pidec run --engine ray`: `ray.data.read_text` (JSONL, parsed in the actor so a
 malformed line is a counted error record, named by file: Ray does not give line numbers),
 `read_csv` (column types inferred by Arrow) or `read_parquet` -> `extract` -> `write_json` or
-`write_parquet` into an output folder, with the order of records kept. It starts a local Ray
-when none is running and `address` is None, else joins the cluster at `address`. A Ray run
-is not resumable record by record (Ray Data has no checkpoint of a pipeline): a failed run
-is started again with --overwrite.
+a Parquet sink that keeps row order (`parquet_sink`) into an output folder, with the order of
+records kept. It starts a local Ray when none is running and `address` is None, else joins
+the cluster at `address`. A Ray run is not resumable record by record (Ray Data has no
+checkpoint of a pipeline): a failed run is started again with --overwrite.
 
 Ray and pyarrow are imported inside the functions, so pidec imports without the `ray` extra.
 """
@@ -119,7 +119,7 @@ def extract(
     fields: a fields file path, or a list of {name, prompt, max_new_tokens, num_beams}.
     options / option_values: `extract.Options` (layout, num_beams, max_new_tokens, truncate,
     id_field, document_field, batch_tokens). batch_size: rows per actor call."""
-    _import_ray()
+    ray = _import_ray()
     if questions is None and isinstance(fields, (str, Path)):
         questions = make_questions(fields_file=fields)
     elif questions is None:
@@ -141,7 +141,7 @@ def extract(
         fn_constructor_args=(spec, questions, options, on_error),
         batch_size=batch_size,
         batch_format="pyarrow",
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=cpus,
         num_gpus=actor_gpus or None,
     )
@@ -161,6 +161,25 @@ def read(shards) -> object:
     if fmt == "csv":
         return ray.data.read_csv(paths, num_cpus=0)
     return ray.data.read_parquet(paths, num_cpus=0)
+
+
+def parquet_sink(path: str):
+    """A Parquet datasink that keeps row order inside each file. Ray's own `write_parquet`
+    hands a write task's blocks to `pyarrow.dataset.write_dataset` with threads and no
+    `preserve_order`, which can swap them within a file; this sink writes the task's blocks
+    concatenated in order (Ray's block-based file sink does that) with `pyarrow.parquet`."""
+    _import_ray()
+    import pyarrow.parquet as pq
+    from ray.data.datasource import BlockBasedFileDatasink
+
+    class OrderedParquetSink(BlockBasedFileDatasink):
+        def __init__(self, folder: str):
+            super().__init__(folder, file_format="parquet")
+
+        def write_block_to_file(self, block, file):
+            pq.write_table(block.to_arrow(), file)
+
+    return OrderedParquetSink(path)
 
 
 def count_output(folder: Path) -> dict:
@@ -236,7 +255,7 @@ def run(
         )
         try:
             if out_format == "parquet":
-                out.write_parquet(str(output), ray_remote_args={"num_cpus": 0})
+                out.write_datasink(parquet_sink(str(output)), ray_remote_args={"num_cpus": 0})
             else:
                 out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0})
         except Exception as e:
