@@ -44,8 +44,8 @@ from .writers import output_format_of, to_table
 
 INSTALL = "pip install 'pidec[ray]'  (Ray Data and pyarrow)"
 TEXT_COLUMN, PATH_COLUMN = "text", "path"
-# rows per actor call for `run`: small enough that a file of a few hundred records keeps every
-# actor busy, large enough that each call still fills several --batch-tokens batches
+# rows per actor call for `run`: input blocks are bundled up to this many rows per call, so a
+# folder of small shards still reaches every actor; each call still fills several batches
 RUN_BATCH_SIZE = 32
 NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
 
@@ -121,9 +121,9 @@ def extract(
     model: a checkpoint folder every actor can read (shared storage), or a `ModelSpec`.
     fields: a fields file path, or a list of {name, prompt, max_new_tokens, num_beams}.
     options / option_values: `extract.Options` (layout, num_beams, max_new_tokens, truncate,
-    id_field, document_field, batch_tokens). batch_size: rows per actor call; the dataset's
-    blocks are cut to at most this many rows (a streaming repartition), so that a corpus read as
-    a few large blocks is still spread over every actor."""
+    id_field, document_field, batch_tokens). batch_size: rows per actor call (small blocks are
+    bundled up to it; a large block is not split, so a corpus spreads over the actors by its
+    blocks: one file of JSONL is one block, a folder of shards many)."""
     ray = _import_ray()
     if questions is None and isinstance(fields, (str, Path)):
         questions = make_questions(fields_file=fields)
@@ -141,7 +141,7 @@ def extract(
     cpus = actor_cpus if actor_cpus is not None else (0 if actor_gpus else 1)
     if not spec.threads and cpus >= 1:
         spec = replace(spec, threads=int(cpus))
-    return dataset.repartition(target_num_rows_per_block=batch_size).map_batches(
+    return dataset.map_batches(
         Extractor,
         fn_constructor_args=(spec, questions, options, on_error),
         batch_size=batch_size,
