@@ -5,7 +5,9 @@
 The corpus has the dst workload's shape (`pidec.bench.harness.WORKLOADS["dst"]`: 512-token
 documents, 30 slots) drawn with `draw_documents` and written as text through the T5 vocabulary
 (../shared/tokenizers/t5); the model is T5 base with random weights (`build_random_model`),
-saved as a checkpoint folder. Every slot has the same budget (`--max-new-tokens`), so that the
+saved as a checkpoint folder. `pidec run` reads the corpus as a folder of 8 JSONL shards (the
+loop reads the same records from one file): Ray Data spreads a corpus over its actors by input
+blocks, and one file is one block. Every slot has the same budget (`--max-new-tokens`), so that the
 transformers baseline, which takes one budget per call, does the same work.
 
 Configurations, each a fresh process, measured round-robin (`--rounds` times, best kept):
@@ -33,6 +35,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARDS = 8  # `pidec run` reads the corpus as a folder of this many JSONL shards (Ray spreads work by them)
 TOKENIZER = Path(os.environ.get("PIDEC_SHARED", ROOT.parent / "shared")) / "tokenizers" / "t5"
 
 LOOP = """
@@ -104,6 +107,13 @@ def build(
         for i in range(docs):
             d = draws[i % len(draws)]
             f.write(json.dumps({"id": f"doc-{i}", "document": tok.decode(d.document[:-1])}) + "\n")
+    shards = out / f"{corpus.stem}-shards"  # the same records as a sharded corpus, as large ones are
+    shutil.rmtree(shards, ignore_errors=True)
+    shards.mkdir()
+    lines = corpus.read_text().splitlines(keepends=True)
+    per = -(-len(lines) // SHARDS)
+    for k in range(0, len(lines), per):
+        (shards / f"part-{k // per:05d}.jsonl").write_text("".join(lines[k : k + per]))
     fields = out / f"fields-{len(draws[0].prompts)}.json"
     fields.write_text(
         json.dumps([{"name": f"slot_{j}", "prompt": tok.decode(p)} for j, p in enumerate(draws[0].prompts)])
@@ -154,7 +164,8 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ckpt, corpus, fields = build(out, a.size, a.docs)
-    common = ["--model", str(ckpt), "--input", str(corpus), "--fields", str(fields), "--truncate", "right"]
+    sharded = corpus.parent / f"{corpus.stem}-shards"
+    common = ["--model", str(ckpt), "--input", str(sharded), "--fields", str(fields), "--truncate", "right"]
     common += ["--max-new-tokens", str(a.max_new_tokens), "--batch-tokens", str(a.batch_tokens)]
     cores = len(os.sched_getaffinity(0))
     configs = {

@@ -57,7 +57,7 @@ def test_ray_engine_matches_the_single_process_run(local_ray, tmp_path):
     local = runner.run(spec, jsonl, tmp_path / "local.jsonl", q, opts, display="off", window=8)
     want = read_output(tmp_path / "local.jsonl")
 
-    s = bulk_ray.run(spec, jsonl, tmp_path / "ray-out", q, opts, actors=2, actor_cpus=1, batch_size=8)
+    s = bulk_ray.run(spec, jsonl, tmp_path / "ray-out", q, opts, actors=2, actor_cpus=1)
     got = read_output(tmp_path / "ray-out")
     malformed = [r for r in got if r.get("error", {}).get("kind") == "malformed_line"]
     assert len(malformed) == 1 and malformed[0]["error"]["message"].startswith(f"{jsonl}: invalid JSON")
@@ -80,3 +80,15 @@ def test_extract_is_a_ray_dataset_of_output_records(local_ray, tmp_path):
     rows = sorted(out.take_all(), key=lambda r: int(r["id"].split("-")[1]))
     assert [r["id"] for r in rows] == [f"doc-{i}" for i in range(6)]
     assert all(len(r["answers"]) == 1 and r["error"] is None for r in rows)
+
+
+def test_run_cuts_actor_calls_so_a_small_corpus_reaches_every_actor(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    for k in range(3):
+        write_jsonl(folder / f"part-{k}.jsonl", records(10))
+    shards = bulk_ray.find_shards(folder, None)
+    assert bulk_ray.share_per_call(shards, actors=2, limit=None) == 4  # 30 records / (4 x 2 actors), rounded up
+    assert bulk_ray.share_per_call(shards, actors=1, limit=3) == 1
+    big = write_jsonl(tmp_path / "big.jsonl", records(3000))
+    assert bulk_ray.share_per_call(bulk_ray.find_shards(big, None), actors=2, limit=None) == bulk_ray.MAX_BATCH_SIZE

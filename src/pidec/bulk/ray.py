@@ -37,16 +37,14 @@ from .extract import Job, Options, PromptCounter, batches, decode, prepare
 from .fields import Questions
 from .fields import questions as make_questions
 from .progress import add_counts, empty_counts
-from .readers import RawRecord, find_shards, parse_line
+from .readers import RawRecord, count_records, find_shards, parse_line
 from .report import summary
 from .workers import ModelSpec
 from .writers import output_format_of, to_table
 
 INSTALL = "pip install 'pidec[ray]'  (Ray Data and pyarrow)"
 TEXT_COLUMN, PATH_COLUMN = "text", "path"
-# rows per actor call for `run`: input blocks are bundled up to this many rows per call, so a
-# folder of small shards still reaches every actor; each call still fills several batches
-RUN_BATCH_SIZE = 32
+MAX_BATCH_SIZE = 256  # rows per actor call that `run` picks at most
 NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
 
 
@@ -187,6 +185,16 @@ def parquet_sink(path: str):
     return OrderedParquetSink(path)
 
 
+def share_per_call(shards, actors: int, limit: int | None) -> int:
+    """Rows per actor call for `run`: a quarter of each actor's share of the corpus, at most
+    MAX_BATCH_SIZE. Input blocks are bundled up to this many rows per call, so a small corpus in
+    a few shards still reaches every actor, and a large one is cut into calls of MAX_BATCH_SIZE."""
+    total = sum(count_records(s) for s in shards)
+    if limit is not None:
+        total = min(total, limit)
+    return max(1, min(MAX_BATCH_SIZE, -(-total // (4 * actors))))
+
+
 def count_output(folder: Path) -> dict:
     """Counts of an output folder written by `run` (streamed; Parquet reads its error column)."""
     counts = empty_counts()
@@ -221,12 +229,14 @@ def run(
     on_error: str = "continue",
     overwrite: bool = False,
     json_summary=None,
-    batch_size: int = RUN_BATCH_SIZE,
+    batch_size: int | None = None,
 ) -> dict:
     """`pidec run --engine ray`: read -> extract -> write into the folder `output`."""
     ray = _import_ray()
     t0 = time.perf_counter()
     shards = find_shards(input, input_format)
+    if batch_size is None:
+        batch_size = share_per_call(shards, actors, limit)
     out_format = output_format_of(output, output_format)
     output = Path(output)
     if output.suffix.lower() in (".jsonl", ".parquet", ".json"):
