@@ -24,7 +24,7 @@ from pidec.layouts import TrainTokenizer
 from pidec.model import T5, T5Config
 from pidec.training.batching import epoch_batches, select_rows
 from pidec.training.build import lr_lambda, make_optimizer
-from pidec.training.config import TrainConfig
+from pidec.training.config import TASK_ONLY, TrainConfig
 from pidec.training.run_folder import recover
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -602,9 +602,14 @@ def test_train_and_compare_options_come_from_the_config():
     commands = {c.name: typer.main.get_command(app).commands[c.name] for c in app.registered_commands if c.name}
     train_opts = {p.name: p for p in commands["train"].params}
     declared = [f for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]]
-    assert set(train_opts) == {f.name for f in declared} | {"resume"}
+    pretraining = {f.name for f in declared if f.metadata["panel"] == "Pre-training"}
+    assert pretraining == {"text", "text_field", "noise_density", "mean_span_length"}
+    assert set(train_opts) == {f.name for f in declared} - pretraining | {"resume"}
     for f in declared:
-        assert train_opts[f.name].rich_help_panel == f.metadata["panel"]
+        if f.name not in pretraining:
+            assert train_opts[f.name].rich_help_panel == f.metadata["panel"]
+    pretrain_opts = {p.name: p for p in commands["pretrain"].params}  # pretrain: no subtask settings
+    assert set(pretrain_opts) == {f.name for f in declared} - set(TASK_ONLY) | {"resume"}
     compare_opts = {p.name: p for p in commands["compare"].params}
     for name in COMPARE_TRAIN_FIELDS:  # the same defaults in both commands, unless declared otherwise
         want = COMPARE_DEFAULTS.get(name, train_opts[name].default)

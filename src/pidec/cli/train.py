@@ -22,7 +22,7 @@ from ..training.compare import (
     parse_layouts,
     run_comparison,
 )
-from ..training.config import PANELS, TrainConfig
+from ..training.config import PANELS, TASK_ONLY, TrainConfig
 from .common import app, fail, input_errors_fail, print_json
 
 
@@ -108,12 +108,17 @@ RESUME = inspect.Parameter(
 )
 
 
-@command(
-    "train",
-    [*declared_options(TrainConfig), RESUME],
-    "Train a T5 in the pid, pie or seq layout (run under `accelerate launch` for data parallel).",
-)
-def train(ctx: typer.Context, **options) -> None:
+PRETRAIN_ONLY = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("panel") == "Pre-training")
+TRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in PRETRAIN_ONLY]
+PRETRAIN_FIELDS = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in TASK_ONLY]
+PRETRAIN_HELP = {
+    "task": "a registered task whose training documents are the text (instead of --text)",
+    "max_input_length": "encoder length of every example (default: the model's, 512 from scratch)",
+}
+
+
+def train_or_resume(ctx: typer.Context, options: dict, **fixed) -> None:
+    """Start a run from the options (with the `fixed` settings), or continue one (--resume)."""
     with input_errors_fail():
         if options["resume"] is not None:
             flags = {p.name: p.opts[0] for p in ctx.command.params}
@@ -128,9 +133,27 @@ def train(ctx: typer.Context, **options) -> None:
         else:
             if options["output"] is None:
                 fail("--output DIR is required (or --resume DIR)")
-            result = training.train(build_config(TrainConfig, options))
+            result = training.train(build_config(TrainConfig, options, **fixed))
     if result.get("rank", 0) == 0:
         print_json(result)
+
+
+@command(
+    "train",
+    [*declared_options(TrainConfig, TRAIN_FIELDS), RESUME],
+    "Train a T5 in the pid, pie or seq layout (run under `accelerate launch` for data parallel).",
+)
+def train(ctx: typer.Context, **options) -> None:
+    train_or_resume(ctx, options)
+
+
+@command(
+    "pretrain",
+    [*declared_options(TrainConfig, PRETRAIN_FIELDS, helps=PRETRAIN_HELP), RESUME],
+    "Pre-train a T5 with span corruption (T5's own objective) on raw text; `pidec train --model` fine-tunes the result.",
+)
+def pretrain(ctx: typer.Context, **options) -> None:
+    train_or_resume(ctx, options, objective="span_corruption")
 
 
 @command(

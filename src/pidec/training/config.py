@@ -35,7 +35,13 @@ SCRATCH_SHAPE: dict[str, dict[str, int]] = {"tiny": {"num_heads": 8, "d_kv": 16}
 # From a checkpoint: a pretrained model's biases already encode word order.
 FINETUNE: dict[str, Any] = {"lr": 3e-4, "position_lr_scale": 1.0, "position_init_std": None}
 
-PANELS = ("Data", "Model", "Optimisation", "Evaluation", "LoRA", "Output")
+PANELS = ("Data", "Pre-training", "Model", "Optimisation", "Evaluation", "LoRA", "Output")
+OBJECTIVES = ("tasks", "span_corruption")
+# what `pidec pretrain` leaves out of `pidec train`'s options: the settings of subtask examples
+TASK_ONLY = (
+    "layout", "train", "eval", "max_target_tokens", "max_subtasks", "downsample", "seq_instruction", "truncate",
+    "eval_split", "eval_every", "eval_limit", "eval_max_new_tokens", "best_metric", "on_bad",
+)  # fmt: skip
 
 
 def parse_downsample(spec: str | None) -> dict[str, float]:
@@ -121,6 +127,14 @@ class TrainConfig:
         factory=dict,
     )
     seq_instruction: str | None = setting(None, help="seq layout: text put before the document", panel="Data")
+    # -- pre-training (`pidec pretrain`: T5's span corruption on raw text)
+    objective: str = setting("tasks", help="tasks | span_corruption", panel="Pre-training", cli=False)
+    text: str | None = setting(
+        None, help=".txt, .jsonl or .parquet file, or a folder of them", panel="Pre-training", required="or --task"
+    )
+    text_field: str = setting("text", help="the text field of JSONL records or Parquet rows", panel="Pre-training")
+    noise_density: float = setting(0.15, help="fraction of the tokens masked", panel="Pre-training")
+    mean_span_length: float = setting(3.0, help="mean length of a masked span", panel="Pre-training")
     # -- model
     model: str | None = setting(
         None, help="checkpoint folder (or hub id) to start from", panel="Model", required="or --size"
@@ -255,9 +269,18 @@ def _check_sources(cfg: TrainConfig) -> None:
     shape = [n for n in SHAPE_FIELDS if getattr(cfg, n) is not None]
     if cfg.model is not None and shape:
         _bad(shape[0], "sets the shape of a model built from scratch (--size); a checkpoint has its own")
-    if cfg.train is None and cfg.task is None:
+    if cfg.objective not in OBJECTIVES:
+        _bad("objective", f"{cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
+    if cfg.objective == "span_corruption":
+        if (cfg.text is None) == (cfg.task is None):
+            _bad("text", "give the text to pre-train on (--text FILE_OR_FOLDER) or a task's documents (--task NAME)")
+        if cfg.train is not None:
+            _bad("train", "pre-training reads raw text (--text), not subtask examples")
+    elif cfg.text is not None:
+        _bad("text", "raw text is for `pidec pretrain`; `pidec train` reads --train or --task")
+    elif cfg.train is None and cfg.task is None:
         _bad("train", "give a training file (--train FILE.jsonl) or a task (--task NAME)")
-    if cfg.train is not None and cfg.task is not None:
+    elif cfg.train is not None and cfg.task is not None:
         _bad("train", "--train reads a JSONL file and --task a task's own files: give one of them, not both")
     if cfg.steps is None and cfg.epochs is None:
         _bad("steps", "give --steps or --epochs")
@@ -277,6 +300,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
         v = getattr(cfg, name)
         if v is not None and not v > 0:
             _bad(name, f"must be > 0, got {v}")
+    if not 0 < cfg.noise_density < 1:
+        _bad("noise_density", f"must be strictly between 0 and 1, got {cfg.noise_density}")
+    if not cfg.mean_span_length >= 1:
+        _bad("mean_span_length", f"must be >= 1, got {cfg.mean_span_length}")
     if cfg.position_init_std is not None and not cfg.position_init_std >= 0:
         _bad("position_init_std", f"must be >= 0, got {cfg.position_init_std}")
     if cfg.max_grad_norm < 0:

@@ -11,6 +11,7 @@ from ..evaluate import input_budget
 from ..layouts import TrainItem, TrainTokenizer
 from ..tasks.base import Task
 from .config import TrainConfig
+from .pretraining import pretrain_items, read_texts, task_texts
 
 
 def eval_task(cfg: TrainConfig) -> Task:
@@ -77,3 +78,20 @@ def longest_target(examples: list[Example], tokenizer) -> int:
     """Tokens of the longest target, with EOS: the default decoding budget of an evaluation."""
     targets = [s.target for ex in examples for s in ex.subtasks if s.target is not None]
     return max((len(t) + 1 for t in tokenizer(targets, add_special_tokens=False)["input_ids"]), default=1)
+
+
+def load_pretrain_items(
+    cfg: TrainConfig, tokenizer, inputs_length: int, decoder_start: int
+) -> tuple[list[TrainItem], DataReport]:
+    """`pidec pretrain`'s examples: the text of --text or of the task's training documents, as
+    span-corruption examples that fill an encoder of `inputs_length` tokens."""
+    if cfg.text is not None:
+        report = DataReport(f"--text {cfg.text}")
+        texts = read_texts(cfg.text, cfg.text_field, report)
+    else:
+        report = DataReport(f"task {cfg.task} (train documents)")
+        texts = task_texts(cfg.task, cfg.data, report)
+    items = pretrain_items(
+        texts, tokenizer, inputs_length, cfg.noise_density, cfg.mean_span_length, decoder_start, cfg.seed, report
+    )
+    return items, report

@@ -36,7 +36,15 @@ from .batching import epoch_batches
 from .build import build_model, lr_lambda, make_optimizer
 from .config import TrainConfig
 from .evaluation import BestRule, evaluate_model
-from .examples import eval_task, load_eval_examples, load_train_examples, longest_target, seq_omit, tokenize
+from .examples import (
+    eval_task,
+    load_eval_examples,
+    load_pretrain_items,
+    load_train_examples,
+    longest_target,
+    seq_omit,
+    tokenize,
+)
 from .processes import Processes
 from .progress import Progress
 from .run_folder import (
@@ -142,6 +150,12 @@ class Trainer:
     def _read_data(self) -> None:
         cfg, tok = self.cfg, self.tokenizer
         limit = self.model.config.max_input_length
+        if cfg.objective == "span_corruption":
+            self.items, self.train_report = load_pretrain_items(
+                cfg, tok, limit, self.model.config.decoder_start_token_id
+            )
+            self.eval_examples, self.eval_report, self.task, self.best_rule = [], None, None, None
+            return
         rows = TrainTokenizer(
             tok,
             cfg.layout,
