@@ -13,9 +13,13 @@ prompts, --max-new-tokens each), `--samples` times in a row:
     beams    while `--clients` clients each send the same request with num_beams=--num-beams,
              one after another, without pause
     greedy   while `--clients` clients each send the same request greedily
+    rows     while `--clients` clients each send a greedy request with --num-beams times the
+             prompts: as many decoder rows as a beam request holds (the same work per step)
 
-and prints the median of each per round, then the medians over rounds and the ratio
-beams / greedy. Only the loopback interface is used; the run stops after --time-limit-s.
+and prints the median of each per round, then the medians over rounds and the ratios
+beams / greedy (the same number of requests) and beams / rows (the same decoder rows): a beam
+request holds num_beams rows per prompt, so at the same number of requests each step under beam
+traffic computes more rows; at the same rows what is left is how the two are scheduled. Only the loopback interface is used; the run stops after --time-limit-s.
 """
 
 from __future__ import annotations
@@ -117,6 +121,7 @@ def main() -> None:
     probe = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": a.max_new_tokens}
     beams = dict(probe, document=DOC + " Beam traffic.", num_beams=a.num_beams)
     greedy = dict(probe, document=DOC + " Greedy traffic.")
+    wide = dict(greedy, prompts=[f"{q} {i}" for i in range(a.num_beams) for q in PROMPTS])
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as tmp:
         build_model(Path(tmp), a.size, a.tokenizer)
@@ -129,7 +134,7 @@ def main() -> None:
         try:
             wait_ready(url, proc, 300)
             post(url, probe)  # warm-up
-            rows = {"alone": [], "beams": [], "greedy": []}
+            rows = {"alone": [], "beams": [], "greedy": [], "rows": []}
             for r in range(a.rounds):
                 if time.monotonic() - started > a.time_limit_s:
                     print(f"time limit reached after {r} rounds")
@@ -137,6 +142,7 @@ def main() -> None:
                 rows["alone"].append(latency_under(url, None, a.clients, probe, a.samples))
                 rows["beams"].append(latency_under(url, beams, a.clients, probe, a.samples))
                 rows["greedy"].append(latency_under(url, greedy, a.clients, probe, a.samples))
+                rows["rows"].append(latency_under(url, wide, a.clients, probe, a.samples))
                 print(f"round {r}: " + "  ".join(f"{k} {v[-1]:.3f} s" for k, v in rows.items()), flush=True)
         finally:
             proc.terminate()
@@ -145,7 +151,9 @@ def main() -> None:
     print(
         f"median over {len(rows['alone'])} rounds ({a.size}, {a.clients} clients, {len(PROMPTS)} prompts x "
         f"{a.max_new_tokens} tokens, num_beams={a.num_beams}): alone {med['alone']:.3f} s, under beams "
-        f"{med['beams']:.3f} s, under greedy {med['greedy']:.3f} s; beams / greedy = {med['beams'] / med['greedy']:.2f}"
+        f"{med['beams']:.3f} s, under greedy {med['greedy']:.3f} s, under greedy with as many rows "
+        f"{med['rows']:.3f} s; beams / greedy = {med['beams'] / med['greedy']:.2f}, "
+        f"beams / rows = {med['beams'] / med['rows']:.2f}"
     )
 
 
