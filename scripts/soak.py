@@ -337,6 +337,25 @@ async def sigterm_under_load(server: Server, n: int, rec: Record) -> dict:
     }
 
 
+def cache_stats(samples: dict, before: dict | None) -> dict:
+    """The decoding steps of a round and the self-attention cache per row over them: its mean and
+    the smallest histogram bound at or above every step's (from the batcher's
+    pidec_batch_cache_slots histogram, the round's part: its counts minus those of `before`)."""
+
+    def delta(name: str, **labels) -> float:
+        return total(samples, name, **labels) - (total(before, name, **labels) if before else 0.0)
+
+    steps = delta("pidec_batch_cache_slots_count")
+    bounds = sorted(
+        float(dict(labels)["le"])
+        for (name, labels), _ in samples.items()
+        if name == "pidec_batch_cache_slots_bucket" and dict(labels)["le"] != "+Inf"
+    )
+    top = next((b for b in bounds if delta("pidec_batch_cache_slots_bucket", le=f"{b:g}") >= steps), float("inf"))
+    mean = delta("pidec_batch_cache_slots_sum") / steps if steps else 0.0
+    return {"steps": int(steps), "cache_mean": mean, "cache_max_le": top if steps else 0.0}
+
+
 # -- the report ---------------------------------------------------------------------------------
 
 
@@ -354,8 +373,9 @@ def report(args, server: Server, rounds: list[dict], rec: Record, server_codes: 
         + ", ".join(f"{k}={v}" for k, v in s.items()),
         f"Command: `python scripts/soak.py {' '.join(sys.argv[1:])}`",
         "",
-        "| round | requests answered | 200 | 429 | other | p50 ms | p95 ms | p99 ms | storm 429s | RSS after (MB) | vs round 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| round | requests answered | 200 | 429 | other | p50 ms | p95 ms | p99 ms | storm 429s | RSS after (MB) | vs round 1 "
+        "| steps | cache slots/row, mean | max <= |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     first = rounds[0]["rss_mb"] if rounds else None
     for i, r in enumerate(rounds, 1):
@@ -364,7 +384,8 @@ def report(args, server: Server, rounds: list[dict], rec: Record, server_codes: 
         lines.append(
             f"| {i} | {r['answered']} | {r['ok']} | {r['c429']} | {r['answered'] - r['ok'] - r['c429']} "
             f"| {ms(percentile(lat, 50))} | {ms(percentile(lat, 95))} | {ms(percentile(lat, 99))} "
-            f"| {r['storm']['429']} | {r['rss_mb']:.0f} | {vs} |"
+            f"| {r['storm']['429']} | {r['rss_mb']:.0f} | {vs} | {r['steps']} | {r['cache_mean']:.0f} "
+            f"| {r['cache_max_le']:g} |"
         )
     lines += ["", "| outcome (client's view) | count |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in sorted(rec.outcomes.items())]
@@ -421,6 +442,7 @@ def main() -> int:
         port = free_port()
         server = Server(model, port, args, Path(tmp) / "server.log")
         rec, rounds = Record(), []
+        scraped = None  # the metrics at the end of the round before
         try:
             server.wait_ready(args.ready_timeout)
             for rnd in range(n_rounds):
@@ -433,10 +455,13 @@ def main() -> int:
                     time.sleep(0.2)
                 time.sleep(3.0)  # trim_after_idle=1: the service gives its freed heap back
                 answered = {k: v - before.get(k, 0) for k, v in rec.codes.items()}
+                now = server.metrics()
+                cache = cache_stats(now, scraped)
+                scraped = now
                 rounds.append(
                     dict(
                         answered=sum(answered.values()), ok=answered.get(200, 0), c429=answered.get(429, 0),
-                        latencies=rec.latencies[-1], storm=storm, rss_mb=server.rss_mb(),
+                        latencies=rec.latencies[-1], storm=storm, rss_mb=server.rss_mb(), **cache,
                     )
                 )  # fmt: skip
                 print(
@@ -459,6 +484,7 @@ def main() -> int:
             log_tail = Path(server.log.name).read_text()[-3000:]
     first = rounds[0]["rss_mb"]
     worst = max(r["rss_mb"] / first - 1 for r in rounds)
+    cache_first, cache_worst = rounds[0]["cache_max_le"], max(r["cache_max_le"] for r in rounds)
     bad_kinds = {k: v for k, v in rec.outcomes.items() if ":unshaped" in k or k.startswith(("500", "connection", "storm:connection")) or k.endswith(":unexpected")}  # fmt: skip
     term_bad = {k: v for k, v in term["answers"].items() if k not in ("200", "503:unavailable")}
     checks = [
@@ -466,6 +492,7 @@ def main() -> int:
         ("no 500, no answer outside the error shape, no refused connection", not bad_kinds and not unshaped, str(bad_kinds or "")),
         ("requests in = answers out (server metrics, idle)", received == answered + 1, f"{received:.0f} in, {answered:.0f} out + this scrape"),
         (f"RSS after each round within {args.rss_growth:.0%} of round 1", worst <= args.rss_growth, f"worst {worst:+.0%}"),
+        ("self-attention cache per row bounded: no round above 2x round 1's", cache_worst <= 2 * cache_first, f"round 1 <= {cache_first:g}, worst <= {cache_worst:g} slots"),
         ("SIGTERM: held requests answered 200 or 503", not term_bad, str(term_bad or "")),
         ("SIGTERM: the half-sent body got 503", term["stalled_got_503"], ""),
         ("SIGTERM: exit 0 within shutdown_timeout + 5 s", term["exit_code"] == 0 and term["exit_s"] < server.settings["shutdown_timeout"] + 5, ""),

@@ -79,11 +79,13 @@ def test_soak_script_short_run(tmp_path):
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     text = out.read_text()
     assert "| round | requests answered |" in text and "| status | server counted | clients received |" in text
-    assert "FAIL" not in text and text.count("| PASS") == 7
+    assert "FAIL" not in text and text.count("| PASS") == 8
+    assert "self-attention cache per row bounded" in text
     import json
 
     data = json.loads(raw.read_text())
-    assert len(data["rounds"]) == 2 and all(r["answered"] > 0 for r in data["rounds"])
+    assert len(data["rounds"]) == 2 and all(r["answered"] > 0 and r["steps"] > 0 for r in data["rounds"])
+    assert all(0 < r["cache_mean"] <= r["cache_max_le"] < float("inf") for r in data["rounds"])
     outcomes = data["outcomes"]
     for kind in ("fault:body_timeout", "fault:invalid_json", "fault:disconnected"):
         assert outcomes.get(kind, 0) >= 1, (kind, outcomes)

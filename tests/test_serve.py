@@ -180,6 +180,7 @@ def test_openapi_probes_and_metrics(model):
         "pidec_queue_depth 0",
         'pidec_request_duration_seconds_count{path="/v1/generate"} 2',
         "pidec_batch_rows_count",
+        'pidec_batch_cache_slots_bucket{le="16"}',
         'pidec_tokens_total{kind="document"}',
         "pidec_queue_seconds_bucket",
     ):

@@ -117,6 +117,11 @@ def declare_metrics(metrics: Registry) -> None:
     metrics.counter("pidec_batch_steps_total", "decoding steps run by the batcher")
     metrics.histogram("pidec_batch_requests", "requests in the batch at each decoding step", (1, 2, 4, 8, 16, 32, 64))
     metrics.histogram("pidec_batch_rows", "decoder rows computed at each decoding step", (1, 4, 16, 64, 256, 1024))
+    metrics.histogram(
+        "pidec_batch_cache_slots",
+        "self-attention cache slots per row at each decoding step",
+        (16, 32, 64, 128, 256, 512, 1024, 2048, 4096),
+    )
     metrics.counter("pidec_tokens_total", "tokens of finished requests", ("kind",))
     metrics.counter("pidec_batch_failures_total", "batches whose decoding raised an exception")
 
@@ -331,6 +336,7 @@ class Batcher:
             self.metrics.inc("pidec_batch_steps_total")
             self.metrics.observe("pidec_batch_requests", len(self._active))
             self.metrics.observe("pidec_batch_rows", self._session.rows)
+            self.metrics.observe("pidec_batch_cache_slots", self._session.capacity)
         try:
             done = self._session.step()
         except Exception as e:  # noqa: BLE001 - the batch fails, the service goes on
