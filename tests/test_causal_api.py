@@ -134,11 +134,6 @@ def test_template_defaults_and_chat_rows_are_the_models_view(llama):
     assert Template().ids(tok, DOC, PROMPTS[0])[0] == tok.bos_token_id  # plain rows get the tokenizer's BOS
 
 
-def test_cli_serve_refuses_decoder_only_by_name(llama):
-    res = CliRunner().invoke(app, ["serve", "--model", str(llama)])
-    assert res.exit_code == 2 and "decoder-only checkpoints are not served yet" in res.output
-
-
 def test_cli_bench_arch_tiny(tmp_path):
     out = tmp_path / "r.json"
     args = ["bench", "--arch", "tiny", "--workload", "qa", "--docs", "1", "--repeats", "1"]

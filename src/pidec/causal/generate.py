@@ -24,12 +24,13 @@ one draw per row per step in batch order. Beam search is not implemented for the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..generate import Decoded, DecodeStats, drop_empty_docs, sync
+from ..generate import Aborted, Decoded, DecodeStats, drop_empty_docs, sync
 from ..model import CrossCache, KVCache, PackedPrefill, RowGroups, additive_mask
 from .model import CausalLM
 
@@ -206,17 +207,19 @@ def decode(
     rows: list[SuffixRow],
     eos_token_ids: list[int] | None = None,
     sampling: Sampling | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Decoded:
     """Decode `rows` over `prefix` (one entry per document; None: no shared prefix, the rows
     are whole). Generation stops per row at any of `eos_token_ids` or its budget. Returns the
-    generated tokens per row, in the order given, final EOS removed."""
+    generated tokens per row, in the order given, final EOS removed. `should_stop` is asked
+    before every step; True ends the run with `Aborted` (the service's callers have all gone)."""
     sampling = (sampling or Sampling()).check()
     if not rows:
         return Decoded([])
     check_rows(rows, prefix)
     order = sorted(range(len(rows)), key=lambda i: rows[i].doc if prefix is not None else 0)
     if order != list(range(len(rows))):
-        result = decode(model, prefix, [rows[i] for i in order], eos_token_ids, sampling)
+        result = decode(model, prefix, [rows[i] for i in order], eos_token_ids, sampling, should_stop)
         back = [0] * len(rows)
         for new, old in enumerate(order):
             back[old] = new
@@ -256,6 +259,8 @@ def decode(
         feed, keep = book.step(logits)
         if feed is None:
             break
+        if should_stop is not None and should_stop():
+            raise Aborted()
         if keep is not None:
             cache.select(keep)
             key_keep, pos, doc = key_keep.index_select(0, keep), pos.index_select(0, keep), doc.index_select(0, keep)

@@ -21,7 +21,7 @@ Layouts: `pid` (the prefix prefilled once per document, the rows' suffixes decod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
 from ..layouts import TRUNCATE, Truncation, budgets, check_prompts
@@ -239,6 +239,27 @@ def build_on_prefix(
         plan.owner.append((0, j))
     plan.prompt_tokens = sum(len(r) - shared for r in rows)
     return plan, shared
+
+
+def concat(plans: list[CausalPlan]) -> CausalPlan:
+    """Plans of one layout as one, decoded together: documents and examples follow each other
+    in order (the service's batch of requests). Rows keep their order."""
+    if not plans:
+        raise ValueError("no plans to join")
+    layouts = {p.layout for p in plans}
+    if len(layouts) != 1:
+        raise ValueError(f"plans of different layouts ({', '.join(sorted(layouts))}) do not decode together")
+    out = CausalPlan(plans[0].layout, [], [], [], [])
+    for p in plans:
+        docs, examples = len(out.prefixes), len(out.prompts)
+        out.prefixes += p.prefixes
+        out.rows += [SuffixRow(r.doc + docs, r.tokens, r.max_new_tokens) for r in p.rows]
+        out.owner += [(i + examples, j) for i, j in p.owner]
+        out.prompts += p.prompts
+        out.truncations += [replace(t, example=t.example + examples) for t in p.truncations]
+        out.document_tokens += p.document_tokens
+        out.prompt_tokens += p.prompt_tokens
+    return out
 
 
 def collect(plan: CausalPlan, tokens: list[list[int]], tokenizer) -> list[list[str]]:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from ..api import Model, load
+from ..api import load
 from ..bench.loadtest import format_report, run_loadtest
 from ..serving import allocator
 from ..serving.app import ServeSettings, run_server
@@ -122,8 +122,6 @@ def serve(
             quantize=quantize,
             pack_weights=False if no_pack else None,
         )
-        if not isinstance(m, Model):
-            fail(f"{model}: decoder-only checkpoints are not served yet; use pidec generate or the Python API")
         settings.checked(m)
     run_server(m, settings, host=host, port=port, log_level=log_level, quiet=quiet, source=model)
     # Stopped gracefully: everything held was answered, nothing is left to write. Skip the
