@@ -234,6 +234,9 @@ def test_cli_serve_takes_a_decoder_only_checkpoint(folder, monkeypatch):
         raise Served()
 
     monkeypatch.setattr(serve_cli, "run_server", fake_run_server)
-    res = CliRunner().invoke(app, ["serve", "--model", str(folder), "--max-prompts", "5"])
+    res = CliRunner().invoke(app, ["serve", "--model", str(folder), "--max-prompts", "5", "--chat-template"])
     assert isinstance(res.exception, Served), res.output
     assert isinstance(seen["model"], pidec.CausalModel) and seen["settings"].max_prompts == 5
+    assert seen["model"].template.chat  # the service builds rows with the chat template
+    bad = CliRunner().invoke(app, ["serve", "--model", str(folder), "--prefix-template", "no field"])
+    assert bad.exit_code == 2 and "has no {document} field" in bad.output

@@ -286,6 +286,20 @@ class CausalModel:
         )
 
 
+def use_template(model, template: Template | None) -> None:
+    """Give a loaded model the row template `template` (None: leave it). Decoder-only models
+    only: a T5 `Model` is an InputError naming the options, as is a chat template asked of a
+    tokenizer without one."""
+    if template is None:
+        return
+    if not isinstance(model, CausalModel):
+        raise InputError(
+            "prefix_template, row_template and chat templates are for decoder-only checkpoints "
+            "(llama, qwen2, qwen3, mistral); this is a T5 checkpoint, whose prompts go in the decoder as they are"
+        )
+    model.template = template.check(model.tokenizer)
+
+
 def check_beams(num_beams) -> None:
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise InputError(f"num_beams must be an integer >= 1, got {num_beams!r}")
