@@ -310,6 +310,14 @@ def check_beams(num_beams) -> None:
         )
 
 
+def example_usage(plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> list[dict]:
+    """`usage` per example of the plan: what `generate` reports for that example alone."""
+    out = [{"document_tokens": d, "prompt_tokens": p, "output_tokens": 0} for d, p in plan.example_tokens]
+    for (i, _), t in zip(plan.owner, tokens):
+        out[i]["output_tokens"] += len(t)
+    return out
+
+
 def usage(plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> dict:
     return {
         "document_tokens": plan.document_tokens,
