@@ -16,6 +16,7 @@ from pidec.causal.layouts import Template
 from pidec.cli import app
 from pidec.errors import InputError
 from tests.causal_tiny import family_for_tests
+from tests.shared_data import tiny_checkpoint
 
 torch.set_num_threads(1)
 DOC = "User: I need a cheap hotel in the north for 3 nights. System: The Acorn has rooms."
@@ -134,11 +135,6 @@ def test_template_defaults_and_chat_rows_are_the_models_view(llama):
     assert Template().ids(tok, DOC, PROMPTS[0])[0] == tok.bos_token_id  # plain rows get the tokenizer's BOS
 
 
-def test_cli_serve_refuses_decoder_only_by_name(llama):
-    res = CliRunner().invoke(app, ["serve", "--model", str(llama)])
-    assert res.exit_code == 2 and "decoder-only checkpoints are not served yet" in res.output
-
-
 def test_cli_bench_arch_tiny(tmp_path):
     out = tmp_path / "r.json"
     args = ["bench", "--arch", "tiny", "--workload", "qa", "--docs", "1", "--repeats", "1"]
@@ -163,3 +159,32 @@ def test_load_names_an_unsupported_architecture(llama, tmp_path):
     (dest / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(pidec.CheckpointError, match=r"'phi3' \(Phi3ForCausalLM\); supported: llama .*mistral.* t5"):
         pidec.load(dest)
+
+
+def test_cli_template_options(llama, tmp_path, tmp_path_factory):
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    args = ["generate", "--model", str(llama), "--document", str(doc), "--max-new-tokens", "5", "--prompt", PROMPTS[0]]
+    model = pidec.load(llama)
+    plain = Template(prefix_template="Text: {document}\n", row_template="Q: {prompt}\nA:")
+    for extra, template in (
+        (["--prefix-template", plain.prefix_template, "--row-template", plain.row_template], plain),
+        (["--chat-template"], Template(chat=True)),
+    ):
+        res = CliRunner().invoke(app, args + extra)
+        assert res.exit_code == 0, res.output
+        assert json.loads(res.output)["outputs"] == model.generate(
+            DOC, PROMPTS[:1], max_new_tokens=5, template=template
+        )
+    for extra, named in (
+        (["--prefix-template", "Text:\n"], "prefix_template 'Text:\\n' has no {document} field"),
+        (["--row-template", "Q:"], "row_template 'Q:' has no {prompt} field"),
+        (["--chat-template", "--row-template", "{prompt}"], "do not apply with --chat-template"),
+    ):
+        res = CliRunner().invoke(app, args + extra)
+        assert res.exit_code == 2 and named in res.output, res.output
+    t5 = tiny_checkpoint(tmp_path_factory.mktemp("t5"), seed=0, max_input_length=128)
+    res = CliRunner().invoke(
+        app, ["generate", "--model", str(t5), "--document", str(doc), "--prompt", "x"] + ["--chat-template"]
+    )
+    assert res.exit_code == 2 and "for decoder-only checkpoints" in res.output and "T5" in res.output, res.output

@@ -13,6 +13,13 @@ here, so a record gets the same answer whichever runs it:
 - `decode` answers one batch with `Model.generate_batch`, once per distinct `num_beams` among
   the fields. If the batch fails as a whole, each job is decoded alone, so one bad record
   costs one error record, never its neighbours.
+- A decoder-only model (`CausalModel`: Llama, Qwen, Mistral) answers a batch as one plan of its
+  rows (its template, each record's shared prefix) decoded together, greedy only. Its rows are
+  document + prompt, so a document is too long when its longest row is over the model's limit:
+  `prepare` refuses a document over the limit by itself, the model the rest (as
+  document_too_long). A record's usage is what `CausalModel.generate` reports for it alone
+  (document_tokens: the rows' shared prefix), and `truncated_from` is its longest row's tokens
+  before the document was cut.
 
 Output records (what the writers store, one per input record):
 
@@ -28,6 +35,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..causal.api import CausalModel, check_beams, example_usage
+from ..causal.layouts import RowTooLong
 from ..errors import InputError
 from ..generate import budget_ranges
 from ..layouts import check_layout
@@ -214,18 +223,14 @@ def batches(jobs: list[Job], batch_tokens: int) -> list[list[Job]]:
     return [ordered[lo:hi] for lo, hi in budget_ranges([j.doc_tokens for j in ordered], batch_tokens)]
 
 
-def _answered(job: Job, answers: list[str], output_tokens: int) -> dict:
+def _answered(job: Job, answers: list[str], usage: dict, truncated_from: int | None) -> dict:
     record = {
         "id": job.id,
         "answers": dict(zip(job.names, answers)) if job.names is not None else list(answers),
-        "usage": {
-            "document_tokens": job.doc_tokens,
-            "prompt_tokens": job.prompt_tokens,
-            "output_tokens": output_tokens,
-        },
+        "usage": usage,
     }
-    if job.truncated_from is not None:
-        record["truncated_from"] = job.truncated_from
+    if truncated_from is not None:
+        record["truncated_from"] = truncated_from
     return record
 
 
@@ -253,16 +258,42 @@ def _decode_together(model, jobs: list[Job], options: Options) -> list[dict]:
             for k, text in zip(picked, outs):
                 answers[i][k] = text
             tokens[i] += n
-    return [_answered(job, a, n) for job, a, n in zip(jobs, answers, tokens)]
+    return [
+        _answered(
+            job,
+            a,
+            {"document_tokens": job.doc_tokens, "prompt_tokens": job.prompt_tokens, "output_tokens": n},
+            job.truncated_from,
+        )
+        for job, a, n in zip(jobs, answers, tokens)
+    ]
+
+
+def _decode_causal(model: CausalModel, jobs: list[Job], options: Options) -> list[dict]:
+    """A decoder-only model's batch: every job's rows in one plan, decoded together."""
+    for beams in {b for j in jobs for b in j.beams}:
+        check_beams(beams)
+    plan = model.plan(
+        [(j.document, j.prompts) for j in jobs], [j.budgets for j in jobs], options.layout, options.truncate
+    )
+    tokens, _ = model.decode_plan(plan)
+    cut = {t.example: t.original_tokens for t in plan.truncations}
+    return [
+        _answered(job, answers, usage, cut.get(i))
+        for i, (job, answers, usage) in enumerate(zip(jobs, model.answers(plan, tokens), example_usage(plan, tokens)))
+    ]
 
 
 def decode(model, jobs: list[Job], options: Options) -> list[dict]:
     """Output records for one batch, in the batch's order; never raises for a record's sake."""
     try:
+        if isinstance(model, CausalModel):
+            return _decode_causal(model, jobs, options)
         return _decode_together(model, jobs, options)
     except Exception as e:  # isolate the record that failed: decode each alone
         if len(jobs) == 1:
             kind = "input_error" if isinstance(e, InputError) else "decode_failed"
+            kind = "document_too_long" if isinstance(e, RowTooLong) else kind
             return [
                 error_record(
                     jobs[0].id,

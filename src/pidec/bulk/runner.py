@@ -24,7 +24,7 @@ import itertools
 import json
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import checkpoint
@@ -64,7 +64,8 @@ def fingerprint(spec: ModelSpec, questions: Questions, options: Options, shards,
         "model": prog.model_identity(checkpoint.resolve(spec.path)),
         "questions": questions.to_dict(),
         "options": options.to_dict(),
-        "runtime": {"dtype": spec.dtype, "quantize": spec.quantize, "max_input_length": spec.max_input_length},
+        "runtime": {"dtype": spec.dtype, "quantize": spec.quantize, "max_input_length": spec.max_input_length}
+        | ({"template": asdict(spec.template)} if spec.template is not None else {}),
         "shards": [s.key for s in shards],
         "output_format": output_format,
         "limit": limit,

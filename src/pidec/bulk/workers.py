@@ -23,6 +23,7 @@ import torch
 
 from .. import checkpoint, lora
 from ..api import load
+from ..causal import Template, use_template
 from ..errors import InputError
 from .extract import Options, decode
 
@@ -39,11 +40,12 @@ class ModelSpec:
     max_input_length: int | None = None
     pack_weights: bool | None = None
     threads: int | None = None  # torch threads in this worker (None: torch's default)
+    template: Template | None = None  # decoder-only checkpoints: how rows are built (None: the default)
 
     def load(self):
         if self.threads:
             torch.set_num_threads(self.threads)
-        return load(
+        model = load(
             self.path,
             device=self.device,
             dtype=self.dtype,
@@ -52,6 +54,8 @@ class ModelSpec:
             quantize=self.quantize,
             pack_weights=self.pack_weights,
         )
+        use_template(model, self.template)
+        return model
 
     def load_tokenizer(self):
         """The tokenizer alone, found as `pidec.load` finds it (for a parent that decodes nothing)."""

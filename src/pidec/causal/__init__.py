@@ -7,6 +7,7 @@ and out; layouts.py: templates and the rows' common prefix; generate.py: prefill
 api.py: `CausalModel`, which `pidec.load` returns for these checkpoints.
 """
 
-from .api import CausalModel
+from .api import CausalModel, use_template
+from .layouts import Template
 
-__all__ = ["CausalModel"]
+__all__ = ["CausalModel", "Template", "use_template"]

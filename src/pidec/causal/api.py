@@ -181,42 +181,12 @@ class CausalModel:
             raise InputError("compaction=False is not offered for decoder-only models: rows always leave when done")
         template = self._template(template, options)
         sampling = self._sampling(options)
-        examples = api.check_examples(examples, EncodedPrefix)
         t0 = time.perf_counter()
-        cfg = self.config
-        plan = causal_layouts.build(
-            self.tokenizer,
-            template,
-            examples,
-            layout,
-            max_new_tokens,
-            cfg.max_input_length,
-            cfg.context_length,
-            self.context_name,
-            truncate,
-        )
+        plan = self.plan(examples, max_new_tokens, layout, truncate, template)
         t_tok = time.perf_counter() - t0
-        stats = DecodeStats()
-        tokens: list[list[int]] = [[] for _ in plan.rows]
-        sizes = [len(p) for p in plan.prefixes]
-        for lo, hi in budget_ranges(sizes, self.max_batch_tokens) if layout == "pid" else [(0, len(sizes))]:
-            index = [k for k, r in enumerate(plan.rows) if lo <= r.doc < hi]
-            rows = [plan.rows[k] for k in index]
-            t1 = time.perf_counter()
-            prefix = None
-            if layout == "pid":
-                prefix = self.model.prefill_prefix(plan.prefixes[lo:hi])
-                rows = [type(r)(r.doc - lo, r.tokens, r.max_new_tokens) for r in rows]
-            sync(self.device)
-            enc_s = time.perf_counter() - t1
-            out = decode(self.model, prefix, rows, self.eos_token_ids, sampling)
-            out.stats.encode_s = enc_s
-            out.stats.document_tokens = sum(sizes[lo:hi])
-            stats.add(out.stats)
-            for k, toks in zip(index, out.tokens):
-                tokens[k] = toks
+        tokens, stats = self.decode_plan(plan, sampling)
         t2 = time.perf_counter()
-        outputs = causal_layouts.collect(plan, tokens, self.tokenizer)
+        outputs = self.answers(plan, tokens)
         t_text = t_tok + time.perf_counter() - t2
         return api.GenerationResult(
             outputs,
@@ -225,6 +195,65 @@ class CausalModel:
             truncations=plan.truncations,
             stats=stats,
         )
+
+    def plan(
+        self,
+        examples: list[tuple[str, list[str]]],
+        max_new_tokens: int | list = 32,
+        layout: str = "pid",
+        truncate: str | None = None,
+        template: Template | None = None,
+        check_length: bool = True,
+    ) -> causal_layouts.CausalPlan:
+        """Tokenize examples into the rows `decode_plan` decodes (what `run` does first).
+        check_length=False leaves the rows' lengths unchecked, for a caller with limits of its
+        own (the service): it must then keep every row + budget within the model's context."""
+        examples = api.check_examples(examples, EncodedPrefix)
+        cfg = self.config
+        unlimited = 1 << 30
+        return causal_layouts.build(
+            self.tokenizer,
+            (template or self.template).check(self.tokenizer),
+            examples,
+            layout,
+            max_new_tokens,
+            cfg.max_input_length if check_length else unlimited,
+            cfg.context_length if check_length else unlimited,
+            self.context_name,
+            truncate,
+        )
+
+    def decode_plan(
+        self, plan: causal_layouts.CausalPlan, sampling: Sampling | None = None, should_stop=None
+    ) -> tuple[list[list[int]], DecodeStats]:
+        """Decode a plan's rows (pid: its documents' prefixes prefilled together, in chunks of
+        up to max_batch_tokens prefix tokens). Returns the tokens per row and the run's stats.
+        should_stop: asked before every decoding step; True raises `pidec.generate.Aborted`."""
+        stats = DecodeStats()
+        tokens: list[list[int]] = [[] for _ in plan.rows]
+        sizes = [len(p) for p in plan.prefixes]
+        pid = plan.layout == "pid"
+        for lo, hi in budget_ranges(sizes, self.max_batch_tokens) if pid else [(0, len(sizes))]:
+            index = [k for k, r in enumerate(plan.rows) if lo <= r.doc < hi]
+            rows = [plan.rows[k] for k in index]
+            t1 = time.perf_counter()
+            prefix = None
+            if pid:
+                prefix = self.model.prefill_prefix(plan.prefixes[lo:hi])
+                rows = [type(r)(r.doc - lo, r.tokens, r.max_new_tokens) for r in rows]
+            sync(self.device)
+            enc_s = time.perf_counter() - t1
+            out = decode(self.model, prefix, rows, self.eos_token_ids, sampling, should_stop)
+            out.stats.encode_s = enc_s
+            out.stats.document_tokens = sum(sizes[lo:hi])
+            stats.add(out.stats)
+            for k, toks in zip(index, out.tokens):
+                tokens[k] = toks
+        return tokens, stats
+
+    def answers(self, plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> list[list[str]]:
+        """Tokens per row -> answers per example, in prompt order."""
+        return causal_layouts.collect(plan, tokens, self.tokenizer)
 
     def _generate_encoded(self, enc: EncodedPrefix, prompts, max_new_tokens, num_beams, layout, options):
         if layout != "pid":
@@ -250,11 +279,25 @@ class CausalModel:
         out = decode(self.model, truncate_prefix(enc.cache, shared), plan.rows, self.eos_token_ids, sampling)
         out.stats.document_tokens = shared
         t1 = time.perf_counter()
-        outputs = causal_layouts.collect(plan, out.tokens, self.tokenizer)
+        outputs = self.answers(plan, out.tokens)
         t_tok += time.perf_counter() - t1
         return api.GenerationResult(
             outputs, usage(plan, out.tokens), timings(t_tok, out.stats, time.perf_counter() - t0), stats=out.stats
         )
+
+
+def use_template(model, template: Template | None) -> None:
+    """Give a loaded model the row template `template` (None: leave it). Decoder-only models
+    only: a T5 `Model` is an InputError naming the options, as is a chat template asked of a
+    tokenizer without one."""
+    if template is None:
+        return
+    if not isinstance(model, CausalModel):
+        raise InputError(
+            "prefix_template, row_template and chat templates are for decoder-only checkpoints "
+            "(llama, qwen2, qwen3, mistral); this is a T5 checkpoint, whose prompts go in the decoder as they are"
+        )
+    model.template = template.check(model.tokenizer)
 
 
 def check_beams(num_beams) -> None:
@@ -265,6 +308,14 @@ def check_beams(num_beams) -> None:
             f"num_beams={num_beams}: beam search is not implemented for decoder-only models; "
             "use greedy (num_beams=1) or do_sample=True"
         )
+
+
+def example_usage(plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> list[dict]:
+    """`usage` per example of the plan: what `generate` reports for that example alone."""
+    out = [{"document_tokens": d, "prompt_tokens": p, "output_tokens": 0} for d, p in plan.example_tokens]
+    for (i, _), t in zip(plan.owner, tokens):
+        out[i]["output_tokens"] += len(t)
+    return out
 
 
 def usage(plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> dict:

@@ -24,12 +24,13 @@ one draw per row per step in batch order. Beam search is not implemented for the
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from ..generate import Decoded, DecodeStats, drop_empty_docs, sync
+from ..generate import Aborted, Decoded, DecodeStats, drop_empty_docs, sync
 from ..model import CrossCache, KVCache, PackedPrefill, RowGroups, additive_mask
 from .model import CausalLM
 
@@ -199,6 +200,64 @@ def check_rows(rows: list[SuffixRow], prefix: CrossCache | None) -> None:
             raise ValueError(f"row {i}: document {r.doc} out of range ({prefix.docs} prefilled)")
 
 
+@dataclass
+class Batch:
+    """The rows decoding now: their own caches, the slots each may see, their positions and
+    documents, and the prefix cache of the documents still in the batch."""
+
+    cache: KVCache
+    key_keep: Tensor  # [R, capacity] False on the slots before a suffix shorter than the longest
+    padded: bool  # whether any row has such slots (else no mask is needed)
+    pos: Tensor  # [R] position of each row's next token
+    doc: Tensor  # [R] each row's document in `live`
+    live: CrossCache | None  # None: no shared prefix (pie)
+    groups: RowGroups | None
+
+    def select(self, keep: Tensor) -> None:
+        """Keep the batch rows `keep` [R'] (compaction); a document left without rows goes."""
+        self.cache.select(keep)
+        self.key_keep, self.pos, self.doc = (t.index_select(0, keep) for t in (self.key_keep, self.pos, self.doc))
+        if self.live is not None:
+            self.live, self.doc = drop_empty_docs(self.live, self.doc)
+            self.groups = RowGroups.from_doc(self.doc, self.live.docs)
+
+    def step(self, model: CausalLM, feed: Tensor) -> Tensor:
+        """One token per row, feed [R]; returns the next logits [R, vocab]."""
+        mask = None
+        if self.padded:
+            mask = additive_mask(self.key_keep[:, None, None, : self.cache.pos + 1], torch.float32)
+        hidden = model.forward_hidden(feed[:, None], self.pos[:, None], mask, self.cache, self.live, self.groups)
+        self.pos = self.pos + 1
+        return model.logits(hidden[:, -1])
+
+
+def start_batch(model: CausalLM, prefix: CrossCache | None, rows: list[SuffixRow]) -> tuple[Batch, Tensor]:
+    """Allocate the rows' caches (suffixes aligned to end together, room for the largest budget)
+    and prefill their suffixes; returns the batch and each row's first logits [R, vocab]."""
+    device, cfg = model.device, model.config
+    P = max(len(r.tokens) for r in rows)
+    capacity = P + max(r.max_new_tokens for r in rows)
+    key_keep = torch.ones((len(rows), capacity), dtype=torch.bool)
+    for i, r in enumerate(rows):
+        key_keep[i, : P - len(r.tokens)] = False
+    doc = torch.tensor([r.doc if prefix is not None else 0 for r in rows], device=device)
+    pos = torch.tensor([len(r.tokens) for r in rows], device=device)
+    groups = None
+    if prefix is not None:
+        pos = pos + prefix.lengths.to(device)[doc]
+        groups = RowGroups.from_doc(doc, prefix.docs)
+    cache = KVCache(cfg.num_layers, len(rows), cfg.num_kv_heads, capacity, cfg.head_dim, model.dtype, device)
+    logits = prefill_suffixes(model, prefix, rows, cache, P)
+    padded = any(len(r.tokens) < P for r in rows)
+    return Batch(cache, key_keep.to(device), padded, pos, doc, prefix, groups), logits
+
+
+def in_document_order(rows: list[SuffixRow], prefix: CrossCache | None) -> list[int] | None:
+    """The order that sorts rows by document, or None when they are in it already."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].doc if prefix is not None else 0)
+    return None if order == list(range(len(rows))) else order
+
+
 @torch.inference_mode()
 def decode(
     model: CausalLM,
@@ -206,72 +265,43 @@ def decode(
     rows: list[SuffixRow],
     eos_token_ids: list[int] | None = None,
     sampling: Sampling | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Decoded:
     """Decode `rows` over `prefix` (one entry per document; None: no shared prefix, the rows
     are whole). Generation stops per row at any of `eos_token_ids` or its budget. Returns the
-    generated tokens per row, in the order given, final EOS removed."""
+    generated tokens per row, in the order given, final EOS removed. `should_stop` is asked
+    before every step; True ends the run with `Aborted` (the service's callers have all gone)."""
     sampling = (sampling or Sampling()).check()
     if not rows:
         return Decoded([])
     check_rows(rows, prefix)
-    order = sorted(range(len(rows)), key=lambda i: rows[i].doc if prefix is not None else 0)
-    if order != list(range(len(rows))):
-        result = decode(model, prefix, [rows[i] for i in order], eos_token_ids, sampling)
-        back = [0] * len(rows)
-        for new, old in enumerate(order):
-            back[old] = new
+    order = in_document_order(rows, prefix)
+    if order is not None:
+        result = decode(model, prefix, [rows[i] for i in order], eos_token_ids, sampling, should_stop)
+        back = {old: new for new, old in enumerate(order)}
         result.tokens = [result.tokens[back[i]] for i in range(len(rows))]
         return result
 
-    device = model.device
-    cfg = model.config
-    sync(device)
+    sync(model.device)
     t0 = time.perf_counter()
-    stats = DecodeStats()
+    stats = DecodeStats(prefill_tokens=sum(len(r.tokens) for r in rows))
     if prefix is not None:
         stats.cross_cache_bytes = prefix.nbytes()
-    R = len(rows)
-    P = max(len(r.tokens) for r in rows)
-    limits = [r.max_new_tokens for r in rows]
-    capacity = P + max(limits)
-    key_keep = torch.ones((R, capacity), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        key_keep[i, : P - len(r.tokens)] = False
-    key_keep = key_keep.to(device)
-    padded = any(len(r.tokens) < P for r in rows)
-    doc = torch.tensor([r.doc if prefix is not None else 0 for r in rows], device=device)
-    start = torch.tensor([len(r.tokens) for r in rows], device=device)
-    if prefix is not None:
-        start = start + prefix.lengths.to(device)[doc]
-    cache = KVCache(cfg.num_layers, R, cfg.num_kv_heads, capacity, cfg.head_dim, model.dtype, device)
-    logits = prefill_suffixes(model, prefix, rows, cache, P)
-    stats.prefill_tokens = sum(len(r.tokens) for r in rows)
-    stats.self_cache_bytes = cache.nbytes()
-
-    book = RowBook(limits, set(eos_token_ids or []), sampling, device)
-    live = prefix
-    groups = None if prefix is None else RowGroups.from_doc(doc, prefix.docs)
-    pos = start  # [R] position of the next token of each row
+    batch, logits = start_batch(model, prefix, rows)
+    stats.self_cache_bytes = batch.cache.nbytes()
+    book = RowBook([r.max_new_tokens for r in rows], set(eos_token_ids or []), sampling, model.device)
     while True:
         feed, keep = book.step(logits)
         if feed is None:
             break
+        if should_stop is not None and should_stop():
+            raise Aborted()
         if keep is not None:
-            cache.select(keep)
-            key_keep, pos, doc = key_keep.index_select(0, keep), pos.index_select(0, keep), doc.index_select(0, keep)
-            if live is not None:
-                live, doc = drop_empty_docs(live, doc)
-                groups = RowGroups.from_doc(doc, live.docs)
-        p = cache.pos
-        mask = None
-        if padded:
-            mask = additive_mask(key_keep[:, None, None, : p + 1], torch.float32)
-        hidden = model.forward_hidden(feed[:, None], pos[:, None], mask, cache, live, groups)
-        logits = model.logits(hidden[:, -1])
-        pos = pos + 1
+            batch.select(keep)
+        logits = batch.step(model, feed)
         stats.steps += 1
         stats.row_steps += feed.numel()
-    sync(device)
+    sync(model.device)
     stats.decode_s = time.perf_counter() - t0
     tokens = book.results()
     stats.output_tokens = sum(len(t) for t in tokens)

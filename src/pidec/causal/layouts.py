@@ -21,7 +21,7 @@ Layouts: `pid` (the prefix prefilled once per document, the rows' suffixes decod
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
 from ..layouts import TRUNCATE, Truncation, budgets, check_prompts
@@ -92,6 +92,11 @@ class CausalPlan:
     truncations: list[Truncation] = field(default_factory=list)
     document_tokens: int = 0  # shared prefix tokens, summed over documents
     prompt_tokens: int = 0  # tokens of the rows after their shared prefix
+    example_tokens: list[tuple[int, int]] = field(default_factory=list)  # per example: (document, prompt) tokens
+
+
+class RowTooLong(InputError):
+    """A row (document + prompt in the template) over the model's input limit, and no truncation."""
 
 
 def check_layout(layout: str) -> str:
@@ -128,7 +133,7 @@ def example_rows(
     if longest > max_input_length:
         if truncate is None:
             what = f"the model's {context_name}" if max_input_length == context_length else "max_input_length"
-            raise InputError(
+            raise RowTooLong(
                 f"example {i}: document + prompt is {longest} tokens, longer than the model's limit of "
                 f"{max_input_length} ({what}); pass truncate='left' or 'right' to cut the document"
             )
@@ -195,8 +200,9 @@ def build(
         if cut is not None:
             plan.truncations.append(cut)
         shared = common_prefix(rows)
+        plan.example_tokens.append((shared, sum(len(r) - shared for r in rows)))
         plan.document_tokens += shared
-        plan.prompt_tokens += sum(len(r) - shared for r in rows)
+        plan.prompt_tokens += plan.example_tokens[-1][1]
         d = len(plan.prefixes)
         plan.prefixes.append(rows[0][:shared] if layout == "pid" else [])
         for j, (r, n) in enumerate(zip(rows, limits)):
@@ -238,7 +244,30 @@ def build_on_prefix(
         plan.rows.append(SuffixRow(0, r[shared:], n))
         plan.owner.append((0, j))
     plan.prompt_tokens = sum(len(r) - shared for r in rows)
+    plan.example_tokens = [(shared, plan.prompt_tokens)]
     return plan, shared
+
+
+def concat(plans: list[CausalPlan]) -> CausalPlan:
+    """Plans of one layout as one, decoded together: documents and examples follow each other
+    in order (the service's batch of requests). Rows keep their order."""
+    if not plans:
+        raise ValueError("no plans to join")
+    layouts = {p.layout for p in plans}
+    if len(layouts) != 1:
+        raise ValueError(f"plans of different layouts ({', '.join(sorted(layouts))}) do not decode together")
+    out = CausalPlan(plans[0].layout, [], [], [], [])
+    for p in plans:
+        docs, examples = len(out.prefixes), len(out.prompts)
+        out.prefixes += p.prefixes
+        out.rows += [SuffixRow(r.doc + docs, r.tokens, r.max_new_tokens) for r in p.rows]
+        out.owner += [(i + examples, j) for i, j in p.owner]
+        out.prompts += p.prompts
+        out.truncations += [replace(t, example=t.example + examples) for t in p.truncations]
+        out.document_tokens += p.document_tokens
+        out.prompt_tokens += p.prompt_tokens
+        out.example_tokens += p.example_tokens
+    return out
 
 
 def collect(plan: CausalPlan, tokens: list[list[int]], tokenizer) -> list[list[str]]:

@@ -12,6 +12,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from typer.core import TyperGroup
 
+from ..causal import Template
 from ..errors import InputError
 from ..quantize import check_method
 
@@ -147,6 +148,47 @@ NoPack = Annotated[bool, typer.Option("--no-pack", help=NO_PACK_HELP, rich_help_
 Tokenizer = Annotated[Optional[str], typer.Option("--tokenizer", help="tokenizer folder, if the checkpoint has none")]
 Layout = Annotated[Literal["pid", "pie", "seq"], typer.Option("--layout", help="how subtasks become rows")]
 JsonOut = Annotated[Optional[str], typer.Option("--json", help="also write the result as JSON to this file")]
+
+DECODER_ONLY = "Decoder-only checkpoints (Llama, Qwen, Mistral)"
+PrefixTemplate = Annotated[
+    Optional[str],
+    typer.Option(
+        "--prefix-template",
+        help="the text before each prompt, holding {document}: shared by the rows (default '{document}\\n\\n')",
+        rich_help_panel=DECODER_ONLY,
+    ),
+]
+RowTemplate = Annotated[
+    Optional[str],
+    typer.Option(
+        "--row-template",
+        help="each row's text after the prefix, holding {prompt} (default '{prompt}\\n')",
+        rich_help_panel=DECODER_ONLY,
+    ),
+]
+ChatTemplate = Annotated[
+    Optional[bool],
+    typer.Option(
+        "--chat-template/--no-chat-template",
+        help="rows through the tokenizer's chat template: one user message of document and prompt (default: no)",
+        rich_help_panel=DECODER_ONLY,
+    ),
+]
+
+
+def template_of(prefix_template: Optional[str], row_template: Optional[str], chat: Optional[bool]) -> Template | None:
+    """The decoder-only row template the options give (None: none given), its fields checked
+    before anything is loaded; `pidec.causal.use_template` then refuses it for a T5 checkpoint."""
+    given = {"prefix_template": prefix_template, "row_template": row_template, "chat": chat}
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    if chat and (prefix_template is not None or row_template is not None):
+        fail(
+            "--prefix-template and --row-template do not apply with --chat-template: the chat template builds the rows"
+        )
+    with input_errors_fail():
+        return Template(**given).check()
 
 
 def command():

@@ -10,15 +10,19 @@ import typer
 from .. import lora
 from .. import tasks as registry
 from ..api import load, parse_dtype
+from ..causal import use_template
 from ..evaluate import evaluate, write
 from ..layouts import LAYOUTS
 from .common import (
+    ChatTemplate,
     Compile,
     Device,
     Dtype,
     Layout,
     NoPack,
+    PrefixTemplate,
     Quantize,
+    RowTemplate,
     Tokenizer,
     app,
     fail,
@@ -26,6 +30,7 @@ from .common import (
     print_json,
     read_prompts_file,
     read_text,
+    template_of,
 )
 
 
@@ -45,6 +50,9 @@ def generate(
     quantize: Quantize = None,
     compile_steps: Compile = False,
     no_pack: NoPack = False,
+    prefix_template: PrefixTemplate = None,
+    row_template: RowTemplate = None,
+    chat_template: ChatTemplate = None,
 ) -> None:
     """Answer every prompt about one document; prints {"outputs": [...], "usage": {...}, "timings": {...},
     "truncations": [...]}."""
@@ -53,6 +61,7 @@ def generate(
         fail(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if truncate not in (None, "left", "right"):
         fail(f"--truncate {truncate!r}: expected left or right")
+    template = template_of(prefix_template, row_template, chat_template)
     prompts = list(prompt or [])
     if prompts_file:
         prompts += read_prompts_file(prompts_file)
@@ -69,6 +78,7 @@ def generate(
             compile=compile_steps,
             pack_weights=False if no_pack else None,
         )
+        use_template(m, template)
         result = m.generate(
             text,
             prompts,

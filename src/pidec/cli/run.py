@@ -12,7 +12,20 @@ from ..bulk import ray as bulk_ray
 from ..bulk import runner
 from ..bulk.extract import Options
 from ..bulk.workers import ModelSpec
-from .common import Dtype, Layout, Quantize, Tokenizer, app, fail, input_errors_fail, print_json
+from .common import (
+    ChatTemplate,
+    Dtype,
+    Layout,
+    PrefixTemplate,
+    Quantize,
+    RowTemplate,
+    Tokenizer,
+    app,
+    fail,
+    input_errors_fail,
+    print_json,
+    template_of,
+)
 
 ENGINES = ("local", "ray")
 
@@ -68,6 +81,9 @@ def run_corpus(
     actors: int = typer.Option(1, "--actors", help="--engine ray: model replicas (actors)"),
     actor_cpus: Optional[float] = typer.Option(None, "--actor-cpus", help="--engine ray: CPUs per actor"),
     actor_gpus: Optional[float] = typer.Option(None, "--actor-gpus", help="--engine ray: GPUs per actor"),
+    prefix_template: PrefixTemplate = None,
+    row_template: RowTemplate = None,
+    chat_template: ChatTemplate = None,
 ) -> None:
     """Answer the same questions of every record of a corpus; one output record per input record.
     Streaming, resumable (run the same command again), with --workers N processes or on Ray."""
@@ -80,10 +96,11 @@ def run_corpus(
         fail("--ray-address, --actors, --actor-cpus and --actor-gpus go with --engine ray")
     if engine == "ray" and (workers != 1 or resume):
         fail("--engine ray: give --actors N instead of --workers; --resume is for the local engine")
+    template = template_of(prefix_template, row_template, chat_template)
     with input_errors_fail():
         questions = bulk_fields.questions(fields_file, list(prompt or []))
         options = Options(layout, num_beams, max_new_tokens, truncate, id_field, document_field, batch_tokens)
-        spec = ModelSpec(model, device, dtype, quantize, tokenizer, max_input_length)
+        spec = ModelSpec(model, device, dtype, quantize, tokenizer, max_input_length, template=template)
         if engine == "ray":
             result = bulk_ray.run(
                 spec,

@@ -9,11 +9,26 @@ from typing import Optional
 
 import typer
 
-from ..api import Model, load
+from ..api import load
 from ..bench.loadtest import format_report, run_loadtest
+from ..causal import use_template
 from ..serving import allocator
 from ..serving.app import ServeSettings, run_server
-from .common import Device, Dtype, NoPack, Quantize, Tokenizer, app, fail, input_errors_fail, write_json
+from .common import (
+    ChatTemplate,
+    Device,
+    Dtype,
+    NoPack,
+    PrefixTemplate,
+    Quantize,
+    RowTemplate,
+    Tokenizer,
+    app,
+    fail,
+    input_errors_fail,
+    template_of,
+    write_json,
+)
 
 
 @app.command()
@@ -72,12 +87,16 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical | error | warning | info | debug"),
     no_pack: NoPack = False,
+    prefix_template: PrefixTemplate = None,
+    row_template: RowTemplate = None,
+    chat_template: ChatTemplate = None,
 ) -> None:
     """HTTP service: POST /v1/generate batches concurrent requests into shared-cache decoding;
     GET /healthz, /readyz, /metrics. On SIGTERM it stops accepting, finishes what it holds, exits."""
 
     if not 0 <= port <= 65535:
         fail(f"--port {port}: expected 0-65535")
+    template = template_of(prefix_template, row_template, chat_template)
     given = dict(
         api_key=api_key,
         max_batch_documents=max_batch_documents,
@@ -122,8 +141,7 @@ def serve(
             quantize=quantize,
             pack_weights=False if no_pack else None,
         )
-        if not isinstance(m, Model):
-            fail(f"{model}: decoder-only checkpoints are not served yet; use pidec generate or the Python API")
+        use_template(m, template)
         settings.checked(m)
     run_server(m, settings, host=host, port=port, log_level=log_level, quiet=quiet, source=model)
     # Stopped gracefully: everything held was answered, nothing is left to write. Skip the

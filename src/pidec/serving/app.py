@@ -69,8 +69,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import layouts
 from ..api import Model
+from ..causal import CausalModel
 from ..errors import InputError
-from . import allocator
+from . import allocator, causal
 from .batcher import Batcher, BatchFailed, Cancelled, Job, QueueFull, ShuttingDown
 from .prometheus import LATENCY_BUCKETS, Registry
 
@@ -303,10 +304,14 @@ def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Jo
                 "max_prompt_tokens",
             )
     try:
+        if isinstance(model, CausalModel):  # decoder-only: its rows and limits are serving/causal.py's
+            return causal.build_job(model, settings, req, budgets)
         # no cut here: a document above the limit is refused below, with the service's limit named
         plan = layouts.build(
             tok, [(req.document, req.prompts)], req.layout, [budgets], 1 << 30, model.config.decoder_start_token_id
         )
+    except causal.DocumentTooLong as e:
+        raise ServiceError(413, "too_large", str(e), "max_document_tokens") from e
     except InputError as e:
         raise ServiceError(422, "invalid_request", str(e)) from e
     for i, doc in enumerate(plan.docs):
@@ -573,7 +578,8 @@ class _Service:
         m.histogram("pidec_request_duration_seconds", "arrival to answer", LATENCY_BUCKETS, ("path",))
         m.histogram("pidec_queue_seconds", "arrival until the decoding thread took the request", LATENCY_BUCKETS)
         m.counter("pidec_malloc_trims_total", "times freed heap was given back to the OS after an idle spell")
-        self.batcher = Batcher(
+        engine = causal.CausalBatcher if isinstance(model, CausalModel) else Batcher
+        self.batcher = engine(
             model,
             max_batch_tokens=self.settings.max_batch_tokens,
             max_batch_documents=self.settings.max_batch_documents,
@@ -916,9 +922,14 @@ def describe(model: Model, settings: ServeSettings, source: str | None, url: str
     cfg = model.config
     params = sum(p.numel() for p in model.model.parameters())
     quant = getattr(model.model, "quantization", None) or "none"
+    what = (
+        causal.describe_model(model)
+        if isinstance(model, CausalModel)
+        else f"T5, d_model={cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} layers, vocab {cfg.vocab_size}, "
+        f"{params / 1e6:.1f}M parameters"
+    )
     lines = [
-        f"pidec serve: {source or 'model'} (T5, d_model={cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} "
-        f"layers, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters)",
+        f"pidec serve: {source or 'model'} ({what})",
         f"  device {model.device}, dtype {str(model.model.dtype).removeprefix('torch.')}, quantization {quant}",
         "  limits: "
         + ", ".join(
