@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import hostsync
 from .packing import Linear, linear
 
 # Shapes by name (T5 v1.1 at small, base and large; "tiny" for tests and the demo).
@@ -315,14 +316,18 @@ class RowGroups:
     def from_doc(cls, doc: Tensor, docs: int) -> RowGroups:
         if doc.numel() == 0:
             return cls(doc, doc.clone(), docs, 0, False)
-        if doc.numel() > 1 and bool((doc[1:] < doc[:-1]).any()):
-            raise ValueError("decoder rows must be ordered by document")
         counts = torch.bincount(doc, minlength=docs)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(doc.numel(), device=doc.device) - starts[doc]
-        width = int(counts.max())
-        regular = bool((counts == width).all())
-        return cls(doc, slot, docs, width, regular)
+        most = counts.max()
+        unordered = (doc[1:] < doc[:-1]).any()
+        # one host read (a synchronisation on a GPU) for the three facts the fold needs
+        unordered, width, regular = hostsync.read_list(
+            torch.stack([unordered.long(), most, (counts == most).all().long()]), "RowGroups.from_doc"
+        )
+        if unordered:
+            raise ValueError("decoder rows must be ordered by document")
+        return cls(doc, slot, docs, width, bool(regular))
 
     @classmethod
     def from_counts(cls, counts: list[int], device=None) -> RowGroups:
