@@ -11,6 +11,8 @@ The counts are honest: every read the engine makes goes through `pidec.hostsync`
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -134,15 +136,33 @@ def test_syncs_grow_with_steps_per_step_policy_not_with_deferred(v11, num_beams)
 
 
 def test_syncs_with_rows_ending_early_stay_bounded(variant):
-    """Rows ending on EOS at different steps: compaction happens only at the reads."""
+    """Rows ending on EOS or their budgets at different steps: compaction happens only at reads,
+    every 8 steps or when a quarter of the rows held has spent its budget (known on the host)."""
     model, cross, rows = _case(variant, 305)
     with SyncCounter() as count:
         out = decode(model, cross, rows, sync_every=8)
+    budget_reads = math.ceil(math.log(len(rows)) / math.log(4 / 3)) + 1  # each removes >= 1/4 of the rows
+    assert count.sites["settle"] <= out.stats.steps // 8 + 1 + budget_reads, count
     # each settlement that compacts costs the read and two more (documents left, the row fold)
-    assert count.syncs <= 3 * (out.stats.steps // 8 + 1) + 8, count
+    assert count.syncs <= 3 * count.sites["settle"] + 8, count
     with SyncCounter() as per_step:
         ref = decode(model, cross, rows, sync_every=1)
     assert per_step.syncs >= ref.stats.steps
+
+
+def test_rows_with_short_budgets_leave_without_waiting_for_the_next_read(v11):
+    """dst-like: most rows write 2 tokens, a few 40. The host knows when budgets run out, so a
+    deferred search asks for a read then, instead of computing the short rows for 16 steps."""
+    g = torch.Generator().manual_seed(7)
+    docs = [random_tokens(g, 30, v11.vocab)]
+    rows = [Row(0, [0] + random_tokens(g, 2, v11.vocab), 2 if i % 4 else 40) for i in range(24)]
+    cross = encode(v11.pid, docs)
+    per_step = decode(v11.pid, cross, rows, eos_token_id=None, sync_every=1)
+    with SyncCounter() as count:
+        deferred = decode(v11.pid, cross, rows, eos_token_id=None, sync_every=16)
+    assert deferred.tokens == per_step.tokens
+    assert deferred.stats.row_steps <= per_step.stats.row_steps + len(rows)
+    assert count.sites["settle"] <= 39 // 16 + 2, count
 
 
 def test_every_read_is_counted(v11, monkeypatch):

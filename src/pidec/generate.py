@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import packing
 from .errors import InputError
-from .hostsync import SyncCounter, read_bool, read_int, read_list
+from .hostsync import SyncCounter, read_bool, read_int, read_list, to_device, upload
 from .model import T5, CrossCache, KVCache, PackedPrefill, RowGroups
 from .search import apply_keep, new_search
 
@@ -120,7 +120,7 @@ def encode(model: T5, docs: list[list[int]], pad_token_id: int | None = None) ->
     for i, d in enumerate(docs):
         ids[i, : len(d)] = torch.tensor(d, dtype=torch.long)
         keep[i, : len(d)] = True
-    ids, keep = ids.to(model.device), keep.to(model.device)
+    ids, keep = to_device(ids, model.device), to_device(keep, model.device)
     enc = model.encode(ids, keep)
     return model.cross_cache(enc, keep)
 
@@ -216,13 +216,13 @@ def prefill_prompts(model: T5, cross: CrossCache, rows: list[Row], cache: KVCach
             slot += range(P - n, P)
             last.append((s, t + n - 1))
             t += n
-    tokens, owner, inrow = tokens.to(device), owner.to(device), inrow.to(device)
+    tokens, owner, inrow = (to_device(t, device) for t in (tokens, owner, inrow))
     keep = (owner[:, :, None] == owner[:, None, :]) & (inrow[:, None, :] <= inrow[:, :, None])  # [S, q, k]
     mask = model.decoder.rel_bias.of(inrow[:, None, :] - inrow[:, :, None]).to(model.dtype)  # [S, heads, q, k]
     mask = mask.masked_fill(~keep[:, None], torch.finfo(model.dtype).min)
 
     def index(values) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return upload(values, torch.long, device)
 
     writer = PackedPrefill(cache, index(seg), index(tok), index(row), index(slot), P)
     groups = RowGroups.from_doc(index(seg_doc), cross.docs)
@@ -251,7 +251,7 @@ def prompt_key_keep(prefix_lengths: list[int], P: int, capacity: int, device) ->
     keep = torch.ones((len(prefix_lengths), capacity), dtype=torch.bool)
     for i, n in enumerate(prefix_lengths):
         keep[i, : P - n] = False
-    return keep.to(device)
+    return to_device(keep, device)
 
 
 class StepBias:
@@ -531,7 +531,7 @@ def prefill(
     cache = KVCache(len(model.decoder.layers), len(rows), cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
     logits = prefill_prompts(model, cross, rows, cache, P, pad)  # [G, vocab]
     key_keep = prompt_key_keep([len(r.prefix) for r in rows], P, capacity, device)
-    doc = torch.tensor([r.doc for r in rows], device=device)
+    doc = upload([r.doc for r in rows], torch.long, device)
     if num_beams > 1:
         cache.repeat_rows(num_beams)
         key_keep, doc, logits = (t.repeat_interleave(num_beams, dim=0) for t in (key_keep, doc, logits))

@@ -98,12 +98,16 @@ def read_bool(t: Tensor, site: str) -> bool:
     return bool(read_list(t.reshape(()), site))
 
 
+def to_device(t: Tensor, device) -> Tensor:
+    """A tensor built on the host, copied to `device` without waiting (counted in `uploads`)."""
+    for c in _counters():
+        c.uploads += 1
+    if torch.device(device).type == "cpu":
+        return t
+    return t.to(device, non_blocking=True)
+
+
 def upload(values, dtype: torch.dtype, device) -> Tensor:
     """A host list as a device tensor, copied without waiting for the device (see the module's
     docstring); counted in `uploads`."""
-    for c in _counters():
-        c.uploads += 1
-    host = torch.tensor(values, dtype=dtype)
-    if torch.device(device).type == "cpu":
-        return host
-    return host.to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=dtype), device)

@@ -556,7 +556,7 @@ class T5(nn.Module):
         x = self.encoder.dropout(self.embed(input_ids))
         pos = torch.arange(S, device=input_ids.device)
         mask = self.encoder.rel_bias(pos, pos).unsqueeze(0).to(x.dtype)  # [1, heads, S, S]
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not hostsync.read_bool(attention_mask.all(), "T5.encode"):
             mask = mask.masked_fill(~attention_mask[:, None, None, :].bool(), torch.finfo(x.dtype).min)
         for layer in self.encoder.layers:
             if self.gradient_checkpointing and self.training:
@@ -581,7 +581,8 @@ class T5(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(enc.shape[:2], dtype=torch.bool, device=enc.device)
         attention_mask = attention_mask.bool()
-        mask = None if bool(attention_mask.all()) else additive_mask(attention_mask[:, None, None, :], enc.dtype)
+        keep_all = hostsync.read_bool(attention_mask.all(), "T5.cross_cache")
+        mask = None if keep_all else additive_mask(attention_mask[:, None, None, :], enc.dtype)
         return CrossCache(ks, vs, mask, attention_mask.sum(-1))
 
     # -- decoder ---------------------------------------------------------------------------

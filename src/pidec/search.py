@@ -23,9 +23,11 @@ Host reads. A search made with `read_every=1` reads what it needs back on the ho
 `read_every` > 1 (the default on a GPU, `generate.default_sync_every`) it is `deferred`: `choose`
 only queues device work, finished rows, EOS and budgets are tracked in device tensors, rows that
 ended stay in the batch (fed `pad`, their state frozen) and `ended` stays empty; the caller reads
-`flags()` back now and then (every `read_every` steps, or when `must_settle` says that every
-budget is spent) and gives them to `settle(flags)`, which reports the rows that ended and, with
-compaction, says which batch rows to keep. The tokens are the same either way: a row's tokens
+`flags()` back now and then (every `read_every` steps, or when `must_settle` says so: the host
+knows without reading which rows spend their budget at a step, and asks for a read when every
+row has, or when at least SETTLE_SHARE of the rows held have, so that rows with short budgets do
+not compute on for read_every steps) and gives them to `settle(flags)`, which reports the rows
+that ended and, with compaction, says which batch rows to keep. The tokens are the same either way: a row's tokens
 depend only on its own logits. Every read goes through `pidec.hostsync` (counted).
 
 `generate.decode` runs one search over a fixed set of rows; `session.DecodeSession` runs one per
@@ -34,6 +36,7 @@ admission, greedy and beams side by side in one batch.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import torch
@@ -47,6 +50,29 @@ class Choice:
     feed: Tensor  # [R'] the next token of each row that goes on
     keep: Tensor | None  # [R'] those rows, as indices into the rows before the step; None: all, in order
     ended: list[int]  # caller rows that ended at this step
+
+
+SETTLE_SHARE = 0.25  # a deferred search asks for a read once this share of its rows has spent its budget
+
+
+class BudgetClock:
+    """The budgets of the units (rows or beam groups) a deferred search still holds, sorted: how
+    many have spent theirs by a step is known on the host, without reading anything."""
+
+    def __init__(self, limits: list[int]):
+        self.limits = sorted(limits)
+
+    def spent(self, step: int) -> int:
+        return bisect_right(self.limits, step)
+
+    def due(self, step: int) -> bool:
+        """Every unit has spent its budget, or at least SETTLE_SHARE of them have."""
+        n = len(self.limits)
+        spent = self.spent(step)
+        return n > 0 and (spent == n or spent >= max(1.0, SETTLE_SHARE * n))
+
+    def reset(self, limits) -> None:
+        self.limits = sorted(limits)
 
 
 def apply_keep(choice: Choice, keep: list[int] | None, device) -> Choice:
@@ -171,7 +197,7 @@ class DeviceGreedySearch:
         self.ended = [False] * G  # reported ended (host)
         self.remaining = G
         self.step = 0
-        self.horizon = max(limits)  # the step by which every unreported row has spent its budget
+        self.clock = BudgetClock(limits)  # budgets of the rows held and not reported ended
 
     @property
     def rows(self) -> int:
@@ -183,8 +209,8 @@ class DeviceGreedySearch:
 
     @property
     def must_settle(self) -> bool:
-        """Every row still held has spent its budget: they have all ended (read them now)."""
-        return self.remaining > 0 and self.step >= self.horizon
+        """Every row not reported has spent its budget, or enough of them have (`BudgetClock`)."""
+        return self.remaining > 0 and self.clock.due(self.step)
 
     def choose(self, logits: Tensor) -> Choice:
         tok = logits.argmax(-1)  # [R]
@@ -215,7 +241,8 @@ class DeviceGreedySearch:
         if self.compaction and any(ended_flags):
             keep = [b for b, gone in enumerate(ended_flags) if not gone]
             self._keep_rows(keep)
-        self._update_horizon()
+        if ended or keep is not None:
+            self._update_horizon()
         return keep, ended
 
     def _keep_rows(self, index: list[int]) -> None:
@@ -225,7 +252,7 @@ class DeviceGreedySearch:
         self.active = self.active.index_select(0, at)
 
     def _update_horizon(self) -> None:
-        self.horizon = max((self.limits[i] for i in self.owner if not self.ended[i]), default=0)
+        self.clock.reset(self.limits[i] for i in self.owner if not self.ended[i])
 
     def drop_rows(self, index: list[int]) -> None:
         gone = set(range(len(self.owner))) - set(index)
@@ -234,7 +261,7 @@ class DeviceGreedySearch:
         self._update_horizon()
 
     def slots_left(self) -> int:
-        return max(self.horizon - self.step, 0)
+        return max(max(self.clock.limits, default=0) - self.step, 0)
 
     def results_for(self, ids) -> list[list[int]]:
         """One host read for all of `ids`."""
@@ -269,7 +296,7 @@ class BeamSearch:
         self.limits = list(limits)
         self.limit = upload(limits, torch.long, device)
         self.reported = [False] * G  # groups reported ended (host)
-        self.horizon = L  # the step by which every unreported group has spent its budget
+        self.clock = BudgetClock(limits)  # budgets of the groups held and not reported ended
         self.step = 0
         self.running_scores = torch.zeros((G, nb), device=device)
         self.running_scores[:, 1:] = self.NEG
@@ -300,7 +327,7 @@ class BeamSearch:
 
     @property
     def must_settle(self) -> bool:
-        return self.remaining > 0 and self.step >= self.horizon
+        return self.remaining > 0 and self.clock.due(self.step)
 
     def flags(self) -> Tensor:
         """[A] bool on the device: True for the groups in the batch that have ended."""
@@ -321,11 +348,12 @@ class BeamSearch:
             self.alive_list = [self.alive_list[j] for j in stays]
             self.alive = upload(self.alive_list, torch.long, self.alive.device)
             keep = [j * self.nb + k for j in stays for k in range(self.nb)]
-        self._update_horizon()
+        if self.deferred and (ended or keep is not None):
+            self._update_horizon()
         return keep, ended
 
     def _update_horizon(self) -> None:
-        self.horizon = max((self.limits[g] for g in self.alive_list if not self.reported[g]), default=0)
+        self.clock.reset(self.limits[g] for g in self.alive_list if not self.reported[g])
 
     def choose(self, logits: Tensor) -> Choice:
         """logits [A*nb, V] for the groups in the batch (all of them without compaction)."""
