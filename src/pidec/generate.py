@@ -31,8 +31,25 @@ import torch
 from torch import Tensor
 
 from . import packing
+from .errors import InputError
+from .hostsync import SyncCounter, read_bool, read_int, read_list, to_device, upload
 from .model import T5, CrossCache, KVCache, PackedPrefill, RowGroups
-from .search import new_search
+from .search import apply_keep, new_search
+
+__all__ = ["SyncCounter"]  # re-exported: counts the host reads of a decoding (pidec.hostsync)
+
+CUDA_SYNC_EVERY = 8  # steps between host reads on a GPU (see `default_sync_every`)
+
+
+def default_sync_every(device) -> int:
+    """How many decoding steps pass between host reads of the rows that ended, by default.
+
+    On the CPU a read costs nothing, and reading at every step lets a row leave the batch at the
+    step it ends: 1. On a GPU a read stops the host from queueing kernels until the GPU has run
+    dry, so the state is kept on the device and read every CUDA_SYNC_EVERY steps: a row that
+    ended computes on (fed pad) for at most that many steps less one, a price that falls as the
+    batch grows, while the reads per step fall by that factor."""
+    return 1 if torch.device(device).type == "cpu" else CUDA_SYNC_EVERY
 
 
 @dataclass
@@ -103,7 +120,7 @@ def encode(model: T5, docs: list[list[int]], pad_token_id: int | None = None) ->
     for i, d in enumerate(docs):
         ids[i, : len(d)] = torch.tensor(d, dtype=torch.long)
         keep[i, : len(d)] = True
-    ids, keep = ids.to(model.device), keep.to(model.device)
+    ids, keep = to_device(ids, model.device), to_device(keep, model.device)
     enc = model.encode(ids, keep)
     return model.cross_cache(enc, keep)
 
@@ -199,13 +216,13 @@ def prefill_prompts(model: T5, cross: CrossCache, rows: list[Row], cache: KVCach
             slot += range(P - n, P)
             last.append((s, t + n - 1))
             t += n
-    tokens, owner, inrow = tokens.to(device), owner.to(device), inrow.to(device)
+    tokens, owner, inrow = (to_device(t, device) for t in (tokens, owner, inrow))
     keep = (owner[:, :, None] == owner[:, None, :]) & (inrow[:, None, :] <= inrow[:, :, None])  # [S, q, k]
     mask = model.decoder.rel_bias.of(inrow[:, None, :] - inrow[:, :, None]).to(model.dtype)  # [S, heads, q, k]
     mask = mask.masked_fill(~keep[:, None], torch.finfo(model.dtype).min)
 
     def index(values) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return upload(values, torch.long, device)
 
     writer = PackedPrefill(cache, index(seg), index(tok), index(row), index(slot), P)
     groups = RowGroups.from_doc(index(seg_doc), cross.docs)
@@ -234,7 +251,7 @@ def prompt_key_keep(prefix_lengths: list[int], P: int, capacity: int, device) ->
     keep = torch.ones((len(prefix_lengths), capacity), dtype=torch.bool)
     for i, n in enumerate(prefix_lengths):
         keep[i, : P - n] = False
-    return keep.to(device)
+    return to_device(keep, device)
 
 
 class StepBias:
@@ -268,38 +285,245 @@ class RowBatch:
         logits    [R, vocab] each row's next-token logits (None between a choice and the step)
     """
 
-    def __init__(self, model: T5, cross: CrossCache, cache: KVCache, key_keep: Tensor, doc: Tensor, logits):
+    def __init__(
+        self,
+        model: T5,
+        cross: CrossCache,
+        cache: KVCache,
+        key_keep: Tensor,
+        doc: Tensor,
+        logits,
+        *,
+        bucketed: bool = False,
+    ):
         self.model, self.cross, self.cache = model, cross, cache
         self.key_keep, self.doc, self.logits = key_keep, doc, logits
-        self.padded = not bool(key_keep.all())
-        self.groups = RowGroups.from_doc(doc, cross.docs)
+        self.real = doc.numel()  # the rows the searches see; with `bucketed`, the tensors hold more
+        self.bucketed = bucketed
+        self.version = 0  # bumped whenever the tensors are replaced (`StaticSteps` rebinds then)
+        self.runner = None  # a `StaticSteps`, or None: the eager step
+        self.padded = not read_bool(key_keep.all(), "RowBatch")
+        if bucketed:
+            index = self.bucket_index(torch.arange(self.real, device=doc.device))
+            self.cache.select(index)
+            self.key_keep, self.doc = key_keep.index_select(0, index), doc.index_select(0, index)
+        self.groups = RowGroups.from_doc(self.doc, cross.docs)
         self.bias = StepBias(model)
 
     @property
     def rows(self) -> int:
-        return self.doc.numel()
+        return self.real
+
+    def bucket_index(self, keep: Tensor) -> Tensor:
+        """`keep` padded to its bucket (`bucket_rows`) by repeating its last row: the padding
+        rows copy a real row (its document, so the rows stay sorted) and their results are dropped."""
+        extra = bucket_rows(keep.numel()) - keep.numel()
+        return keep if extra == 0 else torch.cat([keep, keep[-1:].expand(extra)])
 
     def select(self, keep: Tensor) -> None:
-        """Keep rows `keep`, in that order; drop documents left empty once enough of them are."""
-        self.cache.select(keep)
-        self.key_keep = self.key_keep.index_select(0, keep)
-        self.doc = self.doc.index_select(0, keep)
+        """Keep rows `keep`, in that order; drop documents left empty once enough of them are.
+        A `keep` as long as the batch is a reordering within documents (beams: each new beam
+        continues a beam of its group, and the beams of a group share a prompt and a document):
+        only the self-attention cache moves, no host read."""
+        self.version += 1
+        index = self.bucket_index(keep) if self.bucketed else keep
+        self.cache.select(index)
         if self.logits is not None:
             self.logits = self.logits.index_select(0, keep)
+        if keep.numel() == self.real:
+            return
+        self.real = keep.numel()
+        self.key_keep = self.key_keep.index_select(0, index)
+        self.doc = self.doc.index_select(0, index)
         self.cross, self.doc = drop_empty_docs(self.cross, self.doc)
         self.groups = RowGroups.from_doc(self.doc, self.cross.docs)
 
+    def padded_feed(self, feed: Tensor) -> Tensor:
+        """feed [real] -> [rows held]: the padding rows fed the last real row's token."""
+        extra = self.doc.numel() - feed.numel()
+        return feed if extra == 0 else torch.cat([feed, feed[-1:].expand(extra)])
+
     def forward(self, feed: Tensor) -> None:
         """One decoder step: feed [R] one token a row; `logits` become the next token's."""
+        if self.runner is not None:
+            self.logits = self.runner.forward(self, feed)
+            return
         p = self.cache.pos
         mask = self.bias.mask(self.key_keep, p, self.padded)
-        hidden = step_decode(self.model)(feed[:, None], self.cross, self.groups, mask, self.cache)
-        self.logits = self.model.logits(hidden[:, -1])
+        hidden = step_decode(self.model)(self.padded_feed(feed)[:, None], self.cross, self.groups, mask, self.cache)
+        self.logits = self.model.logits(hidden[: self.real, -1])
 
 
-def prefill(model: T5, cross: CrossCache, rows: list[Row], pad: int, num_beams: int = 1) -> RowBatch:
+# -- static shapes: bucketing and CUDA graphs -----------------------------------------------
+
+BUCKET_FINE = 64  # row counts up to this are padded to powers of two, larger ones to multiples of it
+
+
+def bucket_rows(n: int) -> int:
+    """The row count a batch of n rows is padded to, so that few shapes recur and a CUDA graph
+    captured for one is reused (as vLLM and gpt-fast pad batches): the next power of two up to
+    BUCKET_FINE (1, 2, 4, ..., 64), then the next multiple of BUCKET_FINE (128, 192, ...), which
+    wastes at most BUCKET_FINE - 1 rows."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"bucket_rows: a row count >= 1, got {n!r}")
+    if n <= BUCKET_FINE:
+        return 1 << (n - 1).bit_length()
+    return -(-n // BUCKET_FINE) * BUCKET_FINE
+
+
+class StaticKVCache:
+    """The self-attention cache of a static-shape step: the step's keys and values are written
+    at the position held in a device tensor `pos` [1], and attention spans the whole capacity
+    (the mask hides the slots after pos), so that no shape depends on the position."""
+
+    def __init__(self, k: list[Tensor], v: list[Tensor], pos: Tensor):
+        self.k, self.v, self.pos = k, v, pos
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        self.k[layer].index_copy_(2, self.pos, k)
+        self.v[layer].index_copy_(2, self.pos, v)
+        return self.k[layer], self.v[layer]
+
+    def advance(self) -> None:  # the host moves `RowBatch.cache.pos`; `pos` is set before each step
+        pass
+
+
+@dataclass
+class StaticEntry:
+    """The buffers of one step shape: what a captured graph reads and writes."""
+
+    feed: Tensor
+    pos: Tensor
+    k: list[Tensor]
+    v: list[Tensor]
+    key_keep: Tensor
+    cross: CrossCache
+    groups: RowGroups
+    graph: object = None
+    logits: Tensor | None = None
+
+
+class StaticSteps:
+    """The one-token step with static shapes (`RowBatch.runner`): per shape (rows held, cache
+    capacity, documents, document length, row fold) one set of buffers that the batch is bound
+    to (its tensors copied in once after each change: compaction, beam reordering, documents
+    dropped), a position in a device tensor, the step mask built on the device from it. With
+    `graphs` (CUDA only) the step of each shape is captured once as a CUDA graph and replayed:
+    one launch a step instead of one per kernel. Without, it runs eagerly (the CPU tests run
+    it so, against the usual step). The logits it returns are a view of the shape's output
+    buffer, valid until its next step."""
+
+    def __init__(self, model: T5, graphs: bool):
+        if graphs and model.device.type != "cuda":
+            raise InputError(f"cuda_graphs: CUDA graphs need a model on a CUDA device, not {model.device.type}")
+        self.model, self.graphs = model, graphs
+        self.entries: dict[tuple, StaticEntry] = {}
+        self.tables: dict[int, Tensor] = {}
+        self.bound: tuple | None = None
+        self.captures = 0
+        self.pool = torch.cuda.graph_pool_handle() if graphs else None
+
+    @staticmethod
+    def key(batch: RowBatch) -> tuple:
+        c, g = batch.cross, batch.groups
+        return (batch.doc.numel(), batch.cache.capacity, c.docs, c.k[0].shape[2], c.mask is None, g.width, g.regular)
+
+    def table(self, capacity: int) -> Tensor:
+        """[1, heads, 1, 2*capacity-1]: the bias of key - query = -(capacity-1) .. capacity-1."""
+        if capacity not in self.tables:
+            rel = torch.arange(1 - capacity, capacity, device=self.model.device)[None, :]
+            self.tables[capacity] = self.model.decoder.rel_bias.of(rel).unsqueeze(0).to(self.model.dtype)
+        return self.tables[capacity]
+
+    def bind(self, batch: RowBatch, key: tuple) -> StaticEntry:
+        """Copy the batch's tensors into the buffers of its shape, and point the batch at them."""
+        e = self.entries.get(key)
+        c = batch.cross
+        if e is None:
+            mask = None if c.mask is None else c.mask.clone()
+            cross = CrossCache([t.clone() for t in c.k], [t.clone() for t in c.v], mask, c.lengths.clone())
+            g = batch.groups
+            groups = RowGroups(g.doc.clone(), g.slot.clone(), g.docs, g.width, g.regular)
+            e = StaticEntry(
+                batch.doc.new_zeros(batch.doc.numel()),
+                batch.doc.new_zeros(1),
+                [t.clone() for t in batch.cache.k],
+                [t.clone() for t in batch.cache.v],
+                batch.key_keep.clone(),
+                cross,
+                groups,
+            )
+            self.entries[key] = e
+        else:
+            for dst, src in zip(e.k + e.v, batch.cache.k + batch.cache.v):
+                dst.copy_(src)
+            for dst, src in zip(e.cross.k + e.cross.v, c.k + c.v):
+                dst.copy_(src)
+            if c.mask is not None:
+                e.cross.mask.copy_(c.mask)
+            e.cross.lengths.copy_(c.lengths)
+            e.groups.doc.copy_(batch.groups.doc)
+            e.groups.slot.copy_(batch.groups.slot)
+            e.key_keep.copy_(batch.key_keep)
+        for t in e.k + e.v:  # attention spans every slot: unwritten ones must hold numbers (0 * NaN is NaN)
+            t[:, :, batch.cache.pos :].zero_()
+        batch.cache.k, batch.cache.v = list(e.k), list(e.v)
+        batch.cross, batch.groups, batch.key_keep = e.cross, e.groups, e.key_keep
+        batch.doc = e.groups.doc
+        return e
+
+    def step(self, e: StaticEntry) -> Tensor:
+        """The step itself, on the shape's buffers only (what a graph captures)."""
+        capacity = e.key_keep.shape[1]
+        j = torch.arange(capacity, device=e.pos.device)
+        bias = self.table(capacity).index_select(-1, j - e.pos + (capacity - 1))  # [1, heads, 1, capacity]
+        keep = e.key_keep & (j <= e.pos)[None, :]
+        mask = bias.masked_fill(~keep[:, None, None, :], torch.finfo(self.model.dtype).min)
+        cache = StaticKVCache(e.k, e.v, e.pos)
+        hidden = self.model.decode(e.feed[:, None], e.cross, e.groups, mask, cache)
+        return self.model.logits(hidden[:, -1])
+
+    def capture(self, e: StaticEntry) -> None:
+        """Warm up on a side stream (the warm-up writes the same keys and values the step will),
+        then capture the step into a graph sharing one memory pool with the other shapes'."""
+        self.table(e.key_keep.shape[1])
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.step(e)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            e.logits = self.step(e)
+        e.graph = graph
+        self.captures += 1
+
+    def forward(self, batch: RowBatch, feed: Tensor) -> Tensor:
+        """One step of `batch` (feed [real rows]); returns the real rows' logits."""
+        key = self.key(batch)
+        state = (id(batch), batch.version, key)
+        e = self.entries.get(key) if self.bound == state else self.bind(batch, key)
+        self.bound = state
+        e.feed.copy_(batch.padded_feed(feed))
+        e.pos.fill_(batch.cache.pos)
+        if self.graphs:
+            if e.graph is None:
+                self.capture(e)
+            e.graph.replay()
+            logits = e.logits
+        else:
+            logits = self.step(e)
+        batch.cache.pos += 1
+        return logits[: batch.real]
+
+
+def prefill(
+    model: T5, cross: CrossCache, rows: list[Row], pad: int, num_beams: int = 1, *, bucketed: bool = False
+) -> RowBatch:
     """Rows (sorted by document) prefilled into a new batch whose cache holds their prompts and
-    budgets; with beams, each row becomes `num_beams` consecutive rows sharing its prefill."""
+    budgets; with beams, each row becomes `num_beams` consecutive rows sharing its prefill.
+    bucketed: the batch's row count padded to `bucket_rows` (and again after each compaction)."""
     device = model.device
     cfg = model.config
     P = max(len(r.prefix) for r in rows)
@@ -307,20 +531,30 @@ def prefill(model: T5, cross: CrossCache, rows: list[Row], pad: int, num_beams: 
     cache = KVCache(len(model.decoder.layers), len(rows), cfg.num_heads, capacity, cfg.d_kv, model.dtype, device)
     logits = prefill_prompts(model, cross, rows, cache, P, pad)  # [G, vocab]
     key_keep = prompt_key_keep([len(r.prefix) for r in rows], P, capacity, device)
-    doc = torch.tensor([r.doc for r in rows], device=device)
+    doc = upload([r.doc for r in rows], torch.long, device)
     if num_beams > 1:
         cache.repeat_rows(num_beams)
         key_keep, doc, logits = (t.repeat_interleave(num_beams, dim=0) for t in (key_keep, doc, logits))
-    return RowBatch(model, cross, cache, key_keep, doc, logits)
+    return RowBatch(model, cross, cache, key_keep, doc, logits, bucketed=bucketed)
 
 
 # -- decoding -------------------------------------------------------------------------------
 
 
-def choose_next(batch: RowBatch, search) -> Tensor | None:
+def settle_due(step: int, every: int) -> bool:
+    """Whether a deferred search's flags are read after choice number `step` (0-based)."""
+    return (step + 1) % every == 0
+
+
+def choose_next(batch: RowBatch, search, settle: bool = True) -> Tensor | None:
     """The search picks every row's next token and the rows that ended leave the batch. Returns
-    the tokens to feed the rows left, or None once the search is done."""
+    the tokens to feed the rows left, or None once the search is done. A deferred search
+    (`pidec.search`) is read back only when `settle` is True or its budgets are all spent: one
+    host read; otherwise this queues device work only."""
     choice = search.choose(batch.logits)
+    if search.deferred and (settle or search.must_settle):
+        keep, _ = search.settle(read_list(search.flags(), "settle"))
+        choice = apply_keep(choice, keep, batch.doc.device)
     if search.done:
         return None
     batch.logits = None  # the step about to run replaces them
@@ -329,9 +563,10 @@ def choose_next(batch: RowBatch, search) -> Tensor | None:
     return choice.feed
 
 
-def decode_one_token(batch: RowBatch, search, stats: DecodeStats) -> bool:
-    """One step: choose, compact, run the decoder for the rows left. False once every row ended."""
-    feed = choose_next(batch, search)
+def decode_one_token(batch: RowBatch, search, stats: DecodeStats, sync_every: int = 1) -> bool:
+    """One step: choose, compact, run the decoder for the rows left. False once every row ended.
+    sync_every: a deferred search is read back after every sync_every-th step."""
+    feed = choose_next(batch, search, settle_due(stats.steps, sync_every))
     if feed is None:
         return False
     batch.forward(feed)
@@ -340,13 +575,15 @@ def decode_one_token(batch: RowBatch, search, stats: DecodeStats) -> bool:
     return True
 
 
-def decode_n_tokens(batch: RowBatch, search, stats: DecodeStats, should_stop: Callable[[], bool] | None) -> None:
+def decode_n_tokens(
+    batch: RowBatch, search, stats: DecodeStats, should_stop: Callable[[], bool] | None, sync_every: int = 1
+) -> None:
     """Steps until every row has ended; `should_stop` is asked before each decoder step."""
     if should_stop is None:
-        while decode_one_token(batch, search, stats):
+        while decode_one_token(batch, search, stats, sync_every):
             pass
         return
-    while (feed := choose_next(batch, search)) is not None:
+    while (feed := choose_next(batch, search, settle_due(stats.steps, sync_every))) is not None:
         if should_stop():
             raise Aborted(f"stopped after {stats.steps + 1} steps")
         batch.forward(feed)
@@ -367,6 +604,9 @@ def decode(
     length_penalty: float = 1.0,
     early_stopping: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    sync_every: int | None = None,
+    pad_rows: bool | None = None,
+    cuda_graphs: bool = False,
 ) -> Decoded:
     """Decode `rows` against `cross` (one entry per document); results in the caller's row order.
 
@@ -374,9 +614,21 @@ def decode(
     fixed-length workloads). compaction: rows that ended leave the batch (False keeps them,
     computing on, to measure what compaction saves). length_penalty, early_stopping: beam search
     scoring and stopping, as transformers'. should_stop: asked before every step; True abandons
-    the decoding with `Aborted`."""
+    the decoding with `Aborted`. sync_every: read back which rows ended every this many steps
+    (None: `default_sync_every`, 1 on the CPU); between reads the search's state stays on the
+    device and rows that ended compute on, fed pad. The tokens do not depend on it.
+    pad_rows: pad the batch's rows up to `bucket_rows` sizes (None: as cuda_graphs). cuda_graphs:
+    run each step through a CUDA graph captured per bucketed shape (`StaticSteps`); refused on
+    the CPU and with a compiled model."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    every = check_sync_every(sync_every, model.device)
+    runner = None
+    if cuda_graphs:
+        if is_compiled(model):
+            raise InputError("cuda_graphs: not with a compiled model (torch.compile captures its own graphs)")
+        runner = StaticSteps(model, graphs=True)  # refuses a model that is not on a CUDA device
+    bucketed = cuda_graphs if pad_rows is None else bool(pad_rows)
     if not rows:
         return Decoded([], None if num_beams == 1 else [])
     check_rows(rows, cross)
@@ -385,8 +637,9 @@ def decode(
     ordered = [rows[i] for i in order]
     sync(model.device)
     t0 = time.perf_counter()
-    stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=int(cross.lengths.sum()))
-    batch = prefill(model, cross, ordered, pad, num_beams)
+    stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=read_int(cross.lengths.sum(), "decode"))
+    batch = prefill(model, cross, ordered, pad, num_beams, bucketed=bucketed)
+    batch.runner = runner
     stats.prefill_tokens = sum(len(r.prefix) for r in rows)
     stats.self_cache_bytes = batch.cache.nbytes()
     limits = [r.max_new_tokens for r in ordered]
@@ -399,14 +652,24 @@ def decode(
         compaction=compaction,
         length_penalty=length_penalty,
         early_stopping=early_stopping,
+        read_every=every,
     )
-    decode_n_tokens(batch, search, stats, should_stop)
+    decode_n_tokens(batch, search, stats, should_stop, every)
     sync(model.device)
     stats.decode_s = time.perf_counter() - t0
     tokens, scores = search.results()
     stats.output_tokens = sum(len(t) for t in tokens)  # EOS not counted
     back = inverse(order)
     return Decoded([tokens[b] for b in back], None if scores is None else [scores[b] for b in back], stats)
+
+
+def check_sync_every(sync_every: int | None, device) -> int:
+    """`sync_every` checked, None replaced by the device's default."""
+    if sync_every is None:
+        return default_sync_every(device)
+    if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        raise ValueError(f"sync_every must be an integer >= 1, got {sync_every!r}")
+    return sync_every
 
 
 def drop_empty_docs(cross: CrossCache, doc: Tensor, share: float = 0.25) -> tuple[CrossCache, Tensor]:
@@ -418,7 +681,7 @@ def drop_empty_docs(cross: CrossCache, doc: Tensor, share: float = 0.25) -> tupl
         return cross, doc
     present = torch.zeros(docs, dtype=torch.bool, device=doc.device)
     present[doc] = True
-    empty = docs - int(present.sum())
+    empty = docs - read_int(present.sum(), "drop_empty_docs")
     if empty == 0 or empty < share * docs:
         return cross, doc
     kept = present.nonzero().squeeze(1)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import hostsync
 from .packing import Linear, linear
 
 # Shapes by name (T5 v1.1 at small, base and large; "tiny" for tests and the demo).
@@ -315,14 +316,18 @@ class RowGroups:
     def from_doc(cls, doc: Tensor, docs: int) -> RowGroups:
         if doc.numel() == 0:
             return cls(doc, doc.clone(), docs, 0, False)
-        if doc.numel() > 1 and bool((doc[1:] < doc[:-1]).any()):
-            raise ValueError("decoder rows must be ordered by document")
         counts = torch.bincount(doc, minlength=docs)
         starts = torch.cumsum(counts, 0) - counts
         slot = torch.arange(doc.numel(), device=doc.device) - starts[doc]
-        width = int(counts.max())
-        regular = bool((counts == width).all())
-        return cls(doc, slot, docs, width, regular)
+        most = counts.max()
+        unordered = (doc[1:] < doc[:-1]).any()
+        # one host read (a synchronisation on a GPU) for the three facts the fold needs
+        unordered, width, regular = hostsync.read_list(
+            torch.stack([unordered.long(), most, (counts == most).all().long()]), "RowGroups.from_doc"
+        )
+        if unordered:
+            raise ValueError("decoder rows must be ordered by document")
+        return cls(doc, slot, docs, width, bool(regular))
 
     @classmethod
     def from_counts(cls, counts: list[int], device=None) -> RowGroups:
@@ -551,7 +556,7 @@ class T5(nn.Module):
         x = self.encoder.dropout(self.embed(input_ids))
         pos = torch.arange(S, device=input_ids.device)
         mask = self.encoder.rel_bias(pos, pos).unsqueeze(0).to(x.dtype)  # [1, heads, S, S]
-        if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask is not None and not hostsync.read_bool(attention_mask.all(), "T5.encode"):
             mask = mask.masked_fill(~attention_mask[:, None, None, :].bool(), torch.finfo(x.dtype).min)
         for layer in self.encoder.layers:
             if self.gradient_checkpointing and self.training:
@@ -576,7 +581,8 @@ class T5(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones(enc.shape[:2], dtype=torch.bool, device=enc.device)
         attention_mask = attention_mask.bool()
-        mask = None if bool(attention_mask.all()) else additive_mask(attention_mask[:, None, None, :], enc.dtype)
+        keep_all = hostsync.read_bool(attention_mask.all(), "T5.cross_cache")
+        mask = None if keep_all else additive_mask(attention_mask[:, None, None, :], enc.dtype)
         return CrossCache(ks, vs, mask, attention_mask.sum(-1))
 
     # -- decoder ---------------------------------------------------------------------------

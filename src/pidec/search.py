@@ -15,8 +15,20 @@ row is one `Row` the search was built for (a greedy row, or a group of `num_beam
     owner                the caller row of each batch row the search holds, in batch order
     drop_rows(index)     keep only these batch rows (their callers went away; whole beam groups)
     slots_left()         the most self-attention cache slots any of its rows may still write
-    result(i)            caller row i's tokens (a final EOS removed), once it has ended
+    results_for(ids)     these caller rows' tokens (a final EOS removed), once they have ended
     results()            every caller row's tokens, and the beam scores (None for greedy)
+
+Host reads. A search made with `read_every=1` reads what it needs back on the host at every step
+(on the CPU a read costs nothing, and the batch is compacted as soon as a row ends). With
+`read_every` > 1 (the default on a GPU, `generate.default_sync_every`) it is `deferred`: `choose`
+only queues device work, finished rows, EOS and budgets are tracked in device tensors, rows that
+ended stay in the batch (fed `pad`, their state frozen) and `ended` stays empty; the caller reads
+`flags()` back now and then (every `read_every` steps, or when `must_settle` says so: the host
+knows without reading which rows spend their budget at a step, and asks for a read when every
+row has, or when at least SETTLE_SHARE of the rows held have, so that rows with short budgets do
+not compute on for read_every steps) and gives them to `settle(flags)`, which reports the rows
+that ended and, with compaction, says which batch rows to keep. The tokens are the same either way: a row's tokens
+depend only on its own logits. Every read goes through `pidec.hostsync` (counted).
 
 `generate.decode` runs one search over a fixed set of rows; `session.DecodeSession` runs one per
 admission, greedy and beams side by side in one batch.
@@ -24,10 +36,13 @@ admission, greedy and beams side by side in one batch.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from .hostsync import read_list, upload
 
 
 @dataclass
@@ -35,6 +50,39 @@ class Choice:
     feed: Tensor  # [R'] the next token of each row that goes on
     keep: Tensor | None  # [R'] those rows, as indices into the rows before the step; None: all, in order
     ended: list[int]  # caller rows that ended at this step
+
+
+SETTLE_SHARE = 0.25  # a deferred search asks for a read once this share of its rows has spent its budget
+
+
+class BudgetClock:
+    """The budgets of the units (rows or beam groups) a deferred search still holds, sorted: how
+    many have spent theirs by a step is known on the host, without reading anything."""
+
+    def __init__(self, limits: list[int]):
+        self.limits = sorted(limits)
+
+    def spent(self, step: int) -> int:
+        return bisect_right(self.limits, step)
+
+    def due(self, step: int) -> bool:
+        """Every unit has spent its budget, or at least SETTLE_SHARE of them have."""
+        n = len(self.limits)
+        spent = self.spent(step)
+        return n > 0 and (spent == n or spent >= max(1.0, SETTLE_SHARE * n))
+
+    def reset(self, limits) -> None:
+        self.limits = sorted(limits)
+
+
+def apply_keep(choice: Choice, keep: list[int] | None, device) -> Choice:
+    """`choice` with only the rows `keep` (indices into its feed) going on: a settlement's
+    compaction composed with the choice's own reordering."""
+    if keep is None:
+        return choice
+    index = upload(keep, torch.long, device)
+    order = index if choice.keep is None else choice.keep.index_select(0, index)
+    return Choice(choice.feed.index_select(0, index), order, choice.ended)
 
 
 def new_search(
@@ -47,11 +95,17 @@ def new_search(
     compaction: bool = True,
     length_penalty: float = 1.0,
     early_stopping: bool = False,
+    read_every: int = 1,
 ):
-    """The search for rows with budgets `limits` (one caller row each)."""
+    """The search for rows with budgets `limits` (one caller row each). read_every > 1: a
+    deferred search (no host read in `choose`; see the module's docstring)."""
+    if read_every < 1:
+        raise ValueError(f"read_every must be >= 1, got {read_every}")
     if num_beams == 1:
-        return GreedySearch(limits, eos, pad, compaction=compaction)
-    return BeamSearch(limits, num_beams, eos, device, compaction, length_penalty, early_stopping)
+        if read_every == 1:
+            return GreedySearch(limits, eos, pad, compaction=compaction)
+        return DeviceGreedySearch(limits, eos, pad, device, compaction=compaction)
+    return BeamSearch(limits, num_beams, eos, device, compaction, length_penalty, early_stopping, read_every > 1)
 
 
 def strip_eos(tokens: list[int], eos: int | None) -> list[int]:
@@ -63,6 +117,9 @@ class GreedySearch:
     one synchronisation a step needs: which rows ended decides the next batch) and keeps the rest
     in Python lists, instead of a dozen small tensor operations and several synchronisations.
     Without compaction, rows that ended stay in the batch and are fed `pad`."""
+
+    deferred = False
+    must_settle = False
 
     def __init__(self, limits: list[int], eos: int | None, pad: int, *, compaction: bool = True):
         self.limits, self.eos, self.pad, self.compaction = limits, eos, pad, compaction
@@ -83,7 +140,7 @@ class GreedySearch:
     def choose(self, logits: Tensor) -> Choice:
         nxt = logits.argmax(-1)  # [R]
         keep, ended = [], []
-        for b, (i, token) in enumerate(zip(self.owner, nxt.tolist())):
+        for b, (i, token) in enumerate(zip(self.owner, read_list(nxt, "greedy.choose"))):
             if self.ended[i]:  # without compaction, rows that ended stay in the batch
                 continue
             out = self.tokens[i]
@@ -95,11 +152,11 @@ class GreedySearch:
                 keep.append(b)
         self.remaining -= len(ended)
         if ended and self.compaction:
-            index = torch.tensor(keep, dtype=torch.long, device=nxt.device)
+            index = upload(keep, torch.long, nxt.device)
             self.owner = [self.owner[b] for b in keep]
             return Choice(nxt.index_select(0, index), index, ended)
         if ended:  # no compaction: rows that ended compute on, fed pad, and nothing is kept
-            self.idle = torch.tensor([self.ended[i] for i in self.owner], device=nxt.device)
+            self.idle = upload([self.ended[i] for i in self.owner], torch.bool, nxt.device)
         return Choice(nxt if self.idle is None else nxt.masked_fill(self.idle, self.pad), None, ended)
 
     def drop_rows(self, index: list[int]) -> None:
@@ -107,16 +164,118 @@ class GreedySearch:
         self.remaining -= sum(not self.ended[self.owner[b]] for b in gone)
         self.owner = [self.owner[b] for b in index]
         if self.idle is not None:
-            self.idle = self.idle[torch.tensor(index, dtype=torch.long, device=self.idle.device)]
+            self.idle = self.idle[upload(index, torch.long, self.idle.device)]
 
     def slots_left(self) -> int:
         return max((self.limits[i] - len(self.tokens[i]) for i in self.owner), default=0)
 
-    def result(self, i: int) -> list[int]:
-        return strip_eos(self.tokens[i], self.eos)
+    def results_for(self, ids: list[int]) -> list[list[int]]:
+        return [strip_eos(self.tokens[i], self.eos) for i in ids]
 
     def results(self) -> tuple[list[list[int]], None]:
-        return [self.result(i) for i in range(len(self.tokens))], None
+        return self.results_for(range(len(self.tokens))), None
+
+
+class DeviceGreedySearch:
+    """Greedy choice bookkept on the device, for a deferred caller (see the module's docstring):
+    a step is an argmax and a few element-wise operations, no host read. The generated tokens
+    go to `out` [caller rows, longest budget] at column `step` (the rows of one search start
+    together), `length` counts them, `active` marks the batch rows still running; the host keeps
+    only what it can know without reading: the step, the budgets, the rows reported ended."""
+
+    deferred = True
+
+    def __init__(self, limits: list[int], eos: int | None, pad: int, device, *, compaction: bool = True):
+        G = len(limits)
+        self.limits, self.eos, self.pad, self.compaction = limits, eos, pad, compaction
+        self.out = torch.full((G, max(limits)), pad, dtype=torch.long, device=device)
+        self.length = torch.zeros(G, dtype=torch.long, device=device)
+        self.limit = upload(limits, torch.long, device)
+        self.owner = list(range(G))  # caller row of each batch row (host)
+        self.owner_t = torch.arange(G, device=device)  # the same, on the device
+        self.active = torch.ones(G, dtype=torch.bool, device=device)  # batch rows still running
+        self.ended = [False] * G  # reported ended (host)
+        self.remaining = G
+        self.step = 0
+        self.clock = BudgetClock(limits)  # budgets of the rows held and not reported ended
+
+    @property
+    def rows(self) -> int:
+        return len(self.owner)
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    @property
+    def must_settle(self) -> bool:
+        """Every row not reported has spent its budget, or enough of them have (`BudgetClock`)."""
+        return self.remaining > 0 and self.clock.due(self.step)
+
+    def choose(self, logits: Tensor) -> Choice:
+        tok = logits.argmax(-1)  # [R]
+        act = self.active
+        self.out[self.owner_t, self.step] = torch.where(act, tok, self.pad)
+        self.length.index_add_(0, self.owner_t, act.long())
+        stop = self.limit.index_select(0, self.owner_t) <= self.step + 1
+        if self.eos is not None:
+            stop = stop | (tok == self.eos)
+        self.active = act & ~stop
+        self.step += 1
+        return Choice(torch.where(self.active, tok, self.pad), None, [])
+
+    def flags(self) -> Tensor:
+        """[R] bool on the device: True for the batch rows that have ended."""
+        return ~self.active
+
+    def settle(self, ended_flags: list[bool]) -> tuple[list[int] | None, list[int]]:
+        """`flags()` read back: report the rows that ended since the last settlement; with
+        compaction, return the batch rows that go on (None: all stay)."""
+        ended = []
+        for i, gone in zip(self.owner, ended_flags):
+            if gone and not self.ended[i]:
+                self.ended[i] = True
+                ended.append(i)
+        self.remaining -= len(ended)
+        keep = None
+        if self.compaction and any(ended_flags):
+            keep = [b for b, gone in enumerate(ended_flags) if not gone]
+            self._keep_rows(keep)
+        if ended or keep is not None:
+            self._update_horizon()
+        return keep, ended
+
+    def _keep_rows(self, index: list[int]) -> None:
+        self.owner = [self.owner[b] for b in index]
+        at = upload(index, torch.long, self.owner_t.device)
+        self.owner_t = self.owner_t.index_select(0, at)
+        self.active = self.active.index_select(0, at)
+
+    def _update_horizon(self) -> None:
+        self.clock.reset(self.limits[i] for i in self.owner if not self.ended[i])
+
+    def drop_rows(self, index: list[int]) -> None:
+        gone = set(range(len(self.owner))) - set(index)
+        self.remaining -= sum(not self.ended[self.owner[b]] for b in gone)
+        self._keep_rows(index)
+        self._update_horizon()
+
+    def slots_left(self) -> int:
+        return max(max(self.clock.limits, default=0) - self.step, 0)
+
+    def results_for(self, ids) -> list[list[int]]:
+        """One host read for all of `ids`."""
+        ids = list(ids)
+        if not ids:
+            return []
+        at = upload(ids, torch.long, self.out.device)
+        table = read_list(
+            torch.cat([self.length.index_select(0, at)[:, None], self.out.index_select(0, at)], 1), "greedy.results"
+        )
+        return [strip_eos(row[1 : 1 + row[0]], self.eos) for row in table]
+
+    def results(self) -> tuple[list[list[int]], None]:
+        return self.results_for(range(len(self.limits))), None
 
 
 class BeamSearch:
@@ -128,10 +287,16 @@ class BeamSearch:
 
     NEG = -1.0e9
 
-    def __init__(self, limits: list[int], nb: int, eos, device, compaction: bool, lp: float, early: bool):
+    def __init__(
+        self, limits: list[int], nb: int, eos, device, compaction: bool, lp: float, early: bool, deferred: bool = False
+    ):
         G, L = len(limits), max(limits)
         self.G, self.nb, self.eos, self.compaction, self.lp, self.early = G, nb, eos, compaction, lp, early
-        self.limit = torch.tensor(limits, device=device)
+        self.deferred = deferred
+        self.limits = list(limits)
+        self.limit = upload(limits, torch.long, device)
+        self.reported = [False] * G  # groups reported ended (host)
+        self.clock = BudgetClock(limits)  # budgets of the groups held and not reported ended
         self.step = 0
         self.running_scores = torch.zeros((G, nb), device=device)
         self.running_scores[:, 1:] = self.NEG
@@ -160,6 +325,36 @@ class BeamSearch:
     def done(self) -> bool:
         return self.remaining == 0
 
+    @property
+    def must_settle(self) -> bool:
+        return self.remaining > 0 and self.clock.due(self.step)
+
+    def flags(self) -> Tensor:
+        """[A] bool on the device: True for the groups in the batch that have ended."""
+        return self.ended.index_select(0, self.alive)
+
+    def settle(self, ended_flags: list[bool]) -> tuple[list[int] | None, list[int]]:
+        """`flags()` read back: report the groups that ended; with compaction, return the batch
+        rows that go on (whole groups; None: all stay)."""
+        ended = []
+        for g, gone in zip(self.alive_list, ended_flags):
+            if gone and not self.reported[g]:
+                self.reported[g] = True
+                ended.append(g)
+        self.remaining -= len(ended)
+        keep = None
+        if self.compaction and any(ended_flags):
+            stays = [j for j, gone in enumerate(ended_flags) if not gone]
+            self.alive_list = [self.alive_list[j] for j in stays]
+            self.alive = upload(self.alive_list, torch.long, self.alive.device)
+            keep = [j * self.nb + k for j in stays for k in range(self.nb)]
+        if self.deferred and (ended or keep is not None):
+            self._update_horizon()
+        return keep, ended
+
+    def _update_horizon(self) -> None:
+        self.clock.reset(self.limits[g] for g in self.alive_list if not self.reported[g])
+
     def choose(self, logits: Tensor) -> Choice:
         """logits [A*nb, V] for the groups in the batch (all of them without compaction)."""
         groups, nb = self.alive, self.nb
@@ -171,18 +366,15 @@ class BeamSearch:
         new_scores = torch.gather(run_lp, 1, nxt)
         new_src, new_tok = torch.gather(src, 1, nxt), torch.gather(tok, 1, nxt)
         new_seqs = torch.gather(cand_seqs, 1, nxt[:, :, None].expand(A, nb, cand_seqs.shape[-1]))
-        finished = self._update(groups, cand, new_scores, new_seqs)
+        self._update(groups, cand, new_scores, new_seqs)
         self.step += 1
-        ended_now = groups[finished].tolist()
-        self.remaining -= len(ended_now)
         reorder = (torch.arange(A, device=logits.device)[:, None] * nb + new_src).view(-1)
-        feed = new_tok.reshape(-1)
-        if self.compaction and ended_now:
-            stays = ~self.ended[groups]
-            self.alive = groups[stays]
-            self.alive_list = self.alive.tolist()
-            return Choice(feed.view(A, nb)[stays].reshape(-1), reorder.view(A, nb)[stays].reshape(-1), ended_now)
-        return Choice(feed, reorder, ended_now)
+        choice = Choice(new_tok.reshape(-1), reorder, [])
+        if self.deferred:
+            return choice
+        keep, ended = self.settle(read_list(self.flags(), "beam.choose"))
+        choice = apply_keep(choice, keep, logits.device)
+        return Choice(choice.feed, choice.keep, ended)
 
     def _candidates(self, logits: Tensor, groups: Tensor):
         """The 2*nb best continuations of each group: their scores, parent beams, tokens, whether
@@ -227,33 +419,45 @@ class BeamSearch:
         if self.early:
             finished = finished | fin_flag.all(-1)
 
-        # groups that had already ended (kept in the batch without compaction) stay as they were
-        upd = ~self.ended[groups]
-        g = groups[upd]
-        self.fin_scores[g] = fin_scores[upd]
-        self.fin_flag[g] = fin_flag[upd]
-        self.fin_seqs[g] = torch.gather(m_seqs, 1, pick[:, :, None].expand(A, nb, m_seqs.shape[-1]))[upd]
-        self.fin_lens[g] = torch.gather(m_lens, 1, pick)[upd]
-        self.running_scores[g] = new_scores[upd]
-        self.running_seqs[g] = new_seqs[upd]
-        self.improvable[g] = improvable[upd]
-        self.ended[g] = finished[upd]
-        return finished & upd
+        # groups that had already ended (kept in the batch without compaction, or until the next
+        # settlement) stay as they were: blended by `where`, not picked by a boolean index (which
+        # would read the count back on the host)
+        was = self.ended[groups]
+
+        def put(state: Tensor, new: Tensor) -> None:
+            keep_old = was.view(A, *([1] * (new.dim() - 1)))
+            state[groups] = torch.where(keep_old, state[groups], new)
+
+        put(self.fin_scores, fin_scores)
+        put(self.fin_flag, fin_flag)
+        put(self.fin_seqs, torch.gather(m_seqs, 1, pick[:, :, None].expand(A, nb, m_seqs.shape[-1])))
+        put(self.fin_lens, torch.gather(m_lens, 1, pick))
+        put(self.running_scores, new_scores)
+        put(self.running_seqs, new_seqs)
+        put(self.improvable, improvable)
+        put(self.ended, finished)
+        return finished & ~was
 
     def drop_rows(self, index: list[int]) -> None:
         kept = [self.alive_list[b // self.nb] for b in index[:: self.nb]]
         gone = set(self.alive_list) - set(kept)
-        self.remaining -= len(gone - set(torch.nonzero(self.ended).squeeze(1).tolist()))
+        self.remaining -= sum(not self.reported[g] for g in gone)
         self.alive_list = kept
-        self.alive = torch.tensor(kept, dtype=torch.long, device=self.alive.device)
+        self.alive = upload(kept, torch.long, self.alive.device)
+        self._update_horizon()
 
     def slots_left(self) -> int:
-        return max((int(self.limit[g]) for g in self.alive_list), default=0) - self.step
+        return max(max((self.limits[g] for g in self.alive_list), default=0) - self.step, 0)
 
-    def result(self, g: int) -> list[int]:
-        return strip_eos(self.fin_seqs[g, 0, : int(self.fin_lens[g, 0])].tolist(), self.eos)
+    def results_for(self, ids) -> list[list[int]]:
+        """The best hypothesis of each group in `ids`, one host read for all."""
+        ids = list(ids)
+        if not ids:
+            return []
+        at = upload(ids, torch.long, self.fin_seqs.device)
+        lens, seqs = self.fin_lens[:, 0].index_select(0, at), self.fin_seqs[:, 0].index_select(0, at)
+        table = read_list(torch.cat([lens[:, None], seqs], 1), "beam.results")
+        return [strip_eos(row[1 : 1 + row[0]], self.eos) for row in table]
 
     def results(self) -> tuple[list[list[int]], list[float]]:
-        seqs, lens = self.fin_seqs[:, 0].cpu(), self.fin_lens[:, 0].cpu()
-        out = [strip_eos(seqs[g, : int(lens[g])].tolist(), self.eos) for g in range(self.G)]
-        return out, self.fin_scores[:, 0].cpu().tolist()
+        return self.results_for(range(self.G)), read_list(self.fin_scores[:, 0], "beam.scores")

@@ -31,9 +31,20 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .generate import Row, RowBatch, check_rows, document_order, drop_empty_docs, inverse, prefill, special_ids
+from .generate import (
+    Row,
+    RowBatch,
+    check_rows,
+    check_sync_every,
+    document_order,
+    drop_empty_docs,
+    inverse,
+    prefill,
+    special_ids,
+)
+from .hostsync import read_bool, read_int, read_list, upload
 from .model import T5, CrossCache, additive_mask
-from .search import new_search
+from .search import Choice, apply_keep, new_search
 
 
 def concat_cross(caches: list[CrossCache]) -> CrossCache:
@@ -60,7 +71,7 @@ def concat_cross(caches: list[CrossCache]) -> CrossCache:
     vs = [side_by_side([c.v[layer] for c in caches]) for layer in layers]
     lengths = torch.cat([c.lengths for c in caches])
     keep = torch.arange(S, device=lengths.device)[None, :] < lengths[:, None]  # [docs, S]
-    mask = None if bool(keep.all()) else additive_mask(keep[:, None, None, :], dtype)
+    mask = None if read_bool(keep.all(), "concat_cross") else additive_mask(keep[:, None, None, :], dtype)
     return CrossCache(ks, vs, mask, lengths)
 
 
@@ -78,11 +89,22 @@ class DecodeSession:
     as they end. Row ids are the session's own, unique for its lifetime. Every method either
     does all it says or, when it raises, leaves the running rows as they were.
 
-    eos_token_id=-1 means the model's; None means rows run to their max_new_tokens."""
+    eos_token_id=-1 means the model's; None means rows run to their max_new_tokens. sync_every:
+    which rows ended is read back on the host every this many steps (None: the device's default,
+    `generate.default_sync_every`: 1 on the CPU); between reads rows that ended compute on and
+    `step` reports them at the next read."""
 
-    def __init__(self, model: T5, eos_token_id: int | None = -1, pad_token_id: int | None = None):
+    def __init__(
+        self,
+        model: T5,
+        eos_token_id: int | None = -1,
+        pad_token_id: int | None = None,
+        *,
+        sync_every: int | None = None,
+    ):
         self.model = model
         self.eos, self.pad = special_ids(model, eos_token_id, pad_token_id)
+        self.sync_every = check_sync_every(sync_every, model.device)
         self.steps = 0  # decoder steps run (after prefills)
         self.row_steps = 0  # sum over steps of the rows computed
         self.batch: RowBatch | None = None
@@ -141,6 +163,7 @@ class DecodeSession:
             self.model.device,
             length_penalty=length_penalty,
             early_stopping=early_stopping,
+            read_every=self.sync_every,
         )
         batch = new if self.batch is None else self._join(new, max(limits))
         # everything is built: only now does the session change, so a failure above leaves it whole
@@ -163,7 +186,7 @@ class DecodeSession:
 
     def _first_live_slot(self) -> int:
         b = self.batch
-        return int(b.key_keep[:, : b.cache.pos].any(0).int().argmax())
+        return read_int(b.key_keep[:, : b.cache.pos].any(0).int().argmax(), "session.first_live_slot")
 
     def _join(self, new: RowBatch, budget: int) -> RowBatch:
         """The running rows and the prefilled ones in one batch, the new ones after. Both caches
@@ -205,15 +228,18 @@ class DecodeSession:
         if self.batch is None:
             return []
         logits = self.batch.logits
-        feeds, keeps, done = [], [], []
+        choices = []
         lo = 0
         for a in self.admissions:
             n = a.search.rows
-            choice = a.search.choose(logits[lo : lo + n])
-            done += [(a.first_id + i, a.search.result(i)) for i in choice.ended]
+            choices.append((lo, n, a.search.choose(logits[lo : lo + n])))
+            lo += n
+        choices = self._settle(choices)
+        feeds, keeps, done = [], [], []
+        for a, (lo, n, choice) in zip(self.admissions, choices):
+            done += [(a.first_id + i, tokens) for i, tokens in zip(choice.ended, a.search.results_for(choice.ended))]
             keeps.append((lo, n, choice.keep))
             feeds.append(choice.feed)
-            lo += n
         if all(a.search.done for a in self.admissions):
             self._reset()
             return done
@@ -226,6 +252,24 @@ class DecodeSession:
         self.steps += 1
         self.row_steps += feed.numel()
         return done
+
+    def _settle(self, choices: list) -> list:
+        """Read the deferred searches back, all in one host read, every `sync_every` steps or
+        when one has spent its budgets; each choice gets its search's compaction and ended rows."""
+        deferred = [j for j, a in enumerate(self.admissions) if a.search.deferred]
+        due = (self.steps + 1) % self.sync_every == 0
+        if not deferred or not (due or any(self.admissions[j].search.must_settle for j in deferred)):
+            return choices
+        flags = [self.admissions[j].search.flags() for j in deferred]
+        read = read_list(torch.cat(flags), "session.settle")
+        out, lo = list(choices), 0
+        for j, f in zip(deferred, flags):
+            keep, ended = self.admissions[j].search.settle(read[lo : lo + f.numel()])
+            lo += f.numel()
+            start, n, choice = out[j]
+            choice = apply_keep(choice, keep, self.batch.doc.device)
+            out[j] = (start, n, Choice(choice.feed, choice.keep, ended))
+        return out
 
     def _batch_index(self, keeps: list[tuple[int, int, Tensor | None]]) -> Tensor:
         """The admissions' own keep indices (block start, rows, keep or None: all) as one index
@@ -254,7 +298,7 @@ class DecodeSession:
         if not index:
             self._reset()
             return
-        self.batch.select(torch.tensor(index, dtype=torch.long, device=self.batch.doc.device))
+        self.batch.select(upload(index, torch.long, self.batch.doc.device))
         self.admissions = [a for a in self.admissions if a.search.rows]
 
     def _reset(self) -> None:
