@@ -121,6 +121,15 @@ def auto_reason(device: str | torch.device = "cpu") -> str:
     return f"{picked}: {why}"
 
 
+def dtype_choice(dtype, device: str | torch.device = "cpu") -> str:
+    """Why a model runs in the dtype it does, for `details`, the service's start-up line and
+    the bench header: for `dtype="auto"`, what the device has ("auto, the CPU has no AMX or
+    AVX-512 bf16 ..."); for a dtype named by the caller, "asked for"."""
+    if isinstance(dtype, str) and dtype == "auto":
+        return "auto, " + auto_reason(device).split(": ", 1)[1]
+    return "asked for"
+
+
 def last_level_cache_bytes() -> int:
     """The largest CPU cache (the last level) in bytes, from sysfs; 32 MiB where it cannot be read.
     The bandwidth measurement streams more than this, so that what it reads comes from memory."""

@@ -107,7 +107,7 @@ def make_spec(workload, model_size, model_dir, configs, docs, repeats, device, d
     if rest.get("subtasks") is not None and rest["subtasks"] < 1:
         raise ValueError(f"subtasks must be >= 1, got {rest['subtasks']}")
     if dtype == "auto":  # what auto means on this device, and why
-        rest["dtype_reason"] = "auto, " + cpu.auto_reason(device).split(": ", 1)[1]
+        rest["dtype_reason"] = cpu.dtype_choice("auto", device)
         dtype = str(cpu.auto_dtype(device)).removeprefix("torch.")
     dev = _check_device(device, dtype)
     if rest.get("memory_budget") is not None:

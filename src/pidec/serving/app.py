@@ -919,7 +919,8 @@ def describe(model: Model, settings: ServeSettings, source: str | None, url: str
     lines = [
         f"pidec serve: {source or 'model'} (T5, d_model={cfg.d_model}, {cfg.num_layers}+{cfg.num_decoder_layers} "
         f"layers, vocab {cfg.vocab_size}, {params / 1e6:.1f}M parameters)",
-        f"  device {model.device}, dtype {str(model.model.dtype).removeprefix('torch.')}, quantization {quant}",
+        f"  device {model.device}, dtype {str(model.model.dtype).removeprefix('torch.')} "
+        f"({getattr(model, 'dtype_choice', 'as loaded')}), quantization {quant}",
         "  limits: "
         + ", ".join(
             f"{name}={getattr(settings, name)}"
