@@ -177,6 +177,10 @@ def kernel_summary(dtype: torch.dtype, packed: bool, int8: str | None = None) ->
     else:
         parts = [f"{str(dtype).removeprefix('torch.')}: torch's linear"]
     if int8:
-        vnni = "VNNI/AMX int8" if f.int8_dot_products else "no VNNI: u8 x s8 pair sums in int16, 7-bit activations"
+        vnni = (
+            "VNNI/AMX int8"
+            if {"avx512_vnni", "amx_int8"} & f.flags
+            else "no VNNI: u8 x s8 pair sums in int16, 7-bit activations"
+        )
         parts.append(f"int8: {int8} ({vnni})")
     return "; ".join(parts)

@@ -363,6 +363,12 @@ def cpu_header(spec: BenchSpec, built: Built) -> dict | None:
     }
 
 
+def bandwidth_shape(cfg: T5Config) -> tuple[int, int]:
+    """The weight shape the bandwidth is measured at: the feed-forward's (d_model x d_ff), at
+    least 512 x 2048, so that a small model's run streams its bytes in few calls."""
+    return max(cfg.d_model, 512), max(cfg.d_ff, 2048)
+
+
 def measure_bandwidths(spec: BenchSpec, built: Built) -> dict | None:
     """The memory bandwidth decoding sees on the CPU (`ceiling.measure_bandwidth`), at a
     feed-forward weight's shape (at least 512 x 2048, so that a small model's run streams its
@@ -370,8 +376,7 @@ def measure_bandwidths(spec: BenchSpec, built: Built) -> dict | None:
     run's float dtype, and in int8 where an int8 configuration runs. None on a GPU."""
     if spec.device.type != "cpu":
         return None
-    cfg = built.config
-    k, n = max(cfg.d_model, 512), max(cfg.d_ff, 2048)
+    k, n = bandwidth_shape(built.config)
     decode_rows = sorted({1, built.draws[0].k})
     out = {"float": measure_bandwidth(k, n, decode_rows, spec.torch_dtype)}
     if any(is_int8(c) for c in built.configs):
