@@ -30,6 +30,10 @@ RESULT_KEYS = {
     "cross_cache_mb",
     "decode_steps",
     "speedup_vs_hf_pie",
+    "floor_s",
+    "floor_fraction",
+    "floor_phases_s",
+    "floor_bound",
 }
 
 

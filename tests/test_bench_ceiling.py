@@ -37,13 +37,16 @@ def test_measure_ceiling_times_the_workload_shape(monkeypatch):
         kernels = {"blas": 1.0, "onednn_packed": 2.0}
     else:
         kernels = {"blas": 1.0}
-    assert seen[-1] == (flops, torch.int32, (32, 48))  # int8 product, int32 result
+    assert seen[-2] == (flops, torch.int32, (32, 48))  # int8 product, int32 result
+    assert seen[-1] == (flops, torch.float32, (32, 48))  # dynamic int8 linear: float in, float out
+    int8 = {"int_mm": float(len(seen) - 1), "dynamic_linear": float(len(seen))}
     assert ceil == {
         "shape": [32, 64, 48],
         "dtype": "float32",
         "float_gflops": max(kernels.values()),  # the faster float kernel is the ceiling
         "float_kernels": kernels,
-        "int8_gops": float(len(seen)),
+        "int8_gops": max(int8.values()),  # likewise the faster int8 kernel
+        "int8_kernels": int8,
         "int8_error": None,
         "trials": 3,
     }
@@ -83,3 +86,30 @@ def test_best_ceiling_keeps_the_faster_of_two_measurements():
     b = dict(a, float_gflops=4.0, int8_gops=9.0, int8_error=None)
     assert best_ceiling(a, b) == dict(a, float_gflops=5.0, int8_gops=9.0, int8_error=None, trials=6)
     assert best_ceiling(a, a)["int8_gops"] is None and best_ceiling(a, a)["int8_error"] == "x"
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_measure_bandwidth_streams_more_than_asked_through_pidecs_product(int8):
+    bw = ceiling.measure_bandwidth(64, 128, [1, 3], int8=int8, min_bytes=200_000, trials=1)
+    element = 1 if int8 else 4
+    count = -(-200_000 // (64 * 128 * element))  # distinct weights, together at least min_bytes
+    assert bw["bytes_streamed"] == count * 64 * 128 * element >= 200_000
+    assert bw["shape"] == [64, 128] and bw["dtype"] == ("int8" if int8 else "float32")
+    assert bw["kernel"] == ("int8_dynamic" if int8 else "onednn_packed" if packing.available() else "linear")
+    assert set(bw["gbps"]) == {1, 3} and bw["best_gbps"] == max(bw["gbps"].values()) > 0
+
+
+def test_int8_streamer_is_the_float_product_within_int8_rounding():
+    gen = torch.Generator().manual_seed(0)
+    _, (product,) = ceiling._int8_streamers(64, 32, 1, torch.Generator().manual_seed(1))
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))  # the streamer's weight
+    x = torch.randn(5, 64, generator=gen)
+    exact = x @ w.t()
+    assert (product(x) - exact).norm() / exact.norm() < 0.05
+
+
+def test_best_bandwidth_keeps_the_faster_per_row_count():
+    a = {"gbps": {1: 5.0, 8: 3.0}, "best_gbps": 5.0, "trials": 3, "kernel": "k"}
+    b = dict(a, gbps={1: 4.0, 8: 6.0}, best_gbps=6.0)
+    assert ceiling.best_bandwidth(a, b) == dict(a, gbps={1: 5.0, 8: 6.0}, best_gbps=6.0, trials=6)
+    assert ceiling.best_bandwidth(a, None) is a and ceiling.best_bandwidth(None, None) is None

@@ -92,7 +92,14 @@ def test_structure_and_agreement(v11, backend):
         needs("torchao", "int8")
     ref = v11.pid
     q = quant.quantize_model(copy.deepcopy(ref), "int8", backend=backend)
-    assert q.quantization == {"method": "int8", "backend": backend, "layers": n_layers(ref.config), "head": False}
+    bits = BITS if backend == "torch" else 8
+    assert q.quantization == {
+        "method": "int8",
+        "backend": backend,
+        "layers": n_layers(ref.config),
+        "head": False,
+        "activation_bits": bits,
+    }
     assert quant.is_quantized(q) and not quant.is_quantized(ref)
     assert type(q.lm_head) is Linear and q.lm_head.weight.dtype == torch.float32  # the head stays float
     assert torch.equal(q.lm_head.weight, ref.lm_head.weight)
@@ -107,7 +114,7 @@ def test_structure_and_agreement(v11, backend):
         w = q.decoder.layers[0].ff.wo.weight
         assert type(w) is not torch.nn.Parameter and w.qdata.dtype == torch.int8
         assert w.scale.numel() == ref.config.d_model
-    assert quant.describe(q).startswith(f"int8 ({backend}")
+    assert quant.describe(q).startswith(f"int8 ({backend}") and f"{bits}-bit activations" in quant.describe(q)
 
     rtol, agree = BOUNDS[BITS if backend == "torch" else 8]
     rel, same_argmax = logits_error(q, ref, v11.vocab)
@@ -219,3 +226,36 @@ def test_cli_quantize(folder, tmp_path):
     r = runner.invoke(app, ["export", "--checkpoint", str(folder), "--out", str(tmp_path / "x"), "--quantize", "int8"])
     assert r.exit_code == 2 and "export writes float weights" in r.output
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize(
+    "forced, bits",
+    [
+        ("amx_int8,amx_bf16,avx512_vnni,avx2", 8),
+        ("avx512_vnni,avx2", 8),
+        ("avx_vnni,avx2", 7),
+        ("avx2", 7),
+        ("none", 7),
+    ],
+)
+def test_activation_bits_dispatch_forced_both_ways(v11, monkeypatch, forced, bits):
+    """The torch backend's activation range follows the CPU's features (`PIDEC_CPU_FEATURES`
+    forces them): 8 bits with AVX-512 VNNI or AMX-int8, 7 without (AVX-VNNI alone takes the
+    kernels' AVX2 path). The 7-bit path is exact enough on any CPU: its outputs are checked
+    against float32 within the 7-bit bounds; the 8-bit one only where the CPU really has VNNI
+    (elsewhere its pair sums saturate, which is what the dispatch avoids)."""
+    from pidec import cpu
+
+    really_vnni = quant.cpu_has_vnni()
+    monkeypatch.setenv(cpu.ENV_OVERRIDE, forced)
+    assert quant.activation_bits() == bits
+    ref = v11.pid
+    q = quant.quantize_model(copy.deepcopy(ref), "int8", backend="torch")
+    layers = [m for m in q.modules() if type(m).__name__ == "DynamicInt8Linear"]
+    assert layers and all(m.reduce_range == (bits < 8) for m in layers)
+    assert q.quantization["activation_bits"] == bits
+    if bits == 7 or really_vnni:
+        rtol, agree = BOUNDS[bits]
+        rel, _ = logits_error(q, ref, v11.vocab)
+        docs, prompts = draws(v11.vocab)
+        assert rel < rtol and agreement(greedy(q, docs, prompts), greedy(ref, docs, prompts)) >= agree

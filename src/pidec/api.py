@@ -1,6 +1,6 @@
 """The Python API: `pidec.load(...)` returns a `Model` that takes text and gives text.
 
-model = pidec.load("path/or/hub-id", device="cpu", dtype=torch.float32)
+model = pidec.load("path/or/hub-id", device="cpu")  # dtype="auto": bf16 where the CPU has it
 answers = model.generate(document, prompts, max_new_tokens=32, layout="pid")
 batch = model.generate_batch([(document, prompts), ...])
 enc = model.encode(document)            # reusable across calls
@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import checkpoint, layouts, lora
-from .cpu import auto_dtype
+from .cpu import auto_dtype, dtype_choice
 from .errors import InputError
 from .generate import DecodeStats, Row, budget_ranges, decode, encode, sync
 from .inference import check_inference_options, prepare_for_inference
@@ -38,8 +38,8 @@ def parse_dtype(dtype, device: str | torch.device = "cpu") -> torch.dtype:
     (bfloat16 where it is multiplied in hardware, float32 elsewhere)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    if dtype == "auto":
-        return auto_dtype(device)
+    if dtype == "auto":  # the device checked first: a bad name is named as such, not as a dtype problem
+        return auto_dtype(checkpoint.check_device(device))
     if dtype not in DTYPES:
         raise InputError(f"unknown dtype {dtype!r}: expected one of auto, float32, bfloat16, float16")
     return DTYPES[dtype]
@@ -68,24 +68,34 @@ class GenerationResult:
     truncations: list[Truncation] = field(default_factory=list)
     stats: DecodeStats = field(default_factory=DecodeStats)
     example_output_tokens: list[int] = field(default_factory=list)  # per example, tokens generated (EOS not counted)
+    runtime: dict = field(default_factory=dict)  # dtype and why (`Model.runtime`)
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "outputs": self.outputs,
             "usage": self.usage,
             "timings": self.timings,
             "truncations": [asdict(t) for t in self.truncations],
         }
+        if self.runtime:
+            out["runtime"] = self.runtime
+        return out
 
 
 class Model:
     """A T5 with its tokenizer, decoding decomposed tasks in the seq, pie or pid layout."""
 
-    def __init__(self, model: T5, tokenizer, max_batch_tokens: int = 16384):
+    def __init__(self, model: T5, tokenizer, max_batch_tokens: int = 16384, dtype_choice: str = "as loaded"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.config = model.config
         self.max_batch_tokens = max_batch_tokens  # encoder tokens encoded together in generate_batch
+        self.dtype_choice = dtype_choice  # why this dtype (`pidec.cpu.dtype_choice`)
+
+    @property
+    def runtime(self) -> dict:
+        """The dtype the model runs in and why: what `generate(..., return_details=True)` reports."""
+        return {"dtype": str(self.model.dtype).removeprefix("torch."), "dtype_choice": self.dtype_choice}
 
     @property
     def device(self) -> torch.device:
@@ -241,6 +251,7 @@ class Model:
             truncations=plan.truncations,
             stats=stats,
             example_output_tokens=_example_output_tokens(plan, tokens),
+            runtime=self.runtime,
         )
 
     def _generate_encoded(
@@ -275,6 +286,7 @@ class Model:
             _timings(t_tok, out.stats, time.perf_counter() - t0),
             stats=out.stats,
             example_output_tokens=_example_output_tokens(plan, out.tokens),
+            runtime=self.runtime,
         )
 
 
@@ -332,7 +344,7 @@ LOADERS: list = []
 def load(
     path: str | os.PathLike,
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | str = torch.float32,
+    dtype: torch.dtype | str = "auto",
     tokenizer: str | os.PathLike | None = None,
     max_input_length: int | None = None,
     quantize: str | None = None,
@@ -342,6 +354,10 @@ def load(
     """Load a Hugging Face T5 checkpoint folder (or hub id) and its tokenizer. A LoRA adapter
     folder (adapter_config.json, no config.json) loads its base and merges the adapter in.
 
+    dtype: "auto" (the default) is bfloat16 on a CPU that multiplies it in hardware (AMX or
+    AVX-512 bf16) or a GPU that supports it, float32 elsewhere (`pidec.cpu.auto_dtype`); the
+    model's `dtype_choice` and `generate`'s details say which and why. A named dtype
+    (torch.float32, "float32", "bfloat16", ...) is taken as given: float32 stays exact.
     tokenizer: a folder to take the tokenizer from when the checkpoint has none.
     max_input_length: the longest document accepted without truncation (default: config.json's
     n_positions, else 512).
@@ -378,4 +394,4 @@ def load(
     tok = checkpoint.load_tokenizer(tok_source)
     checkpoint.check_tokenizer(tok, model.config, str(tok_source))
     prepare_for_inference(model, quantize, compile, pack_weights)
-    return Model(model, tok)
+    return Model(model, tok, dtype_choice=dtype_choice(dtype, device))

@@ -37,6 +37,7 @@ import warnings
 import torch
 from torch import nn
 
+from .cpu import features
 from .errors import InputError
 from .model import T5
 
@@ -132,23 +133,28 @@ def quantize_model(model: T5, method: str = "int8", backend: str = "auto", head:
         raise QuantizeError("int8 quantization is for inference: call model.eval() first")
     backend = pick_backend(model, backend)
     targets = _targets(model, head)
+    bits = 8
     if backend == "torch":
-        _quantize_torch(targets)
+        bits = _quantize_torch(targets)
     else:
         _quantize_torchao(model, head)
-    model.quantization = {"method": method, "backend": backend, "layers": len(targets), "head": head}
+    model.quantization = {
+        "method": method,
+        "backend": backend,
+        "layers": len(targets),
+        "head": head,
+        "activation_bits": bits,
+    }
     return model
 
 
 def cpu_has_vnni() -> bool:
-    """AVX512-VNNI / AMX: int8 products accumulate in int32 without saturating, so activations
-    can use the full 8-bit range (without it, FBGEMM's and oneDNN's int16 pair sums overflow:
-    torch reduces activations to 7 bits)."""
-    probe = getattr(torch.cpu, "_is_vnni_supported", None)  # private in torch 2.13; absent: be safe
-    try:
-        return bool(probe()) if probe is not None else False
-    except (RuntimeError, AttributeError):  # pragma: no cover
-        return False
+    """AVX512-VNNI / AMX-int8 (`pidec.cpu.features`, so `PIDEC_CPU_FEATURES` forces it either
+    way): int8 products accumulate in int32 without saturating, so activations can use the full
+    8-bit range. Without them, FBGEMM's and oneDNN's u8 x s8 pair sums (`vpmaddubsw`) overflow
+    int16: torch reduces activations to 7 bits. AVX-VNNI alone (256-bit) does not count: torch's
+    int8 kernels take their AVX2 path there."""
+    return bool({"avx512_vnni", "amx_int8"} & features().flags)
 
 
 def activation_bits() -> int:
@@ -175,11 +181,13 @@ def _dynamic_linear_class():
     return DynamicInt8Linear
 
 
-def _quantize_torch(targets) -> None:
+def _quantize_torch(targets) -> int:
+    """Swap each target for torch's dynamic int8 Linear; returns the activation bits chosen."""
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
     cls = _dynamic_linear_class()
-    reduce_range = activation_bits() < 8
+    bits = activation_bits()
+    reduce_range = bits < 8
 
     with warnings.catch_warnings():
         # "quantized tensor creation functions ... are deprecated" (torch 2.13): still the
@@ -195,6 +203,7 @@ def _quantize_torch(targets) -> None:
             q = cls.from_float(plain)
             q.reduce_range = reduce_range
             setattr(parent, name, q)
+    return bits
 
 
 def _quantize_torchao(model: T5, head: bool) -> None:
@@ -212,7 +221,8 @@ def describe(model: nn.Module) -> str:
     q = getattr(model, "quantization", None)
     if not q:
         return "float"
-    return f"{q['method']} ({q['backend']}, {q['layers']} linear layers, head {'int8' if q['head'] else 'float'})"
+    bits = f", {q['activation_bits']}-bit activations" if "activation_bits" in q else ""
+    return f"{q['method']} ({q['backend']}, {q['layers']} linear layers{bits}, head {'int8' if q['head'] else 'float'})"
 
 
 __all__ = [

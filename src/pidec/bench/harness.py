@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import checkpoint, packing
+from .. import checkpoint, cpu, packing
 from ..generate import sync
 from ..model import PRESETS, T5Config
 from ..quantize import describe
 from . import crosscheck, roofline
-from .ceiling import best_ceiling, measure_ceiling
+from .ceiling import best_bandwidth, best_ceiling, measure_bandwidth, measure_ceiling
 from .configs import (
+    Shape,
     check_configs,
     config_cross_bytes,
     config_flops,
@@ -60,6 +61,7 @@ class BenchSpec:
     compile: bool = False
     pack: bool = True
     memory_budget: int | None = None
+    dtype_reason: str = "asked for"  # why this dtype: "asked for", or what `dtype="auto"` saw
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -71,8 +73,8 @@ def _check_model(workload, model_size, model_dir, dtype) -> None:
         raise ValueError(f"unknown workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
     if model_dir is None and model_size not in PRESETS:
         raise ValueError(f"unknown model size {model_size!r}: expected one of {', '.join(PRESETS)}")
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if dtype not in DTYPES and dtype != "auto":
+        raise ValueError(f"unknown dtype {dtype!r}: expected one of auto, {', '.join(DTYPES)}")
 
 
 def _check_device(device, dtype: str) -> torch.device:
@@ -104,6 +106,9 @@ def make_spec(workload, model_size, model_dir, configs, docs, repeats, device, d
         raise ValueError(f"doc_tokens must be >= 2, got {rest['doc_tokens']}")
     if rest.get("subtasks") is not None and rest["subtasks"] < 1:
         raise ValueError(f"subtasks must be >= 1, got {rest['subtasks']}")
+    if dtype == "auto":  # what auto means on this device, and why
+        rest["dtype_reason"] = cpu.dtype_choice("auto", device)
+        dtype = str(cpu.auto_dtype(device)).removeprefix("torch.")
     dev = _check_device(device, dtype)
     if rest.get("memory_budget") is not None:
         rest["memory_budget"] = roofline.parse_bytes(rest["memory_budget"])
@@ -219,10 +224,50 @@ def warm_up_and_time(spec: BenchSpec, built: Built) -> Timings:
 # -- rows and cross-checks ------------------------------------------------------------------------
 
 
-def row(name: str, spec: BenchSpec, built: Built, t: Timings, ceil: dict | None) -> dict:
-    """One configuration's result: measured latency and memory beside its analytic columns."""
+def phase_work(name: str, cfg: T5Config, d: DocDraw, element_size: int) -> dict:
+    """`roofline.phase_work` for configuration `name` on document `d`."""
+    sh: Shape = config_shape(name, d)
+    int8 = is_int8(name)
+    return roofline.phase_work(
+        cfg,
+        sh.enc_rows,
+        sh.enc_len,
+        sh.cross_rows,
+        sh.prefix,
+        sh.lengths,
+        sh.compaction,
+        element_size,
+        int8=int8,
+        head_int8=int8 and sh.family == "ct2",  # pidec keeps its LM head float
+        head_on_prefix=sh.head_on_prefix,
+        packed=sh.packed,
+    )
+
+
+def config_floor(name: str, spec: BenchSpec, built: Built, ceil: dict | None, bandwidth: dict | None) -> dict | None:
+    """The roofline floor of configuration `name`, per phase and in all, averaged over the
+    documents: its FLOPs at the GEMM ceiling and its bytes at the bandwidth measured for its
+    precision (int8 rows: the int8 ones); None where either was not measured."""
+    int8 = is_int8(name)
+    rate = None if ceil is None else ceil["int8_gops"] if int8 else ceil["float_gflops"]
+    bw = (bandwidth or {}).get("int8" if int8 else "float")
+    if not rate or not bw:
+        return None
+    floors = [
+        roofline.floor(phase_work(name, built.config, d, spec.torch_dtype.itemsize), rate * 1e9, bw["best_gbps"] * 1e9)
+        for d in built.draws
+    ]
+    phases = {p: statistics.mean(f[p]["floor_s"] for f in floors) for p in roofline.PHASES}
+    bound = {p: floors[0][p]["bound"] for p in roofline.PHASES}
+    return {"total_s": statistics.mean(f["total_s"] for f in floors), "phases_s": phases, "bound": bound}
+
+
+def row(name: str, spec: BenchSpec, built: Built, t: Timings, ceil: dict | None, bandwidth: dict | None = None) -> dict:
+    """One configuration's result: measured latency and memory beside its analytic columns and
+    its roofline floor (`floor_s`; `floor_fraction` = floor over latency, 1.0 at the floor)."""
     cfg, draws, size = built.config, built.draws, spec.torch_dtype.itemsize
     latency = statistics.median(t.times[name])
+    fl = config_floor(name, spec, built, ceil, bandwidth)
     cross_bytes = t.cross[name] or max(config_cross_bytes(name, cfg, d, size) for d in draws)
     gflops = statistics.mean(config_flops(name, cfg, d) for d in draws) / 1e9
     steps = [s for s in (config_step_bytes(name, cfg, d, size) for d in draws) if s["passes"]]
@@ -242,13 +287,17 @@ def row(name: str, spec: BenchSpec, built: Built, t: Timings, ceil: dict | None)
         "step_mb": statistics.mean(s["total"] for s in steps) / 2**20 if steps else None,
         "step_parts_mb": parts,
         "decode_steps": statistics.mean(config_shape(name, d).steps for d in draws),
+        "floor_s": None if fl is None else fl["total_s"],
+        "floor_fraction": None if fl is None else fl["total_s"] / latency,
+        "floor_phases_s": None if fl is None else fl["phases_s"],
+        "floor_bound": None if fl is None else fl["bound"],
         "speedup_vs_hf_pie": None,
     }
 
 
-def rows(spec: BenchSpec, built: Built, t: Timings, ceil: dict | None) -> list[dict]:
+def rows(spec: BenchSpec, built: Built, t: Timings, ceil: dict | None, bandwidth: dict | None = None) -> list[dict]:
     """Every configuration's row, with its speed-up over hf-pie where hf-pie ran."""
-    out = [row(name, spec, built, t, ceil) for name in built.configs]
+    out = [row(name, spec, built, t, ceil, bandwidth) for name in built.configs]
     base = next((r["latency_s_median"] for r in out if r["config"] == "hf-pie"), None)
     if base is not None:
         for r in out:
@@ -292,10 +341,47 @@ def _describe(spec: BenchSpec, built: Built, t: Timings) -> dict:
         "model": model,
         "device": str(spec.device),
         "dtype": spec.dtype,
+        "dtype_reason": spec.dtype_reason,
+        "cpu": cpu_header(spec, built),
         "torch_threads": torch.get_num_threads(),
         "docs": spec.docs,
         "repeats": spec.repeats,
     }
+
+
+def cpu_header(spec: BenchSpec, built: Built) -> dict | None:
+    """The CPU a run timed on and the kernels pidec chose on it (None on a GPU)."""
+    if spec.device.type != "cpu":
+        return None
+    f = cpu.features()
+    int8 = describe(built.engines.ours_int8) if built.engines.ours_int8 is not None else None
+    return {
+        "model": f.model,
+        "cores": f.cores,
+        "instruction_sets": f.instruction_sets(),
+        "kernels": cpu.kernel_summary(spec.torch_dtype, bool(built.engines.packed), int8),
+    }
+
+
+def bandwidth_shape(cfg: T5Config) -> tuple[int, int]:
+    """The weight shape the bandwidth is measured at: the feed-forward's (d_model x d_ff), at
+    least 512 x 2048, so that a small model's run streams its bytes in few calls."""
+    return max(cfg.d_model, 512), max(cfg.d_ff, 2048)
+
+
+def measure_bandwidths(spec: BenchSpec, built: Built) -> dict | None:
+    """The memory bandwidth decoding sees on the CPU (`ceiling.measure_bandwidth`), at a
+    feed-forward weight's shape (at least 512 x 2048, so that a small model's run streams its
+    bytes in few calls) and the row counts of this workload's decoding steps (1 and K): in the
+    run's float dtype, and in int8 where an int8 configuration runs. None on a GPU."""
+    if spec.device.type != "cpu":
+        return None
+    k, n = bandwidth_shape(built.config)
+    decode_rows = sorted({1, built.draws[0].k})
+    out = {"float": measure_bandwidth(k, n, decode_rows, spec.torch_dtype)}
+    if any(is_int8(c) for c in built.configs):
+        out["int8"] = measure_bandwidth(k, n, decode_rows, int8=True)
+    return out
 
 
 def run_spec(spec: BenchSpec) -> dict:
@@ -304,13 +390,17 @@ def run_spec(spec: BenchSpec) -> dict:
     cfg = built.config
     ceil_shape = (len(built.draws[0].document), cfg.d_model, cfg.d_ff)
     ceil = measure_ceiling(*ceil_shape, spec.device, spec.torch_dtype) if spec.ceiling else None
+    bandwidth = measure_bandwidths(spec, built) if spec.ceiling else None
     t = warm_up_and_time(spec, built)
     if ceil is not None:  # again at the end: a busy spell at the start must not lower the ceiling
         ceil = best_ceiling(ceil, measure_ceiling(*ceil_shape, spec.device, spec.torch_dtype))
+    if bandwidth is not None:
+        again = measure_bandwidths(spec, built)
+        bandwidth = {k: best_bandwidth(bandwidth.get(k), again.get(k)) for k in bandwidth}
     result = _describe(spec, built, t)
-    result.update(ceiling=ceil, **cross_checks(built, t, spec.device))
+    result.update(ceiling=ceil, bandwidth=bandwidth, **cross_checks(built, t, spec.device))
     result.update(skipped=built.skipped, compile=spec.compile, compile_s=t.compile_s)
-    result.update(packed_weights=built.engines.packed, results=rows(spec, built, t, ceil))
+    result.update(packed_weights=built.engines.packed, results=rows(spec, built, t, ceil, bandwidth))
     if spec.memory_budget is not None:
         result["memory"] = memory_report(  # analytic: skipped configurations too
             list(spec.configs),

@@ -14,6 +14,11 @@ COLUMNS = [
     ("GFLOP/doc", "matmul FLOPs one document costs in this layout, padding included (analytic)"),
     ("GFLOP/s", "GFLOP/doc over the latency: the arithmetic rate achieved"),
     ("%ceil", "GFLOP/s as a share of the machine's ceiling above (the int8 one for int8 rows)"),
+    (
+        "%floor",
+        "the roofline floor over the latency: each phase's FLOPs at the ceiling or its bytes at the measured "
+        "bandwidth, whichever is longer (100 = at the floor; per phase below)",
+    ),
     ("cross_MB", "cross-attention keys and values held for one document while decoding"),
     ("MB/step", "bytes one decoding step moves after the prefill: weights + cross cache + self cache"),
     ("speedup", "hf-pie's latency over this row's"),
@@ -48,6 +53,33 @@ def _ceiling_lines(ceil: dict | None) -> list[str]:
     kernels = ceil.get("float_kernels") or {}
     if len(kernels) > 1:
         lines.append("  float kernels: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in kernels.items()))
+    int8_kernels = ceil.get("int8_kernels") or {}
+    if len(int8_kernels) > 1:
+        lines.append("  int8 kernels: " + ", ".join(f"{k} {v:.1f} GOP/s" for k, v in int8_kernels.items()))
+    return lines
+
+
+def _bandwidth_lines(bandwidth: dict | None) -> list[str]:
+    if not bandwidth:
+        return []
+    lines = []
+    for b in bandwidth.values():
+        k, n = b["shape"]
+        rates = ", ".join(f"{m} rows {v:.1f}" for m, v in b["gbps"].items())
+        lines.append(
+            f"memory bandwidth ({b['dtype']} {k}x{n} weights through {b['kernel']}, "
+            f"{b['bytes_streamed'] / 2**20:.0f} MiB streamed, best of {b['trials']}): {rates} GB/s"
+        )
+    return lines
+
+
+def _cpu_lines(result: dict) -> list[str]:
+    c = result.get("cpu")
+    lines = []
+    if c:
+        lines += [f"cpu: {c['model']}, {c['cores']} cores; {c['instruction_sets']}", f"kernels: {c['kernels']}"]
+    if result.get("dtype_reason"):
+        lines.append(f"dtype {result['dtype']}: {result['dtype_reason']}")
     return lines
 
 
@@ -58,6 +90,7 @@ def _header_lines(result: dict) -> list[str]:
         f"workload {result['workload']}  model {name} ({model['params'] / 1e6:.1f}M params)  "
         f"device {result['device']}  dtype {result['dtype']}  threads {result['torch_threads']}  "
         f"docs {result['docs']} x repeats {result['repeats']}",
+        *_cpu_lines(result),
     ]
     if result.get("compile"):
         lines.append(
@@ -65,7 +98,7 @@ def _header_lines(result: dict) -> list[str]:
         )
     if model.get("int8"):
         lines.append(f"int8 pidec model: {model['int8']}")
-    lines += _ceiling_lines(result.get("ceiling"))
+    lines += _ceiling_lines(result.get("ceiling")) + _bandwidth_lines(result.get("bandwidth"))
     if "packed_weights" in result:
         lines.append(f"pidec float32 linear layers: {'oneDNN-packed weights' if result['packed_weights'] else 'BLAS'}")
     return lines
@@ -73,20 +106,36 @@ def _header_lines(result: dict) -> list[str]:
 
 HEADER = (
     f"{'config':<16} {'latency_s':>10} {'docs/s':>8} {'tok/s':>9} {'peak_MB':>9} "
-    f"{'GFLOP/doc':>10} {'GFLOP/s':>8} {'%ceil':>6} {'cross_MB':>9} {'MB/step':>8} {'speedup':>8}"
+    f"{'GFLOP/doc':>10} {'GFLOP/s':>8} {'%ceil':>6} {'%floor':>6} {'cross_MB':>9} {'MB/step':>8} {'speedup':>8}"
 )
 
 
 def _row_line(r: dict) -> str:
     frac = r.get("ceiling_fraction")
+    floor = r.get("floor_fraction")
     speedup = r["speedup_vs_hf_pie"]
     return (
         f"{r['config']:<16} {r['latency_s_median']:>10.4f} {r['docs_per_s']:>8.3f} {r['tokens_per_s']:>9.1f} "
         f"{r['peak_mem_mb']:>9.1f} {r['gflops_per_doc']:>10.2f} {r['achieved_gflops_per_s']:>8.1f} "
-        f"{_fmt(None if frac is None else 100 * frac, '>6.1f')} {r['cross_cache_mb']:>9.2f} "
+        f"{_fmt(None if frac is None else 100 * frac, '>6.1f')} {_fmt(None if floor is None else 100 * floor, '>6.1f')} "
+        f"{r['cross_cache_mb']:>9.2f} "
         f"{_fmt(r.get('step_mb'), '>8.1f')} "
         f"{_fmt(speedup, '>7.2f') + ('x' if speedup is not None else ''):>8}"
     )
+
+
+def floor_lines(results: list[dict]) -> list[str]:
+    """Each row's roofline floor by phase (seconds, `roofline.floor`), and what bounds each phase."""
+    with_floor = [r for r in results if r.get("floor_phases_s")]
+    if not with_floor:
+        return []
+    phases = list(with_floor[0]["floor_phases_s"])
+    lines = ["roofline floor by phase (s; c = compute-bound, m = memory-bound):"]
+    lines.append(f"  {'config':<16} " + " ".join(f"{p:>10}" for p in phases) + f" {'floor':>8} {'latency':>8}")
+    for r in with_floor:
+        cells = " ".join(f"{r['floor_phases_s'][p]:>9.4f}{r['floor_bound'][p][0]}" for p in phases)
+        lines.append(f"  {r['config']:<16} {cells} {r['floor_s']:>8.4f} {r['latency_s_median']:>8.4f}")
+    return lines
 
 
 def slow_notes(results: list[dict]) -> list[str]:
@@ -131,7 +180,7 @@ def format_table(result: dict) -> str:
     lines += [_row_line(r) for r in result["results"]]
     if result["results"]:
         lines += ["columns:", *(f"  {name:<10} {text}" for name, text in COLUMNS)]
-    lines += slow_notes(result["results"]) + _check_lines(result)
+    lines += floor_lines(result["results"]) + slow_notes(result["results"]) + _check_lines(result)
     if result.get("memory"):
         lines += ["", format_memory(result["memory"])]
     return "\n".join(lines)

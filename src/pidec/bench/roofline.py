@@ -1,14 +1,17 @@
 """The analytic side of the benchmark: matmul FLOPs, bytes moved per decoding step and
 documents that fit in a memory budget. Pure arithmetic on a `T5Config` and a few shape numbers
 (`bench.configs` supplies them per configuration); the timed half, the machine's own matmul
-ceiling, is `bench.ceiling`.
+ceiling and memory bandwidth, is `bench.ceiling`.
 
 FLOPs count matrix products only, 2 per multiply-add, of what a configuration actually
 computes, padding included. Bytes moved per decoding step = the weights one decoder pass reads
 + the cross-attention keys/values it attends to + the self-attention keys/values of the rows
 still decoding. A decoding step does little arithmetic per byte, so at small batch these bytes,
 not the FLOPs, set its speed; prompt-in-decoder shrinks the cross-attention term by reading one
-copy of a document's cache for all of its rows. How the columns are used: docs/performance.md.
+copy of a document's cache for all of its rows. `phase_work` and `floor` join the two sides:
+per phase (encode, cross K/V projection, prefill, decoding steps) the FLOPs and the bytes read,
+and the least time they can take at a measured GEMM ceiling and memory bandwidth. How the
+columns are used: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -146,6 +149,24 @@ def kv_bytes(cfg: T5Config, rows: int, length: int, element_size: int) -> int:
     return 2 * cfg.num_decoder_layers * rows * cfg.num_heads * length * cfg.d_kv * element_size
 
 
+def _decoding_passes(cfg, prefix, lengths, cross_len, cross_per_row, compaction, element_size):
+    """(s, rows alive, cross-attention bytes, self-attention bytes) of each decoding pass
+    s = 1 .. max(lengths) - 1 after the prefill (`decoding_step_bytes` says what is counted)."""
+    rows, longest = len(lengths), max(lengths)
+    held = rows  # cross-attention copies held (per-row layouts)
+    for s in range(1, longest):
+        alive = sum(1 for n in lengths if n > s) if compaction else rows
+        if cross_per_row:
+            if compaction:
+                empty = held - alive
+                if held > 1 and empty > 0 and empty * 4 >= held:
+                    held = alive
+            copies = held
+        else:
+            copies = 1
+        yield s, alive, kv_bytes(cfg, copies, cross_len, element_size), kv_bytes(cfg, alive, prefix + s, element_size)
+
+
 def decoding_step_bytes(
     cfg: T5Config,
     prefix: int,
@@ -168,23 +189,13 @@ def decoding_step_bytes(
     that is what is counted.
 
     Returns mean bytes per pass: weights, cross, self, total; and the number of passes."""
-    rows, longest = len(lengths), max(lengths)
     weights = step_weight_bytes(cfg, element_size, int8, head_int8)
-    held = rows  # cross-attention copies held (per-row layouts)
-    cross_sum = self_sum = 0
-    passes = 0
-    for s in range(1, longest):
-        alive = sum(1 for n in lengths if n > s) if compaction else rows
-        if cross_per_row:
-            if compaction:
-                empty = held - alive
-                if held > 1 and empty > 0 and empty * 4 >= held:
-                    held = alive
-            copies = held
-        else:
-            copies = 1
-        cross_sum += kv_bytes(cfg, copies, cross_len, element_size)
-        self_sum += kv_bytes(cfg, alive, prefix + s, element_size)
+    cross_sum = self_sum = passes = 0
+    for _, _, cross, self_ in _decoding_passes(
+        cfg, prefix, lengths, cross_len, cross_per_row, compaction, element_size
+    ):
+        cross_sum += cross
+        self_sum += self_
         passes += 1
     if passes == 0:
         return {"weights": 0.0, "cross": 0.0, "self": 0.0, "total": 0.0, "passes": 0}
@@ -196,6 +207,106 @@ def decoding_step_bytes(
         "total": weights + cross + self_,
         "passes": passes,
     }
+
+
+# -- the floor: arithmetic at the GEMM ceiling, bytes at the measured bandwidth -------------------
+
+PHASES = ("encode", "cross_kv", "prefill", "decode")
+
+
+def encoder_weight_bytes(cfg: T5Config, element_size: int, int8: bool = False) -> int:
+    """The weights one encoder pass reads: every layer's attention and feed-forward linears and
+    its two norms, and the final norm (the embedding rows looked up are left out)."""
+    d = cfg.d_model
+    linears = _attention_shapes(cfg) + _ffn_shapes(cfg)
+    per_layer = sum(linear_bytes(i, o, element_size, int8) for i, o in linears) + 2 * d * element_size
+    return cfg.num_layers * per_layer + d * element_size
+
+
+def cross_kv_weight_bytes(cfg: T5Config, element_size: int, int8: bool = False) -> int:
+    """The cross-attention key and value projections of every decoder layer."""
+    return cfg.num_decoder_layers * 2 * linear_bytes(cfg.d_model, cfg.inner_dim, element_size, int8)
+
+
+def phase_work(
+    cfg: T5Config,
+    enc_rows: int,
+    enc_len: int,
+    cross_rows: int,
+    prefix: int,
+    lengths: list[int],
+    compaction: bool,
+    element_size: int,
+    int8: bool = False,
+    head_int8: bool = False,
+    head_on_prefix: bool = False,
+    packed: list[int] | None = None,
+) -> dict[str, list[tuple[int, int]]]:
+    """What one document costs, phase by phase, as passes of (FLOPs, bytes read):
+
+    - encode: one pass, `enc_rows` rows of `enc_len` tokens; bytes: the encoder's weights.
+    - cross_kv: one pass projecting `cross_rows` x `enc_len` encoded tokens to every decoder
+      layer's cross keys and values; bytes: those projections' weights.
+    - prefill: one pass over every row's prefix (`decoding_flops`' first pass, `packed` and
+      `head_on_prefix` as there); bytes: one decoder pass's weights and the cross cache
+      (`cross_rows` copies).
+    - decode: one entry per further pass, the rows alive at it (`decoding_flops`); bytes: one
+      decoder pass's weights + the cross and self caches it attends to (`decoding_step_bytes`).
+
+    The FLOPs of the four phases add up to what `decoding_flops` and the encoder and cross
+    terms of `configs.config_flops` count. Layer norms, softmax and the other element-wise work
+    are left out of both columns, so the floor they give is a lower bound."""
+    cross_per_row = cross_rows > 1
+    step_weights = step_weight_bytes(cfg, element_size, int8, head_int8)
+    rows = len(lengths)
+    if packed is None:
+        prefill_flops = rows * prefix * decoder_token_flops(cfg, prefix, enc_len)
+    else:
+        prefill_flops = sum(n * decoder_token_flops(cfg, n, enc_len) for n in packed)
+    prefill_flops += rows * (prefix if head_on_prefix else 1) * lm_head_flops(cfg)
+    cross_cache = kv_bytes(cfg, cross_rows if cross_per_row else 1, enc_len, element_size)
+    decode = [
+        (
+            alive * (decoder_token_flops(cfg, prefix + s, enc_len) + lm_head_flops(cfg)),
+            step_weights + cross + self_,
+        )
+        for s, alive, cross, self_ in _decoding_passes(
+            cfg, prefix, lengths, enc_len, cross_per_row, compaction, element_size
+        )
+    ]
+    return {
+        "encode": [
+            (enc_rows * enc_len * encoder_token_flops(cfg, enc_len), encoder_weight_bytes(cfg, element_size, int8))
+        ],
+        "cross_kv": [(cross_rows * enc_len * cross_kv_flops(cfg), cross_kv_weight_bytes(cfg, element_size, int8))],
+        "prefill": [(prefill_flops, step_weights + cross_cache)],
+        "decode": decode,
+    }
+
+
+def floor(work: dict[str, list[tuple[int, int]]], flops_per_s: float, bytes_per_s: float) -> dict:
+    """The roofline floor of `phase_work`'s passes: each pass takes at least its FLOPs at the
+    GEMM ceiling or its bytes at the measured bandwidth, whichever is longer (a decoding step
+    is bound by its bytes, a 512-row encoder pass by its FLOPs); a phase's floor is the sum over
+    its passes, the document's the sum over its phases. Returns {phase: {"flops", "bytes",
+    "passes", "floor_s", "bound"}, "total_s": ...}, `bound` naming the side that set most of the
+    phase's floor ("compute" or "memory")."""
+    if flops_per_s <= 0 or bytes_per_s <= 0:
+        raise ValueError(f"floor needs a positive ceiling and bandwidth, got {flops_per_s} FLOP/s, {bytes_per_s} B/s")
+    out, total = {}, 0.0
+    for name, passes in work.items():
+        compute = sum(f / flops_per_s for f, b in passes if f / flops_per_s >= b / bytes_per_s)
+        memory = sum(b / bytes_per_s for f, b in passes if f / flops_per_s < b / bytes_per_s)
+        out[name] = {
+            "flops": sum(f for f, _ in passes),
+            "bytes": sum(b for _, b in passes),
+            "passes": len(passes),
+            "floor_s": compute + memory,
+            "bound": "compute" if compute >= memory else "memory",
+        }
+        total += compute + memory
+    out["total_s"] = total
+    return out
 
 
 # -- memory budget --------------------------------------------------------------------------

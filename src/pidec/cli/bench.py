@@ -29,7 +29,7 @@ def bench(
     docs: int = typer.Option(2, "--docs", help="documents per configuration"),
     repeats: int = typer.Option(3, "--repeats", help="passes over the documents"),
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     seed: int = typer.Option(0, "--seed"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
     json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON here"),
@@ -57,8 +57,7 @@ def bench(
     """Time the configurations side by side on one workload and print a table. More configurations:
     pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ".[ct2]")."""
 
-    if dtype == "auto":  # the bench times one named dtype: what auto means here
-        dtype = str(parse_dtype("auto", device)).removeprefix("torch.")
+    named = str(parse_dtype(dtype, device)).removeprefix("torch.")  # what auto means here
     names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
     if arch is not None:  # decoder-only models: pidec.bench.causal
         bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out)
@@ -83,7 +82,7 @@ def bench(
                 model,
                 docs=docs,
                 repeats=repeats,
-                dtype=dtype,
+                dtype=named,
                 seed=seed,
                 threads=threads,
                 pack=not no_pack,
@@ -94,7 +93,7 @@ def bench(
                 plot_sweep(sweep, plot)
                 typer.echo(f"wrote {plot}")
         elif memory_only:
-            mem = run_memory(workload, model_size, model, names, memory_budget, dtype, quantize, pack=not no_pack)
+            mem = run_memory(workload, model_size, model, names, memory_budget, named, quantize, pack=not no_pack)
             _emit(format_memory(mem), mem, json_out, say=False)
         elif train_mode:
             layout_names = [x.strip() for x in layouts.split(",") if x.strip()]

@@ -46,7 +46,7 @@ def generate(
     truncate: Optional[str] = typer.Option(None, "--truncate", help="left | right: cut a too-long document"),
     tokenizer: Tokenizer = None,
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     quantize: Quantize = None,
     compile_steps: Compile = False,
     no_pack: NoPack = False,
@@ -145,7 +145,7 @@ def eval_task(
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="encoder limit (default: model's)"),
     tokenizer: Tokenizer = None,
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     quantize: Quantize = None,
     no_pack: NoPack = False,
 ) -> None:

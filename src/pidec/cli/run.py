@@ -55,7 +55,7 @@ def run_corpus(
     device: str = typer.Option(
         "cpu", "--device", help="cpu, cuda, cuda:N (with --workers N and cuda: one device each)"
     ),
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     tokenizer: Tokenizer = None,
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="encoder limit (default: model's)"),
     limit: Optional[int] = typer.Option(None, "--limit", help="only the first N records of the input"),

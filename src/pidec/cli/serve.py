@@ -37,7 +37,7 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="address to bind: loopback unless told otherwise"),
     port: int = typer.Option(8000, "--port", help="0 picks a free port"),
     device: Device = "cpu",
-    dtype: Dtype = "float32",
+    dtype: Dtype = "auto",
     quantize: Quantize = None,
     tokenizer: Tokenizer = None,
     api_key: Optional[str] = typer.Option(

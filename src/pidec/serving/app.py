@@ -930,7 +930,8 @@ def describe(model: Model, settings: ServeSettings, source: str | None, url: str
     )
     lines = [
         f"pidec serve: {source or 'model'} ({what})",
-        f"  device {model.device}, dtype {str(model.model.dtype).removeprefix('torch.')}, quantization {quant}",
+        f"  device {model.device}, dtype {str(model.model.dtype).removeprefix('torch.')} "
+        f"({getattr(model, 'dtype_choice', 'as loaded')}), quantization {quant}",
         "  limits: "
         + ", ".join(
             f"{name}={getattr(settings, name)}"
