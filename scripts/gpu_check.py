@@ -70,10 +70,18 @@ def correctness(device: torch.device, graphs: bool) -> dict:
 
 
 def sync_counts(device: torch.device, debug_mode: bool) -> dict:
-    """SyncCounter per document, and torch's sync warnings over the same decoding (CUDA)."""
+    """SyncCounter per document, and torch's sync warnings over the same decoding (CUDA): dst
+    (8 documents, short answers) and summ (2 documents, answers of 100-250 tokens), documents
+    cut to 64 tokens, fixed-length answers."""
     model = build_random_model("tiny", seed=2).to(device)
-    draws = draw_documents(WORKLOADS["dst"], 8, seed=2, vocab_size=model.config.vocab_size, doc_tokens=64)
-    docs, rows = rows_of(draws)
+    out: dict = {}
+    for workload, n_docs in (("dst", 8), ("summ", 2)):
+        draws = draw_documents(WORKLOADS[workload], n_docs, seed=2, vocab_size=model.config.vocab_size, doc_tokens=64)
+        out[workload] = sync_counts_of(model, *rows_of(draws), debug_mode)
+    return out
+
+
+def sync_counts_of(model, docs, rows, debug_mode: bool) -> dict:
     out: dict = {}
     with torch.inference_mode():
         cross = encode(model, docs)

@@ -18,6 +18,12 @@ self-attention depends only on key - query distances), the slots before a short 
 for good. A step costs what the rows still alive cost; a document with no row left is dropped
 from the cross-attention cache once enough of them have gone. `session.DecodeSession` runs the
 same batch and searches with rows joining between steps.
+
+Host reads: on the CPU the search reads its choices back at every step (free there); on a GPU
+(`sync_every`, `default_sync_every`) the search's state stays on the device and is read back
+every few steps, so that the host keeps queueing kernels. Every read goes through
+`pidec.hostsync` and is counted by `SyncCounter`. For CUDA graphs, `pad_rows` pads the batch to
+a few row counts (`bucket_rows`) and `StaticSteps` runs the step with static shapes.
 """
 
 from __future__ import annotations
@@ -32,11 +38,10 @@ from torch import Tensor
 
 from . import packing
 from .errors import InputError
-from .hostsync import SyncCounter, read_bool, read_int, read_list, to_device, upload
+from .hostsync import SyncCounter as SyncCounter  # re-exported: counts a decoding's host reads
+from .hostsync import read_bool, read_int, read_list, to_device, upload
 from .model import T5, CrossCache, KVCache, PackedPrefill, RowGroups
 from .search import apply_keep, new_search
-
-__all__ = ["SyncCounter"]  # re-exported: counts the host reads of a decoding (pidec.hostsync)
 
 CUDA_SYNC_EVERY = 8  # steps between host reads on a GPU (see `default_sync_every`)
 
