@@ -15,6 +15,7 @@ greedy and beam decoding sometimes stop early and sometimes run to max_new_token
 from __future__ import annotations
 
 import copy
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,11 @@ import pytest
 import torch
 import transformers
 from torch import nn
+
+# Tests compare with float32 references, so `dtype="auto"` (pidec.load's default) must mean float32
+# whatever CPU runs them, an AMX one included; the tests of the choice itself force their own
+# feature sets (tests/test_cpu_auto.py, tests/test_quantize.py). Subprocesses inherit this.
+os.environ.setdefault("PIDEC_CPU_FEATURES", "none")
 
 from pidec.checkpoint import state_dict_to_model
 from pidec.generate import Row
