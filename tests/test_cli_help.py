@@ -34,3 +34,31 @@ def test_generate_help_names_every_key_it_prints():
     result = CliRunner().invoke(GROUP, ["generate", "--help"], prog_name="pidec", terminal_width=200)
     for key in ("outputs", "usage", "timings", "truncations"):
         assert f'"{key}"' in result.output
+
+
+@pytest.mark.parametrize(
+    "name, classes",
+    [
+        ("serve", ("pidec.serving.app:ServeSettings", "pidec.serving.app:ServerSettings")),
+        ("run", ("pidec.cli.run:RunOptions",)),
+        ("bench", ("pidec.cli.bench:BenchOptions",)),
+    ],
+)
+def test_options_are_the_settings_fields(name, classes):
+    """A command's options are its settings classes' command-line fields (declared once, with
+    their defaults and panels) plus the shared runtime options: nothing declared by hand."""
+    import dataclasses
+    import importlib
+
+    params = {p.name: p for p in GROUP.commands[name].params if p.name != "help"}
+    declared = set()
+    for path in classes:
+        module, cls = path.split(":")
+        for f in dataclasses.fields(getattr(importlib.import_module(module), cls)):
+            if f.metadata["cli"]:
+                declared.add(f.name)
+                assert params[f.name].rich_help_panel == f.metadata["panel"], f.name
+                if f.default is not dataclasses.MISSING:
+                    assert params[f.name].default == f.default, f.name
+    shared = {"model", "device", "dtype", "quantize", "tokenizer", "no_pack", "layout"}
+    assert declared <= set(params) and set(params) - declared <= shared, set(params) - declared

@@ -76,6 +76,21 @@ class BenchOptions:
         """--configs as a list (None: the mode's default)."""
         return None if self.configs is None else [c.strip() for c in self.configs.split(",") if c.strip()]
 
+    def timing(self) -> dict:
+        """The arguments every T5 timing run takes, by name."""
+        return dict(
+            workload=self.workload,
+            model_size=self.model_size,
+            model_dir=self.model,
+            configs=self.names,
+            docs=self.docs,
+            repeats=self.repeats,
+            dtype=self.dtype,
+            seed=self.seed,
+            threads=self.threads,
+            pack=not self.no_pack,
+        )
+
 
 @command(
     "bench",
@@ -132,40 +147,18 @@ def check_modes(o: BenchOptions) -> None:
 def bench_decoding(o: BenchOptions) -> None:
     """The timed decoding run (the default mode)."""
     result = run_bench(
-        workload=o.workload,
-        model_size=o.model_size,
-        model_dir=o.model,
-        configs=o.names,
-        docs=o.docs,
-        repeats=o.repeats,
+        **o.timing(),
         device=o.device,
-        dtype=o.dtype,
-        seed=o.seed,
-        threads=o.threads,
         quantize=o.quantize,
         memory_budget=o.memory_budget,
         compile=o.compile_steps,
-        pack=not o.no_pack,
     )
     _emit(format_table(result), result, o.json_out)
 
 
 def bench_sweep(o: BenchOptions) -> None:
     """--sweep-k: latency per document against K."""
-    sweep = run_sweep(
-        parse_ks(o.sweep_k),
-        o.names,
-        o.workload,
-        o.model_size,
-        o.model,
-        docs=o.docs,
-        repeats=o.repeats,
-        dtype=o.dtype,
-        seed=o.seed,
-        threads=o.threads,
-        pack=not o.no_pack,
-        progress=_sweep_progress,
-    )
+    sweep = run_sweep(parse_ks(o.sweep_k), **o.timing(), progress=_sweep_progress)
     _emit(format_sweep(sweep), sweep, o.json_out)
     if o.plot:
         plot_sweep(sweep, o.plot)
