@@ -25,7 +25,8 @@ from pidec.serving import allocator
 from pidec.serving.app import ServeSettings, connection_class, create_app, describe
 from pidec.serving.prometheus import parse, total
 
-from .shared_data import tiny_checkpoint
+from ..shared_data import tiny_checkpoint
+from .helpers import slow_decoder
 
 DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
 PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
@@ -87,22 +88,6 @@ def requests_mix(n: int) -> list[dict]:
             body["layout"] = "pie" if i % 7 == 2 else "seq"
         out.append(body)
     return out
-
-
-@contextmanager
-def slow_decoder(model, delay_s: float):
-    """Every decoder pass (prefill or step) of the model sleeps first: requests stay in flight."""
-    inner = model.model.decode
-
-    def slow(*args, **kwargs):
-        time.sleep(delay_s)
-        return inner(*args, **kwargs)
-
-    model.model.decode = slow
-    try:
-        yield
-    finally:
-        del model.model.decode  # the instance attribute goes; the method is back
 
 
 async def until(predicate, timeout_s: float = 10.0) -> None:
