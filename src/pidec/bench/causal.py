@@ -210,6 +210,36 @@ def run_causal_bench(
     progress=None,
 ) -> dict:
     """Time `configs` on `workload` at the random-weight `arch` shape; float32 on the CPU."""
+    configs = checked_configs(arch, workload, configs)
+    if threads:
+        torch.set_num_threads(threads)
+    model = build_random(arch, seed)
+    cfg = model.config
+    draws = draw_documents(WORKLOADS[workload], docs, seed, cfg.vocab_size, doc_tokens, subtasks)
+    # warm-up, untimed: a short document with two prompts (first calls, lazy set-up)
+    small = draw_documents(WORKLOADS[workload], 1, seed + 1, cfg.vocab_size, 32, 2)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        engines, skipped = build_engines(model, arch, seed, configs, tmp)
+        timed = [c for c in configs if c not in skipped]
+        times, outputs = time_configs(engines, timed, draws, small, repeats, progress)
+    check_lengths(timed, outputs, draws[0])
+    return {
+        "arch": arch,
+        "model": {"size": arch, "params": model.num_parameters(), **cfg.to_dict()},
+        "workload": workload,
+        "subtasks": draws[0].k,
+        "doc_tokens": len(draws[0].document),
+        "docs": docs,
+        "repeats": repeats,
+        "torch_threads": torch.get_num_threads(),
+        "results": result_rows(cfg, timed, times, outputs, draws),
+        "skipped": skipped,
+    }
+
+
+def checked_configs(arch: str, workload: str, configs: list[str] | None) -> list[str]:
+    """The configurations to time (default CONFIGS); a ValueError naming an unknown arch,
+    workload or configuration."""
     if arch not in ARCHES:
         raise ValueError(f"unknown --arch {arch!r}: expected one of {', '.join(ARCHES)}")
     if workload not in WORKLOADS:
@@ -218,81 +248,97 @@ def run_causal_bench(
     unknown = [c for c in configs if c not in ALL_CONFIGS]
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(unknown)}: expected some of {', '.join(ALL_CONFIGS)}")
-    if threads:
-        torch.set_num_threads(threads)
-    model = build_random(arch, seed)
-    cfg = model.config
-    draws = draw_documents(WORKLOADS[workload], docs, seed, cfg.vocab_size, doc_tokens, subtasks)
+    return configs
+
+
+def build_engines(model, arch: str, seed: int, configs: list[str], tmp: str) -> tuple[dict, dict[str, str]]:
+    """The engines `configs` need, by key ("hf", "ct2-...", "pidec", "pidec-int8"), the peers
+    loaded from `model` saved under `tmp`; and the configurations skipped, with why."""
     skipped: dict[str, str] = {}
     engines: dict = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = os.path.join(tmp, "hf")
-        if any(c.startswith(("hf-", "ct2-")) for c in configs):
-            causal_checkpoint.save(model, folder)
-        if any(c.startswith("hf-") for c in configs):
-            from transformers import AutoModelForCausalLM
+    folder = os.path.join(tmp, "hf")
+    if any(c.startswith(("hf-", "ct2-")) for c in configs):
+        causal_checkpoint.save(model, folder)
+    if any(c.startswith("hf-") for c in configs):
+        from transformers import AutoModelForCausalLM
 
-            with checkpoint.quiet_transformers():
-                engines["hf"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        ct2_kinds = sorted({"int8" if c.endswith("-int8") else "float32" for c in configs if c.startswith("ct2")})
-        if ct2_kinds:
-            gens, why = load_ct2(folder, os.path.join(tmp, "ct2"), cfg.vocab_size, ct2_kinds)
-            for c in [c for c in configs if c.startswith("ct2")]:
-                if why:
-                    skipped[c] = why
-                else:
-                    engines[c] = gens["int8" if c.endswith("-int8") else "float32"]
-        if any(c.startswith("pidec") and not c.endswith("-int8") for c in configs) and packing.supported(
-            model.device, model.dtype
-        ):
-            packing.pack(model)
-        engines["pidec"] = model
-        if any(c.startswith("pidec") and c.endswith("-int8") for c in configs):
-            int8 = build_random(arch, seed)
-            quant.quantize_model(int8, "int8")
-            if packing.supported(int8.device, int8.dtype):
-                packing.pack(int8)  # the float LM head
-            engines["pidec-int8"] = int8
-        timed = [c for c in configs if c not in skipped]
+        with checkpoint.quiet_transformers():
+            engines["hf"] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    ct2_kinds = sorted({"int8" if c.endswith("-int8") else "float32" for c in configs if c.startswith("ct2")})
+    if ct2_kinds:
+        gens, why = load_ct2(folder, os.path.join(tmp, "ct2"), model.config.vocab_size, ct2_kinds)
+        for c in [c for c in configs if c.startswith("ct2")]:
+            if why:
+                skipped[c] = why
+            else:
+                engines[c] = gens["int8" if c.endswith("-int8") else "float32"]
+    if any(c.startswith("pidec") and not c.endswith("-int8") for c in configs) and packing.supported(
+        model.device, model.dtype
+    ):
+        packing.pack(model)
+    engines["pidec"] = model
+    if any(c.startswith("pidec") and c.endswith("-int8") for c in configs):
+        int8 = build_random(arch, seed)
+        quant.quantize_model(int8, "int8")
+        if packing.supported(int8.device, int8.dtype):
+            packing.pack(int8)  # the float LM head
+        engines["pidec-int8"] = int8
+    return engines, skipped
 
-        def run(name: str, d: DocDraw):
-            if name == "hf-pie":
-                return run_hf_pie(engines["hf"], d)
-            if name == "hf-prefix-copied":
-                return run_hf_prefix_copied(engines["hf"], d)
-            if name.startswith("ct2"):
-                return run_ct2(engines[name], d)
-            m = engines["pidec-int8" if name.endswith("-int8") else "pidec"]
-            return run_pidec(m, d, name.startswith("pidec-pid"))
 
-        times: dict[str, list[float]] = {c: [] for c in timed}
-        outputs: dict[str, list] = {}
-        # warm-up, untimed: a short document with two prompts (first calls, lazy set-up)
-        small = draw_documents(WORKLOADS[workload], 1, seed + 1, cfg.vocab_size, 32, 2)[0]
-        with torch.inference_mode():
+def run_config(engines: dict, name: str, d: DocDraw):
+    """One document through configuration `name`: its rows' generated tokens."""
+    if name == "hf-pie":
+        return run_hf_pie(engines["hf"], d)
+    if name == "hf-prefix-copied":
+        return run_hf_prefix_copied(engines["hf"], d)
+    if name.startswith("ct2"):
+        return run_ct2(engines[name], d)
+    m = engines["pidec-int8" if name.endswith("-int8") else "pidec"]
+    return run_pidec(m, d, name.startswith("pidec-pid"))
+
+
+def time_configs(engines: dict, timed: list[str], draws: list[DocDraw], small: DocDraw, repeats: int, progress):
+    """After one untimed warm-up on `small`, `repeats` passes over `draws`, the configurations
+    interleaved: seconds per document of each pass by configuration, and each configuration's
+    tokens for the first document."""
+    times: dict[str, list[float]] = {c: [] for c in timed}
+    outputs: dict[str, list] = {}
+    with torch.inference_mode():
+        for c in timed:
+            run_config(engines, c, small)
+        for _ in range(repeats):
             for c in timed:
-                run(c, small)
-            for _ in range(repeats):
-                for c in timed:
-                    t0 = time.perf_counter()
-                    for i, d in enumerate(draws):
-                        tokens = run(c, d)
-                        if i == 0:
-                            outputs[c] = tokens
-                    sync(torch.device("cpu"))
-                    times[c].append((time.perf_counter() - t0) / len(draws))
-                if progress:
-                    progress({c: times[c][-1] for c in timed})
+                t0 = time.perf_counter()
+                for i, d in enumerate(draws):
+                    tokens = run_config(engines, c, d)
+                    if i == 0:
+                        outputs[c] = tokens
+                sync(torch.device("cpu"))
+                times[c].append((time.perf_counter() - t0) / len(draws))
+            if progress:
+                progress({c: times[c][-1] for c in timed})
+    return times, outputs
+
+
+def check_lengths(timed: list[str], outputs: dict[str, list], first: DocDraw) -> None:
+    """Every configuration generated the tokens per row the workload asks (a RuntimeError if not)."""
     for c in timed:
-        want = draws[0].out_lens
+        want = first.out_lens
         got = [len(t) for t in outputs[c]]
         if c.startswith(("hf-", "ct2")):
             got = [min(g, w) for g, w in zip(got, want)]  # a transformers batch runs to its longest row
         if got != want:
             raise RuntimeError(f"{c}: generated {got} tokens per row, the workload asks {want}")
+
+
+def result_rows(cfg, timed: list[str], times: dict, outputs: dict, draws: list[DocDraw]) -> list[dict]:
+    """One row per configuration: latency, tokens/s, speed-up against hf-pie, the bytes a step
+    reads, and greedy agreement with pidec-pie on the first document."""
     ref = outputs.get("pidec-pie")
+    first = draws[0]
     agree = {
-        c: sum(a[:n] == b[:n] for a, b, n in zip(outputs[c], ref, draws[0].out_lens)) / draws[0].k
+        c: sum(a[:n] == b[:n] for a, b, n in zip(outputs[c], ref, first.out_lens)) / first.k
         for c in timed
         if ref is not None and not c.endswith("-int8")
     }
@@ -307,22 +353,11 @@ def run_causal_bench(
                 "latency_s_all": times[c],
                 "output_tok_s": sum(d.answer_tokens for d in draws) / len(draws) / lat,
                 "speedup_vs_hf_pie": None if base is None else base / lat,
-                "step_bytes": step_bytes(cfg, c, draws[0]),
+                "step_bytes": step_bytes(cfg, c, first),
                 "greedy_agreement_with_pidec_pie": agree.get(c),
             }
         )
-    return {
-        "arch": arch,
-        "model": {"size": arch, "params": model.num_parameters(), **cfg.to_dict()},
-        "workload": workload,
-        "subtasks": draws[0].k,
-        "doc_tokens": len(draws[0].document),
-        "docs": docs,
-        "repeats": repeats,
-        "torch_threads": torch.get_num_threads(),
-        "results": results,
-        "skipped": skipped,
-    }
+    return results
 
 
 def format_causal_table(result: dict) -> str:

@@ -49,6 +49,8 @@ def run_train_bench(
     threads: int | None = None,
     gradient_checkpointing: bool = False,
 ) -> dict:
+    """Time one optimizer step per document for each of `layouts` on `workload` at `model_size`
+    (random weights), round-robin over `repeats` passes; one row per layout."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}: expected one of {', '.join(WORKLOADS)}")
     for name in layouts:
@@ -60,10 +62,24 @@ def run_train_bench(
         torch.set_num_threads(threads)
     model = build_random_model(model_size, seed).train()
     model.gradient_checkpointing = gradient_checkpointing
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     draws = draw_documents(WORKLOADS[workload], docs, seed)
     items = {name: items_for(name, draws, random.Random(seed)) for name in layouts}
     batches = {name: [collate(items[name], [_whole(items[name], i)], 0) for i in range(docs)] for name in layouts}
+    times = time_steps(model, batches, layouts, docs, repeats)
+    return {
+        "workload": workload,
+        "model_size": model_size,
+        "docs": docs,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "results": layout_rows(batches, times, layouts),
+    }
+
+
+def time_steps(model, batches: dict, layouts, docs: int, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each optimizer step (forward, backward, AdamW) by layout, after one untimed
+    warm-up step per layout (allocator, optimizer state); the layouts interleaved."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step(batch) -> float:
         t0 = time.perf_counter()
@@ -73,13 +89,19 @@ def run_train_bench(
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t0
 
-    for name in layouts:  # warm-up (allocator, optimizer state)
+    for name in layouts:
         step(batches[name][0])
     times: dict[str, list[float]] = {name: [] for name in layouts}
     for _ in range(repeats):
         for i in range(docs):
             for name in layouts:
                 times[name].append(step(batches[name][i]))
+    return times
+
+
+def layout_rows(batches: dict, times: dict[str, list[float]], layouts) -> list[dict]:
+    """One row per layout: seconds and documents per second, tokens per document, and the
+    throughput against pie's."""
     results = []
     for name in layouts:
         per_doc = statistics.median(times[name])
@@ -96,14 +118,7 @@ def run_train_bench(
     pie = next((r["docs_per_s"] for r in results if r["layout"] == "pie"), None)
     for r in results:
         r["vs_pie"] = r["docs_per_s"] / pie if pie else None
-    return {
-        "workload": workload,
-        "model_size": model_size,
-        "docs": docs,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "results": results,
-    }
+    return results
 
 
 def _whole(items: list[TrainItem], i: int):

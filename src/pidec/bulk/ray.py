@@ -25,6 +25,7 @@ Ray and pyarrow are imported inside the functions, so pidec imports without the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -238,20 +239,8 @@ def run(
     if batch_size is None:
         batch_size = share_per_call(shards, actors, limit)
     out_format = output_format_of(output, output_format)
-    output = Path(output)
-    if output.suffix.lower() in (".jsonl", ".parquet", ".json"):
-        raise InputError(f"--engine ray: --output {output} must be a folder (Ray writes one file per block)")
-    if output.exists() and any(output.iterdir()):
-        if not overwrite:
-            raise InputError(f"--output {output} is not empty: write to a new folder, or pass --overwrite")
-        shutil.rmtree(output)
-    started = False
-    if not ray.is_initialized():
-        if address is None:  # Ray runs its workers at nice 15; here they do all the work, so run them at 0
-            os.environ.setdefault(NICENESS, "0")
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        started = True
-    try:
+    output = empty_output_folder(output, overwrite)
+    with ray_session(ray, address):
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
         ds = read(shards)
@@ -268,19 +257,7 @@ def run(
             batch_size=batch_size,
             on_error=on_error,
         )
-        try:
-            if out_format == "parquet":
-                out.write_datasink(parquet_sink(str(output)), ray_remote_args={"num_cpus": 0})
-            else:
-                out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0})
-        except Exception as e:
-            if isinstance(e, RecordError) or "RecordError" in str(e):
-                line = next((x for x in str(e).splitlines() if "--on-error fail stops here" in x), str(e))
-                raise RecordError(line.split("RecordError: ")[-1].strip()) from None
-            raise
-    finally:
-        if started:
-            ray.shutdown()
+        write(out, output, out_format)
     counts = count_output(output)
     result = summary(
         counts,
@@ -295,3 +272,47 @@ def run(
     if json_summary:
         Path(json_summary).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def empty_output_folder(output, overwrite: bool) -> Path:
+    """`output` as a folder that is new or empty (emptied with `overwrite`); an InputError for a
+    file name or a folder holding an earlier run's files."""
+    output = Path(output)
+    if output.suffix.lower() in (".jsonl", ".parquet", ".json"):
+        raise InputError(f"--engine ray: --output {output} must be a folder (Ray writes one file per block)")
+    if output.exists() and any(output.iterdir()):
+        if not overwrite:
+            raise InputError(f"--output {output} is not empty: write to a new folder, or pass --overwrite")
+        shutil.rmtree(output)
+    return output
+
+
+@contextlib.contextmanager
+def ray_session(ray, address: str | None):
+    """Inside the block Ray runs: the one already started, else one started here (joining
+    `address`, or a local one with its workers at nice 0) and shut down after."""
+    if ray.is_initialized():
+        yield
+        return
+    if address is None:  # Ray runs its workers at nice 15; here they do all the work, so run them at 0
+        os.environ.setdefault(NICENESS, "0")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def write(out, output: Path, out_format: str) -> None:
+    """Run the dataset `out` into the folder `output` as Parquet (row order kept within a file)
+    or JSON lines; a record's failure under --on-error fail comes back as its RecordError."""
+    try:
+        if out_format == "parquet":
+            out.write_datasink(parquet_sink(str(output)), ray_remote_args={"num_cpus": 0})
+        else:
+            out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0})
+    except Exception as e:
+        if isinstance(e, RecordError) or "RecordError" in str(e):
+            line = next((x for x in str(e).splitlines() if "--on-error fail stops here" in x), str(e))
+            raise RecordError(line.split("RecordError: ")[-1].strip()) from None
+        raise

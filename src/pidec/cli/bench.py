@@ -1,8 +1,10 @@
-"""`pidec bench`: the speed harness, its sweep and its training mode."""
+"""`pidec bench`: the speed harness, its sweep and its training mode. Its options are the fields
+of `BenchOptions` (see `.options`); the command checks how they combine and calls one mode."""
 
 from __future__ import annotations
 
-from typing import Optional
+from dataclasses import dataclass
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,113 +14,166 @@ from ..bench.harness import run_bench, run_memory
 from ..bench.report import format_memory, format_table
 from ..bench.sweep import format_sweep, parse_ks, plot_sweep, run_sweep
 from ..bench.training import format_train_table, run_train_bench
-from .common import Device, Dtype, NoPack, app, check_quantize, fail, input_errors_fail, write_json
+from ..settings import setting
+from .common import RUNTIME, Device, Dtype, NoPack, check_quantize, fail, input_errors_fail, write_json
+from .options import build_config, command, declared_options, keyword
+
+BENCH_QUANTIZE = Annotated[
+    Optional[str],
+    typer.Option(
+        "--quantize",
+        help="int8: the pidec and ct2 configurations in int8",
+        callback=check_quantize,
+        rich_help_panel=RUNTIME,
+    ),
+]
 
 
-@app.command()
-def bench(
-    workload: str = typer.Option("dst", "--workload", help="dst | summ | qa"),
-    model_size: str = typer.Option("base", "--model-size", help="tiny | small | base | large (random weights)"),
-    model: Optional[str] = typer.Option(None, "--model", help="a checkpoint folder instead of --model-size"),
-    configs: Optional[str] = typer.Option(
+@dataclass
+class BenchOptions:
+    """What `pidec bench` is told: one field an option (device, dtype, quantize and no_pack are
+    the shared runtime options)."""
+
+    workload: str = setting("dst", help="dst | summ | qa", panel="Workload")
+    model_size: str = setting("base", help="tiny | small | base | large (random weights)", panel="Workload")
+    model: Optional[str] = setting(None, help="a checkpoint folder instead of --model-size", panel="Workload")
+    arch: Optional[str] = setting(
         None,
-        "--configs",
+        help=f"a decoder-only shape instead of T5 ({', '.join(ARCHES)}; random weights, float32)",
+        panel="Workload",
+    )
+    configs: Optional[str] = setting(
+        None,
         help="comma list of configurations (default: hf-pie,hf-pid-expanded,pidec-seq,pidec-pie,pidec-pid; "
         "with --sweep-k: hf-pie,ct2-pie-int8,pidec-pie,pidec-pid,pidec-pid-int8)",
-    ),
-    docs: int = typer.Option(2, "--docs", help="documents per configuration"),
-    repeats: int = typer.Option(3, "--repeats", help="passes over the documents"),
-    device: Device = "cpu",
-    dtype: Dtype = "auto",
-    seed: int = typer.Option(0, "--seed"),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch threads (default: torch's choice)"),
-    json_out: Optional[str] = typer.Option(None, "--json", help="also write the results as JSON here"),
-    train_mode: bool = typer.Option(False, "--train", help="time training steps of the layouts instead"),
-    layouts: str = typer.Option("pid,pie", "--layouts", help="with --train: comma list of pid, pie, seq"),
-    quantize: Optional[str] = typer.Option(
-        None, "--quantize", help="int8: the pidec and ct2 configurations in int8", callback=check_quantize
-    ),
-    memory_budget: Optional[str] = typer.Option(
-        None, "--memory-budget", help="e.g. 8GiB: also report how many documents fit (analytic)"
-    ),
-    memory_only: bool = typer.Option(False, "--memory-only", help="with --memory-budget: only that report, no timing"),
-    sweep_k: Optional[str] = typer.Option(
-        None, "--sweep-k", help="e.g. 1,2,4,8,16,32,64: latency per document against the number of prompts K"
-    ),
-    plot: Optional[str] = typer.Option(None, "--plot", help="with --sweep-k: write a log-log PNG plot here"),
-    compile_steps: bool = typer.Option(
-        False, "--compile", help="the float pidec configurations decode through torch.compile"
-    ),
-    no_pack: NoPack = False,
-    arch: Optional[str] = typer.Option(
-        None, "--arch", help=f"a decoder-only shape instead of T5 ({', '.join(ARCHES)}; random weights, float32)"
-    ),
-) -> None:
-    """Time the configurations side by side on one workload and print a table. More configurations:
-    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ".[ct2]")."""
+        panel="Workload",
+    )
+    docs: int = setting(2, help="documents per configuration", panel="Timing")
+    repeats: int = setting(3, help="passes over the documents", panel="Timing")
+    seed: int = setting(0, help="seeds the weights and the documents", panel="Timing")
+    threads: Optional[int] = setting(None, help="torch threads (default: torch's choice)", panel="Timing")
+    compile_steps: bool = setting(
+        False, help="the float pidec configurations decode through torch.compile", panel="Timing", flag="--compile"
+    )
+    train_mode: bool = setting(False, help="time training steps of the layouts instead", panel="Modes", flag="--train")
+    layouts: str = setting("pid,pie", help="with --train: comma list of pid, pie, seq", panel="Modes")
+    memory_budget: Optional[str] = setting(
+        None, help="e.g. 8GiB: also report how many documents fit (analytic)", panel="Modes"
+    )
+    memory_only: bool = setting(False, help="with --memory-budget: only that report, no timing", panel="Modes")
+    sweep_k: Optional[str] = setting(
+        None, help="e.g. 1,2,4,8,16,32,64: latency per document against the number of prompts K", panel="Modes"
+    )
+    plot: Optional[str] = setting(None, help="with --sweep-k: write a log-log PNG plot here", panel="Output")
+    json_out: Optional[str] = setting(None, help="also write the results as JSON here", panel="Output", flag="--json")
+    device: str = setting("cpu", help="the shared --device", panel=RUNTIME, cli=False)
+    dtype: str = setting("auto", help="the shared --dtype", panel=RUNTIME, cli=False)
+    quantize: Optional[str] = setting(None, help="the shared --quantize", panel=RUNTIME, cli=False)
+    no_pack: bool = setting(False, help="the shared --no-pack", panel=RUNTIME, cli=False)
 
-    named = str(parse_dtype(dtype, device)).removeprefix("torch.")  # what auto means here
-    names = None if configs is None else [c.strip() for c in configs.split(",") if c.strip()]
-    if arch is not None:  # decoder-only models: pidec.bench.causal
-        bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out)
+    @property
+    def names(self) -> list[str] | None:
+        """--configs as a list (None: the mode's default)."""
+        return None if self.configs is None else [c.strip() for c in self.configs.split(",") if c.strip()]
+
+    @property
+    def named_dtype(self) -> str:
+        """The dtype as a name: what "auto" means on this device."""
+        return str(parse_dtype(self.dtype, self.device)).removeprefix("torch.")
+
+    def timing(self) -> dict:
+        """The arguments every T5 timing run takes, by name (the dtype named: see `bench_decoding`)."""
+        return dict(
+            workload=self.workload,
+            model_size=self.model_size,
+            model_dir=self.model,
+            configs=self.names,
+            docs=self.docs,
+            repeats=self.repeats,
+            dtype=self.named_dtype,
+            seed=self.seed,
+            threads=self.threads,
+            pack=not self.no_pack,
+        )
+
+
+@command(
+    "bench",
+    [
+        *declared_options(BenchOptions),
+        keyword("device", Device, "cpu"),
+        keyword("dtype", Dtype, "auto"),
+        keyword("quantize", BENCH_QUANTIZE, None),
+        keyword("no_pack", NoPack, False),
+    ],
+    """Time the configurations side by side on one workload and print a table. More configurations:
+    pidec-{seq,pie,pid}-int8, ct2-pie, ct2-prefix (+ -int8; needs the ct2 extra: pip install ".[ct2]").""",
+)
+def bench(ctx: typer.Context, **options) -> None:
+    o = build_config(BenchOptions, options)
+    if o.arch is not None:  # decoder-only models: pidec.bench.causal
+        bench_causal(o)
         return
-    if compile_steps and (train_mode or sweep_k or memory_only):
-        fail("--compile applies to a timed decoding run: leave out --train, --sweep-k and --memory-only")
-    if plot and not sweep_k:
-        fail("--plot draws the --sweep-k results: give --sweep-k too")
-    if sweep_k and (train_mode or memory_budget or quantize):
-        fail("--sweep-k times decoding per K: leave out --train, --memory-budget and --quantize")
-    if memory_only and memory_budget is None:
-        fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
-    if train_mode and (quantize or memory_budget):
-        fail("--train times training steps: --quantize and --memory-budget apply to decoding")
+    check_modes(o)
     with input_errors_fail():
-        if sweep_k:
-            sweep = run_sweep(
-                parse_ks(sweep_k),
-                names,
-                workload,
-                model_size,
-                model,
-                docs=docs,
-                repeats=repeats,
-                dtype=named,
-                seed=seed,
-                threads=threads,
-                pack=not no_pack,
-                progress=_sweep_progress,
+        if o.sweep_k:
+            bench_sweep(o)
+        elif o.memory_only:
+            mem = run_memory(
+                o.workload,
+                o.model_size,
+                o.model,
+                o.names,
+                o.memory_budget,
+                o.named_dtype,
+                o.quantize,
+                pack=not o.no_pack,
             )
-            _emit(format_sweep(sweep), sweep, json_out)
-            if plot:
-                plot_sweep(sweep, plot)
-                typer.echo(f"wrote {plot}")
-        elif memory_only:
-            mem = run_memory(workload, model_size, model, names, memory_budget, named, quantize, pack=not no_pack)
-            _emit(format_memory(mem), mem, json_out, say=False)
-        elif train_mode:
-            layout_names = [x.strip() for x in layouts.split(",") if x.strip()]
+            _emit(format_memory(mem), mem, o.json_out, say=False)
+        elif o.train_mode:
+            layout_names = [x.strip() for x in o.layouts.split(",") if x.strip()]
             result = run_train_bench(
-                workload, model_size, layout_names, docs=docs, repeats=repeats, seed=seed, threads=threads
+                o.workload, o.model_size, layout_names, docs=o.docs, repeats=o.repeats, seed=o.seed, threads=o.threads
             )
-            _emit(format_train_table(result), result, json_out, say=False)
+            _emit(format_train_table(result), result, o.json_out, say=False)
         else:
-            result = run_bench(
-                workload=workload,
-                model_size=model_size,
-                model_dir=model,
-                configs=names,
-                docs=docs,
-                repeats=repeats,
-                device=device,
-                dtype=dtype,
-                seed=seed,
-                threads=threads,
-                quantize=quantize,
-                memory_budget=memory_budget,
-                compile=compile_steps,
-                pack=not no_pack,
-            )
-            _emit(format_table(result), result, json_out)
+            bench_decoding(o)
+
+
+def check_modes(o: BenchOptions) -> None:
+    """Refuse options that do not go together (one line naming them)."""
+    if o.compile_steps and (o.train_mode or o.sweep_k or o.memory_only):
+        fail("--compile applies to a timed decoding run: leave out --train, --sweep-k and --memory-only")
+    if o.plot and not o.sweep_k:
+        fail("--plot draws the --sweep-k results: give --sweep-k too")
+    if o.sweep_k and (o.train_mode or o.memory_budget or o.quantize):
+        fail("--sweep-k times decoding per K: leave out --train, --memory-budget and --quantize")
+    if o.memory_only and o.memory_budget is None:
+        fail("--memory-only needs --memory-budget SIZE (e.g. 8GiB)")
+    if o.train_mode and (o.quantize or o.memory_budget):
+        fail("--train times training steps: --quantize and --memory-budget apply to decoding")
+
+
+def bench_decoding(o: BenchOptions) -> None:
+    """The timed decoding run (the default mode)."""
+    # the harness gets the dtype as given, so that its header says what "auto" chose and why
+    result = run_bench(
+        **(o.timing() | {"dtype": o.dtype}),
+        device=o.device,
+        quantize=o.quantize,
+        memory_budget=o.memory_budget,
+        compile=o.compile_steps,
+    )
+    _emit(format_table(result), result, o.json_out)
+
+
+def bench_sweep(o: BenchOptions) -> None:
+    """--sweep-k: latency per document against K."""
+    sweep = run_sweep(parse_ks(o.sweep_k), **o.timing(), progress=_sweep_progress)
+    _emit(format_sweep(sweep), sweep, o.json_out)
+    if o.plot:
+        plot_sweep(sweep, o.plot)
+        typer.echo(f"wrote {o.plot}")
 
 
 def _sweep_progress(k: int, result: dict) -> None:
@@ -131,26 +186,28 @@ def _emit(table: str, result: dict, json_out: Optional[str], say: bool = True) -
     write_json(json_out, result, say)
 
 
-def bench_causal(arch, workload, names, docs, repeats, seed, threads, sweep_k, plot, json_out) -> None:
+def bench_causal(o: BenchOptions) -> None:
     """`pidec bench --arch NAME`: the decoder-only configurations (see pidec.bench.causal)."""
     with input_errors_fail():
-        if sweep_k:
+        if o.sweep_k:
             result = run_causal_sweep(
-                parse_ks(sweep_k),
-                names,
-                arch=arch,
-                workload=workload,
-                docs=docs,
-                repeats=repeats,
-                seed=seed,
-                threads=threads,
+                parse_ks(o.sweep_k),
+                o.names,
+                arch=o.arch,
+                workload=o.workload,
+                docs=o.docs,
+                repeats=o.repeats,
+                seed=o.seed,
+                threads=o.threads,
             )
             for k, run in zip(result["ks"], result["runs"]):
                 typer.echo(f"K={k}\n" + format_causal_table(run))
         else:
-            result = run_causal_bench(arch, workload, names, docs=docs, repeats=repeats, seed=seed, threads=threads)
+            result = run_causal_bench(
+                o.arch, o.workload, o.names, docs=o.docs, repeats=o.repeats, seed=o.seed, threads=o.threads
+            )
             typer.echo(format_causal_table(result))
-    write_json(json_out, result)
-    if plot and sweep_k:
-        plot_causal_sweep(result, plot)
-        typer.echo(f"wrote {plot}")
+    write_json(o.json_out, result)
+    if o.plot and o.sweep_k:
+        plot_causal_sweep(result, o.plot)
+        typer.echo(f"wrote {o.plot}")

@@ -60,6 +60,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request, Security
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -71,6 +72,7 @@ from .. import layouts
 from ..api import Model
 from ..causal import CausalModel
 from ..errors import InputError
+from ..settings import setting
 from . import allocator, causal
 from .batcher import Batcher, BatchFailed, Cancelled, Job, QueueFull, ShuttingDown
 from .prometheus import LATENCY_BUCKETS, Registry
@@ -80,34 +82,82 @@ access_log = logging.getLogger("pidec.access")
 
 PROTECTED = ("/v1/", "/metrics")  # paths that need the bearer token when one is set
 PATHS = ("/v1/generate", "/healthz", "/readyz", "/metrics", "/openapi.json", "/docs")  # metric labels; else "other"
-OPTIONAL_SETTINGS = ("max_document_tokens", "malloc_arena_max", "trim_after_idle_s")  # None allowed
+OPTIONAL_SETTINGS = ("max_document_tokens", "malloc_arena_max", "trim_after_idle_s", "primitive_cache")  # None allowed
 
 
 @dataclass
 class ServeSettings:
-    """Limits and batching of the service. Sizes are in tokens of the model's tokenizer."""
+    """Limits and batching of the service. Sizes are in tokens of the model's tokenizer. Each
+    field is also its `pidec serve` option (`pidec.settings.setting`: flag, help, panel)."""
 
-    api_key: str | None = None  # bearer token required on /v1/* and /metrics; None: open
-    max_document_tokens: int | None = None  # an encoder row, EOS included; None: the model's max_input_length
-    max_prompts: int = 64
-    max_prompt_tokens: int = 64
-    max_new_tokens_limit: int = 256  # the most max_new_tokens a request may ask for, per prompt
-    default_max_new_tokens: int = 32
-    max_num_beams: int = 8
-    max_body_bytes: int = 1 << 20
-    max_queue: int = 64  # requests waiting to start; more get 429
-    max_batch_documents: int = 32  # requests decoded together; 1 turns batching off
-    max_batch_tokens: int = 32768  # cache slots the batch may hold: see batcher.footprint
-    max_wait_ms: float = 5.0  # how long an idle service waits for more requests to batch
-    request_timeout_s: float = 120.0  # from arrival to answer; then 504
-    retry_after_s: int = 1  # the Retry-After of a 429
-    body_timeout_s: float = 30.0  # to receive a request's whole body; then 408 and the connection closes
-    header_timeout_s: float = 10.0  # for a connection to deliver a request's head; then it is closed
-    shutdown_timeout_s: float = 30.0  # after SIGTERM, to finish what is held; the rest get 503
-    max_connections: int = 256  # connections open at once; more get 503 and are closed
-    tokenizer_threads: int = 2  # threads that parse and tokenize request bodies
-    malloc_arena_max: int | None = 2  # glibc malloc arenas (see allocator.py); None: glibc's default
-    trim_after_idle_s: float | None = 2.0  # give freed heap back to the OS once idle this long; None: never
+    api_key: str | None = setting(
+        None,
+        help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (prefer PIDEC_API_KEY); none: open",
+        panel="Server",
+        envvar="PIDEC_API_KEY",
+    )
+    max_document_tokens: int | None = setting(
+        None, help="an encoder row, EOS included (default: the model's max_input_length)", panel="Limits"
+    )
+    max_prompts: int = setting(64, help="prompts per request", panel="Limits")
+    max_prompt_tokens: int = setting(64, help="tokens per prompt", panel="Limits")
+    max_new_tokens_limit: int = setting(
+        256, help="the most max_new_tokens a request may ask for, per prompt", panel="Limits"
+    )
+    default_max_new_tokens: int = setting(32, help="max_new_tokens of a request that gives none", panel="Limits")
+    max_num_beams: int = setting(8, help="the most num_beams a request may ask for", panel="Limits")
+    max_body_bytes: int = setting(1 << 20, help="request body size", panel="Limits")
+    max_queue: int = setting(64, help="requests waiting to start; more get 429", panel="Limits")
+    max_connections: int = setting(256, help="connections open at once; more get 503 and are closed", panel="Limits")
+    max_batch_documents: int = setting(32, help="requests decoded together; 1 turns batching off", panel="Batching")
+    max_batch_tokens: int = setting(
+        32768, help="cache slots the batch may hold (see batcher.footprint)", panel="Batching"
+    )
+    max_wait_ms: float = setting(
+        5.0, help="how long an idle service waits for more requests to batch", panel="Batching"
+    )
+    tokenizer_threads: int = setting(2, help="threads that parse and tokenize request bodies", panel="Batching")
+    request_timeout_s: float = setting(
+        120.0, help="seconds from arrival to answer; then 504", panel="Timeouts", flag="--request-timeout"
+    )
+    retry_after_s: int = setting(1, help="the Retry-After of a 429", panel="Timeouts", cli=False)
+    body_timeout_s: float = setting(
+        30.0,
+        help="seconds to receive a request's whole body; then 408 and the connection closes",
+        panel="Timeouts",
+        flag="--body-timeout",
+    )
+    header_timeout_s: float = setting(
+        10.0,
+        help="seconds for a connection to deliver a request's head; then it is closed",
+        panel="Timeouts",
+        flag="--header-timeout",
+    )
+    shutdown_timeout_s: float = setting(
+        30.0,
+        help="after SIGTERM, seconds to finish what is held; the rest get 503",
+        panel="Timeouts",
+        flag="--shutdown-timeout",
+    )
+    malloc_arena_max: int | None = setting(
+        2,
+        help="glibc malloc arenas, set before loading (bounds RSS, see allocator.py); 0: glibc's default",
+        panel="Memory",
+        off=0,
+    )
+    trim_after_idle_s: float | None = setting(
+        2.0,
+        help="seconds idle before freed heap goes back to the OS; 0: never",
+        panel="Memory",
+        flag="--trim-after-idle",
+        off=0,
+    )
+    primitive_cache: int | None = setting(
+        32,
+        help="oneDNN primitives kept per cache, set before loading (bounds RSS, see allocator.py); 0: oneDNN's 1024",
+        panel="Memory",
+        off=0,
+    )
 
     def checked(self, model: Model) -> ServeSettings:
         """Validate every field (naming it) and fill max_document_tokens from the model."""
@@ -662,12 +712,30 @@ def create_app(model: Model, settings: ServeSettings | None = None, access_log: 
     """The FastAPI application; its lifespan starts the decoding thread and, on shutdown,
     lets it finish what it holds (within shutdown_timeout_s)."""
     service = _Service(model, settings or ServeSettings(), access_log=access_log)
-    settings = service.settings
+    app = FastAPI(
+        title="pidec",
+        summary="Prompt-in-decoder T5: each document encoded once, its prompts decoded in parallel",
+        version="0.1.0",
+        lifespan=lifespan(service),
+    )
+    app.state.service = service
+    app.add_middleware(_Gate, service=service)
+    add_error_handlers(app)
+    add_generate_route(app, service)
+    add_status_routes(app, service)
+    app.openapi = lambda: openapi_schema(app)
+    return app
+
+
+def lifespan(service: _Service):
+    """The app's lifespan: start the decoding thread (and the idle trimmer, if trim_after_idle_s);
+    on shutdown, stop the trimmer and let the service finish what it holds."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def running(app: FastAPI):
         await service.start()
-        trimmer = asyncio.ensure_future(service.trim_when_idle()) if settings.trim_after_idle_s else None
+        trim = service.settings.trim_after_idle_s
+        trimmer = asyncio.ensure_future(service.trim_when_idle()) if trim else None
         try:
             yield
         finally:
@@ -675,14 +743,11 @@ def create_app(model: Model, settings: ServeSettings | None = None, access_log: 
                 trimmer.cancel()
             await service.stop()
 
-    app = FastAPI(
-        title="pidec",
-        summary="Prompt-in-decoder T5: each document encoded once, its prompts decoded in parallel",
-        version="0.1.0",
-        lifespan=lifespan,
-    )
-    app.state.service = service
-    app.add_middleware(_Gate, service=service)
+    return running
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Refusals (ServiceError) and the framework's own 404 / 405 answered in the error shape."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError):
@@ -699,6 +764,10 @@ def create_app(model: Model, settings: ServeSettings | None = None, access_log: 
             return error_response(405, "method_not_allowed", message, headers=exc.headers)
         return error_response(exc.status_code, "http_error", str(exc.detail), headers=exc.headers)
 
+
+def add_generate_route(app: FastAPI, service: _Service) -> None:
+    """POST /v1/generate: check and tokenize the body on the tokenizer threads, hand the job to
+    the batcher, wait for it (or the deadline, the drain, the client leaving), answer."""
     bearer = HTTPBearer(auto_error=False)  # documents the scheme in the schema; _Gate enforces it
     request_body = {
         "required": True,
@@ -709,7 +778,7 @@ def create_app(model: Model, settings: ServeSettings | None = None, access_log: 
         "/v1/generate",
         response_model=GenerateResponse,
         responses=ERROR_RESPONSES,
-        dependencies=[Security(bearer)] if settings.api_key else [],
+        dependencies=[Security(bearer)] if service.settings.api_key else [],
         openapi_extra={"requestBody": request_body},
     )
     async def generate(request: Request):
@@ -718,54 +787,77 @@ def create_app(model: Model, settings: ServeSettings | None = None, access_log: 
         arrived = time.monotonic()
         if service.draining:
             raise ServiceError(503, "unavailable", "the service is shutting down")
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
-            raise ServiceError(
-                415, "unsupported_media_type", f"Content-Type {ctype or '(none)'}: expected application/json"
-            )
+        _check_content_type(request)
         body = await request.body()
         loop = asyncio.get_running_loop()
-        job = await loop.run_in_executor(service.executor, _job_from_body, model, settings, body)
+        job = await loop.run_in_executor(service.executor, _job_from_body, service.model, service.settings, body)
         job.arrived = arrived
-        job.deadline = arrived + settings.request_timeout_s
-        future = loop.create_future()
-        job.on_done = lambda j: loop.call_soon_threadsafe(_settle, future, j)
-        try:
-            service.batcher.submit(job)
-        except QueueFull as e:
-            raise ServiceError(
-                429, "queue_full", f"{e}; retry later", "max_queue", {"Retry-After": str(settings.retry_after_s)}
-            ) from e
-        except ShuttingDown as e:
-            raise ServiceError(503, "unavailable", str(e)) from e
-        outcome = "disconnected"  # unless _wait returns: the request's task was cancelled
-        try:
-            outcome = await _wait(future, request, job.deadline - time.monotonic(), service.drain_expired)
-        finally:
-            if outcome != "done":
-                service.batcher.cancel(job, "timeout" if outcome == "shutdown" else outcome)
-        if outcome == "disconnected":
-            return error_response(499, "disconnected", "the client closed the connection")
-        if outcome == "shutdown":
-            raise ServiceError(
-                503,
-                "unavailable",
-                f"the service is shutting down: not answered within shutdown_timeout_s={settings.shutdown_timeout_s:g}",
-                "shutdown_timeout_s",
-            )
-        if outcome == "timeout" or isinstance(job.error, Cancelled):
-            raise ServiceError(
-                504,
-                "timeout",
-                f"not answered within request_timeout_s={settings.request_timeout_s:g}",
-                "request_timeout_s",
-            )
-        if job.error is not None:
-            message = str(job.error) if isinstance(job.error, BatchFailed) else "internal error"
-            raise ServiceError(500, "internal", message)
-        service.metrics.observe("pidec_queue_seconds", job.timings["queue_ms"] / 1e3)
-        timings = dict(job.timings, total_ms=round((time.monotonic() - arrived) * 1e3, 3))
-        return {"outputs": job.outputs, "usage": job.usage, "timings": timings}
+        job.deadline = arrived + service.settings.request_timeout_s
+        outcome = await _submit_and_wait(service, job, request)
+        return _answer(service, job, outcome, arrived)
+
+
+def _check_content_type(request: Request) -> None:
+    """415 unless the body is declared JSON (application/json or application/*+json)."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
+        raise ServiceError(
+            415, "unsupported_media_type", f"Content-Type {ctype or '(none)'}: expected application/json"
+        )
+
+
+async def _submit_and_wait(service: _Service, job: Job, request: Request) -> str:
+    """Queue the job and wait for it: "done", "timeout", "shutdown" or "disconnected" (see
+    `_wait`); a job not done is cancelled in the batcher. 429 / 503 when it cannot be queued."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    job.on_done = lambda j: loop.call_soon_threadsafe(_settle, future, j)
+    try:
+        service.batcher.submit(job)
+    except QueueFull as e:
+        retry = {"Retry-After": str(service.settings.retry_after_s)}
+        raise ServiceError(429, "queue_full", f"{e}; retry later", "max_queue", retry) from e
+    except ShuttingDown as e:
+        raise ServiceError(503, "unavailable", str(e)) from e
+    outcome = "disconnected"  # unless _wait returns: the request's task was cancelled
+    try:
+        outcome = await _wait(future, request, job.deadline - time.monotonic(), service.drain_expired)
+    finally:
+        if outcome != "done":
+            service.batcher.cancel(job, "timeout" if outcome == "shutdown" else outcome)
+    return outcome
+
+
+def _answer(service: _Service, job: Job, outcome: str, arrived: float):
+    """The answer to a job that `_submit_and_wait` saw end as `outcome`: its outputs, or the
+    error that says why there are none."""
+    settings = service.settings
+    if outcome == "disconnected":
+        return error_response(499, "disconnected", "the client closed the connection")
+    if outcome == "shutdown":
+        raise ServiceError(
+            503,
+            "unavailable",
+            f"the service is shutting down: not answered within shutdown_timeout_s={settings.shutdown_timeout_s:g}",
+            "shutdown_timeout_s",
+        )
+    if outcome == "timeout" or isinstance(job.error, Cancelled):
+        raise ServiceError(
+            504,
+            "timeout",
+            f"not answered within request_timeout_s={settings.request_timeout_s:g}",
+            "request_timeout_s",
+        )
+    if job.error is not None:
+        message = str(job.error) if isinstance(job.error, BatchFailed) else "internal error"
+        raise ServiceError(500, "internal", message)
+    service.metrics.observe("pidec_queue_seconds", job.timings["queue_ms"] / 1e3)
+    timings = dict(job.timings, total_ms=round((time.monotonic() - arrived) * 1e3, 3))
+    return {"outputs": job.outputs, "usage": job.usage, "timings": timings}
+
+
+def add_status_routes(app: FastAPI, service: _Service) -> None:
+    """GET /healthz, /readyz and /metrics."""
 
     @app.get("/healthz")
     async def healthz():
@@ -787,17 +879,17 @@ def create_app(model: Model, settings: ServeSettings | None = None, access_log: 
         """Prometheus text format."""
         return PlainTextResponse(service.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    def openapi():
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
-            schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = (
-                GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            )
-            app.openapi_schema = schema
-        return app.openapi_schema
 
-    app.openapi = openapi
-    return app
+def openapi_schema(app: FastAPI) -> dict:
+    """The app's OpenAPI schema, made once, with GenerateRequest among its schemas (the
+    generate route reads its body itself, so FastAPI would leave it out)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, summary=app.summary, routes=app.routes)
+        schema.setdefault("components", {}).setdefault("schemas", {})["GenerateRequest"] = (
+            GenerateRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+        )
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _job_from_body(model: Model, settings: ServeSettings, body: bytes) -> Job:
@@ -848,17 +940,7 @@ def connection_class(service: _Service):
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     settings = service.settings
-    refusal = error_response(
-        503,
-        "unavailable",
-        f"too many connections open: the limit is max_connections={settings.max_connections}",
-        "max_connections",
-    ).body
-    refusal = (
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
-        + f"content-length: {len(refusal)}\r\nconnection: close\r\n\r\n".encode()
-        + refusal
-    )
+    refusal = connection_refusal(settings)
 
     class Connection(H11Protocol):
         refused = False
@@ -902,6 +984,21 @@ def connection_class(service: _Service):
             self.head_timer = self.loop.call_later(idle_s + settings.header_timeout_s, check)
 
     return Connection
+
+
+def connection_refusal(settings: ServeSettings) -> bytes:
+    """The whole HTTP answer (503, in the error shape, closing) to a connection over max_connections."""
+    body = error_response(
+        503,
+        "unavailable",
+        f"too many connections open: the limit is max_connections={settings.max_connections}",
+        "max_connections",
+    ).body
+    head = (
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 def raise_open_files_limit(needed: int) -> None:
@@ -958,6 +1055,43 @@ def describe(model: Model, settings: ServeSettings, source: str | None, url: str
         f"  listening on {url}",
     ]
     return "\n".join(lines)
+
+
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+@dataclass
+class ServerSettings:
+    """Where and how `run_server` runs the service: the address, torch's threads, the log.
+    Each field is also its `pidec serve` option."""
+
+    host: str = setting("127.0.0.1", help="address to bind: loopback unless told otherwise", panel="Server")
+    port: int = setting(8000, help="0 picks a free port", panel="Server")
+    threads: int | None = setting(None, help="torch threads (default: torch's choice)", panel="Server")
+    log_level: str = setting("info", help="uvicorn's: " + " | ".join(LOG_LEVELS), panel="Server")
+    quiet: bool = setting(False, help="no access line per request", panel="Server")
+
+    def checked(self) -> ServerSettings:
+        """Validate every field, naming it."""
+        if isinstance(self.port, bool) or not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be an integer in 0-65535, got {self.port!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or self.threads < 1):
+            raise ValueError(f"threads must be an integer >= 1, got {self.threads!r}")
+        if self.log_level not in LOG_LEVELS:
+            raise ValueError(f"log_level {self.log_level!r}: expected one of {', '.join(LOG_LEVELS)}")
+        return self
+
+
+def prepare_process(settings: ServeSettings, server: ServerSettings) -> None:
+    """What must be set before the model is loaded: oneDNN's primitive cache capacity (packing
+    makes the first primitives), glibc's malloc arenas (before the model and the threads
+    allocate), and torch's threads."""
+    if settings.primitive_cache is not None:
+        allocator.limit_primitive_caches(settings.primitive_cache)
+    if settings.malloc_arena_max is not None:
+        allocator.limit_arenas(settings.malloc_arena_max)
+    if server.threads is not None:
+        torch.set_num_threads(server.threads)
 
 
 def run_server(

@@ -33,7 +33,8 @@ from .. import api, tasks
 from ..errors import InputError
 from ..evaluate import evaluate, write
 from ..layouts import LAYOUTS
-from .config import SHAPE_FIELDS, TrainConfig, setting
+from ..settings import setting
+from .config import SHAPE_FIELDS, TrainConfig
 from .loop import train
 
 # The TrainConfig settings `pidec compare` takes (the same defaults as `pidec train`, except

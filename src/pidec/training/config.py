@@ -1,8 +1,8 @@
 """`TrainConfig`: every setting of a run, declared once, with its checks.
 
-Each field carries its command-line form in its metadata (`setting(...)`: help text, help panel,
-flag, and how a string becomes the value), and `pidec.cli.train` builds the `pidec train` and
-`pidec compare` options from them: a new setting is one field here. A run folder keeps the
+Each field carries its command-line form in its metadata (`pidec.settings.setting`: help text,
+help panel, flag, and how a string becomes the value), and `pidec.cli.options` builds the
+`pidec train` and `pidec compare` options from them: a new setting is one field here. A run folder keeps the
 resolved config as `run_config.json`, so `--resume` needs nothing else.
 
 Defaults that depend on how the model starts are `None` ("auto") and filled by `resolved()`:
@@ -14,11 +14,12 @@ usual fine-tuning ones (`FINETUNE`). The resolved values are what run_config.jso
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, fields
+from typing import Any
 
 from ..errors import InputError
 from ..layouts import LAYOUTS, TRUNCATE
+from ..settings import flag_of, setting
 
 OPTIMIZERS = ("adamw", "adafactor")
 SCHEDULES = ("linear", "cosine", "constant")
@@ -63,39 +64,6 @@ def parse_downsample(spec: str | None) -> dict[str, float]:
 def parse_names(spec: str | None) -> list[str]:
     """ "q, v" -> ["q", "v"]"""
     return [t.strip() for t in (spec or "").split(",") if t.strip()]
-
-
-def setting(
-    default: Any = dataclasses.MISSING,
-    *,
-    help: str,
-    panel: str,
-    flag: str | None = None,
-    short: str | None = None,
-    parse: Callable[[str], Any] | None = None,
-    shown: str | None = None,
-    required: str | None = None,
-    factory: Callable[[], Any] | None = None,
-    cli: bool = True,
-) -> Any:
-    """A dataclass field with its command-line form: `help` and `panel` for the help text,
-    `flag` (default --field-name), `parse` to turn the option's string into the value (the
-    option is then a string, shown as `shown` by default), `required` to say when it must be
-    given (shown in the help), `cli=False` for settings only the Python API sets."""
-    assert panel in PANELS, panel
-    meta = {"help": help, "panel": panel, "flag": flag, "short": short, "parse": parse, "shown": shown}
-    meta |= {"required": required, "cli": cli}
-    if factory is not None:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def flag_of(name: str) -> str:
-    """The command-line flag of a TrainConfig field."""
-    for f in fields(TrainConfig):
-        if f.name == name:
-            return f.metadata.get("flag") or "--" + name.replace("_", "-")
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -254,7 +222,7 @@ class TrainConfig:
 
 
 def _bad(name: str, message: str):
-    raise InputError(f"{flag_of(name).split('/')[0]}: {message}")
+    raise InputError(f"{flag_of(TrainConfig, name).split('/')[0]}: {message}")
 
 
 def _check_sources(cfg: TrainConfig) -> None:

@@ -16,7 +16,7 @@ from pidec.bulk.workers import ModelSpec
 from pidec.bulk.writers import read_output
 from pidec.causal import Template
 from pidec.cli import app
-from tests.bulk_corpus import FIELDS, records, write_fields, write_jsonl
+from tests.bulk.corpus import FIELDS, records, write_fields, write_jsonl
 from tests.causal_tiny import family_for_tests
 
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """`pidec.bench.report`: the table of a run, its column legend, why the rows slow by design are
 slow, the cross-checks and skipped configurations. Results are written by hand here: the report
-formats, it does not measure (tests/test_bench.py formats a real run)."""
+formats, it does not measure (tests/bench/test_harness.py formats a real run)."""
 
 from pidec.bench.report import COLUMNS, HEADER, format_table, slow_notes
 

@@ -13,7 +13,7 @@ from pidec.layouts import format_seq, parse_seq
 from pidec.metrics import Rouge
 from pidec.tasks.aci_bench import PROMPTS, SECTIONS
 
-from .shared_data import ACI_BENCH, require
+from ..shared_data import ACI_BENCH, require
 
 TASK = tasks.get("aci_bench")
 

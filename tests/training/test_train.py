@@ -27,7 +27,7 @@ from pidec.training.build import lr_lambda, make_optimizer
 from pidec.training.config import TASK_ONLY, TrainConfig
 from pidec.training.run_folder import recover
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOK = ByT5Tokenizer()
 COLORS = ["red", "blue", "green", "black", "white", "grey"]
 CITIES = ["paris", "rome", "oslo", "lima", "kyiv", "bern"]

@@ -8,7 +8,7 @@ import pytest
 from pidec.bench.loadtest import check_url, draw_request, percentile
 from pidec.bench.workloads import WORKLOADS
 
-from .shared_data import T5_TOKENIZER, require
+from ..shared_data import T5_TOKENIZER, require
 
 
 @pytest.mark.parametrize(
@@ -62,7 +62,7 @@ def test_soak_script_short_run(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     out, raw = tmp_path / "soak.md", tmp_path / "soak.json"
     cmd = [
         sys.executable,

@@ -27,7 +27,9 @@ def test_registry_names_and_unknown_task():
     for name in tasks.names():
         t = tasks.get(name)
         assert t.name == name and t.description and t.splits and t.main_metric
-    with pytest.raises(DataError, match="unknown task 'squad': expected one of multiwoz, multiwoz-state, aci_bench, qa, booking, jsonl"):
+    with pytest.raises(
+        DataError, match="unknown task 'squad': expected one of multiwoz, multiwoz-state, aci_bench, qa, booking, jsonl"
+    ):
         tasks.get("squad")
 
 

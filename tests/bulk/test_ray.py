@@ -12,8 +12,8 @@ from pidec.bulk.fields import questions
 from pidec.bulk.workers import ModelSpec
 from pidec.bulk.writers import read_output
 
-from .bulk_corpus import FIELDS, records, write_jsonl, write_parquet
-from .shared_data import tiny_checkpoint
+from ..shared_data import tiny_checkpoint
+from .corpus import FIELDS, records, write_jsonl, write_parquet
 
 ray = pytest.importorskip("ray")
 pytest.importorskip("ray.data")

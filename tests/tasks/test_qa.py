@@ -13,7 +13,7 @@ from pidec.data import DataError, Example, Subtask
 from pidec.metrics import best_over, squad_exact, squad_f1, squad_normalize
 from pidec.tasks.qa import NO_ANSWER, assign_splits
 
-from .shared_data import COVID_QA, T5_TOKENIZER, require, tiny_checkpoint
+from ..shared_data import COVID_QA, T5_TOKENIZER, require, tiny_checkpoint
 
 TASK = tasks.get("qa")
 

@@ -25,7 +25,8 @@ from pidec.serving import allocator
 from pidec.serving.app import ServeSettings, connection_class, create_app, describe
 from pidec.serving.prometheus import parse, total
 
-from .shared_data import tiny_checkpoint
+from ..shared_data import tiny_checkpoint
+from .helpers import slow_decoder
 
 DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
 PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
@@ -87,22 +88,6 @@ def requests_mix(n: int) -> list[dict]:
             body["layout"] = "pie" if i % 7 == 2 else "seq"
         out.append(body)
     return out
-
-
-@contextmanager
-def slow_decoder(model, delay_s: float):
-    """Every decoder pass (prefill or step) of the model sleeps first: requests stay in flight."""
-    inner = model.model.decode
-
-    def slow(*args, **kwargs):
-        time.sleep(delay_s)
-        return inner(*args, **kwargs)
-
-    model.model.decode = slow
-    try:
-        yield
-    finally:
-        del model.model.decode  # the instance attribute goes; the method is back
 
 
 async def until(predicate, timeout_s: float = 10.0) -> None:
@@ -857,3 +842,55 @@ def test_cli_serve_refuses_a_bad_model(tmp_path, monkeypatch):
     if os.environ.get("PIDEC_API_KEY") is None:
         r = CliRunner().invoke(app, ["loadtest", "--url", "http://10.1.2.3:8000", "--duration", "1"])
         assert r.exit_code == 2 and "loopback" in r.output
+
+
+def test_serve_options_come_from_the_settings(model, monkeypatch):
+    """Every ServeSettings / ServerSettings field with a command-line form is a `pidec serve`
+    option with the field's default and panel, and the command builds the settings from them
+    (0 turning a memory bound off, a value below it refused by its flag)."""
+    import dataclasses
+
+    import typer.main
+    from click.testing import CliRunner
+
+    import pidec.cli.serve as serve_cli
+    from pidec.cli import app, command
+    from pidec.serving.app import ServerSettings
+
+    params = {p.name: p for p in typer.main.get_command(app).commands["serve"].params}
+    for cls in (ServeSettings, ServerSettings):
+        for f in dataclasses.fields(cls):
+            if not f.metadata["cli"]:
+                assert f.name not in params, f.name
+                continue
+            assert params[f.name].rich_help_panel == f.metadata["panel"], f.name
+            assert params[f.name].default == f.default, f.name
+    assert params["api_key"].envvar == "PIDEC_API_KEY"
+
+    seen = {}
+
+    class Served(Exception):
+        pass
+
+    def fake_run_server(m, settings, **kw):
+        seen.update(settings=settings, **kw)
+        raise Served
+
+    monkeypatch.setattr(serve_cli, "load", lambda *a, **kw: model)
+    monkeypatch.setattr(serve_cli, "prepare_process", lambda settings, server: seen.update(server=server))
+    monkeypatch.setattr(serve_cli, "run_server", fake_run_server)
+    args = ["serve", "--model", "m", "--port", "0", "--max-queue", "3", "--malloc-arena-max", "0"]
+    result = CliRunner().invoke(command(), args + ["--trim-after-idle", "0", "--request-timeout", "9"])
+    assert isinstance(result.exception, Served), result.output
+    s = seen["settings"]
+    assert (s.max_queue, s.malloc_arena_max, s.trim_after_idle_s, s.request_timeout_s) == (3, None, None, 9.0)
+    assert s.max_document_tokens == 600 and s.primitive_cache == 32  # checked against the model; the default
+    assert seen["port"] == 0 and seen["server"].port == 0 and seen["host"] == "127.0.0.1"
+
+    for bad, message in (
+        (["--primitive-cache", "-1"], "--primitive-cache must be >= 0 (0 turns it off), got -1"),
+        (["--port", "70000"], "port must be an integer in 0-65535, got 70000"),
+        (["--max-queue", "0"], "max_queue must be an integer >= 1, got 0"),
+    ):
+        result = CliRunner().invoke(command(), ["serve", "--model", "m", *bad])
+        assert result.exit_code == 2 and message in result.output, result.output

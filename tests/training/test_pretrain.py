@@ -24,7 +24,7 @@ from pidec.training.config import TrainConfig
 
 from .test_train import pidec, train_losses, write_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOK = ByT5Tokenizer()
 WORDS = "the guest house in the north has free parking and a cheap room for three nights near the station".split()
 

@@ -14,8 +14,8 @@ from pidec.bulk.workers import ModelSpec
 from pidec.bulk.writers import read_output
 from pidec.cli import app
 
-from .bulk_corpus import FIELDS, records, write_csv, write_fields, write_jsonl, write_parquet
-from .shared_data import tiny_checkpoint
+from ..shared_data import tiny_checkpoint
+from .corpus import FIELDS, records, write_csv, write_fields, write_jsonl, write_parquet
 
 cli = CliRunner()
 

@@ -12,8 +12,8 @@ import pytest
 
 from pidec.bulk.writers import read_output
 
-from .bulk_corpus import records, write_fields, write_jsonl, write_parquet
-from .shared_data import tiny_checkpoint
+from ..shared_data import tiny_checkpoint
+from .corpus import records, write_fields, write_jsonl, write_parquet
 
 pytestmark = pytest.mark.slow  # three runs of the command line
 
@@ -31,7 +31,7 @@ def command(ckpt, src, out, fields, *extra):
 
 
 def env():
-    src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+    src = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
     # one thread: the model is tiny, and threads fighting over a busy machine's cores cost more than they save
     return os.environ | {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
 

@@ -12,7 +12,7 @@ from pidec.data import DataError, Example, Subtask
 from pidec.layouts import format_seq, parse_seq
 from pidec.tasks.multiwoz import PROMPTS, SLOTS, canonical, normalize_time, raw_label
 
-from .shared_data import MULTIWOZ, MULTIWOZ_RAW, T5_TOKENIZER, require
+from ..shared_data import MULTIWOZ, MULTIWOZ_RAW, T5_TOKENIZER, require
 
 TASK = tasks.get("multiwoz")
 

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from pidec.cli import app
 
-from .shared_data import ACI_BENCH, COVID_QA, MULTIWOZ, require, tiny_checkpoint
+from ..shared_data import ACI_BENCH, COVID_QA, MULTIWOZ, require, tiny_checkpoint
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from pidec.cli import app
 
-from .shared_data import tiny_checkpoint
+from ..shared_data import tiny_checkpoint
 
 runner = CliRunner()
 DOC = "User: a cheap hotel in the north please. System: The Acorn it is."
