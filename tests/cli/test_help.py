@@ -61,4 +61,5 @@ def test_options_are_the_settings_fields(name, classes):
                 if f.default is not dataclasses.MISSING:
                     assert params[f.name].default == f.default, f.name
     shared = {"model", "device", "dtype", "quantize", "tokenizer", "no_pack", "layout"}
+    shared |= {"prefix_template", "row_template", "chat_template"}  # decoder-only checkpoints
     assert declared <= set(params) and set(params) - declared <= shared, set(params) - declared
