@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import layouts
-from ..api import Model
+from ..api import Model, token_usage
 from ..generate import Row, budget_ranges, encode, sync
 from ..model import CrossCache
 from ..session import DecodeSession, concat_cross
@@ -470,11 +470,7 @@ class Batcher(JobQueue):
     def _account(self, job: Job) -> None:
         plan = job.plan
         now = time.monotonic()
-        job.usage = {
-            "document_tokens": sum(len(d) for d in plan.docs),
-            "prompt_tokens": plan.prompt_tokens,
-            "output_tokens": sum(len(t) for t in job.tokens),
-        }
+        job.usage = token_usage(sum(len(d) for d in plan.docs), plan.prompt_tokens, job.tokens)
         job.timings = {
             "queue_ms": round((job.started - job.arrived) * 1e3, 3),
             "encode_ms": round(job.encode_s * 1e3, 3),
