@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from contextlib import contextmanager
 
 import pytest
 
@@ -15,10 +14,10 @@ from pidec.generate import encode
 from pidec.serving.batcher import Batcher, Job, footprint
 from pidec.session import DecodeSession
 
+from .serving_helpers import PROMPTS, slow_decoder
 from .shared_data import tiny_checkpoint
 
 DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
-PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
 
 
 @pytest.fixture(scope="module")
@@ -32,21 +31,6 @@ def plan(model, document: str, prompts: list[str], max_new_tokens) -> layouts.Pl
     return layouts.build(
         model.tokenizer, [(document, prompts)], "pid", max_new_tokens, cfg.max_input_length, cfg.decoder_start_token_id
     )
-
-
-@contextmanager
-def slow_decoder(model, delay_s: float):
-    inner = model.model.decode
-
-    def slow(*args, **kwargs):
-        time.sleep(delay_s)
-        return inner(*args, **kwargs)
-
-    model.model.decode = slow
-    try:
-        yield
-    finally:
-        del model.model.decode
 
 
 def wait_for(predicate, timeout_s: float = 30.0) -> None:
