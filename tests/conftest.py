@@ -43,6 +43,18 @@ try:  # transformers >= 5 draws progress bars while saving/loading weights
 except Exception:  # pragma: no cover
     pass
 
+# A model small enough to count its FLOPs and bytes on paper (test_roofline, test_bench_configs):
+# 1 encoder and 1 decoder layer, d_model 4, 2 heads of d_kv 2 (inner 4), gated d_ff 8, vocabulary 10
+HAND_COUNTED = T5Config(
+    vocab_size=10,
+    d_model=4,
+    d_kv=2,
+    d_ff=8,
+    num_layers=1,
+    num_heads=2,
+    feed_forward_proj="gated-gelu",
+    tie_word_embeddings=False,
+)
 VARIANTS = ("t5", "v11", "mt5")
 EOS = 1
 PAD = 0

@@ -210,7 +210,7 @@ class Model:
     ) -> GenerationResult:
         """Tokenize the examples into a plan, encode the documents in chunks of at most
         `max_batch_tokens` padded tokens, decode each chunk's rows, detokenize."""
-        _check_decoding(num_beams)
+        check_num_beams(num_beams)
         examples = check_examples(examples)
         t0 = time.perf_counter()
         cfg = self.config
@@ -226,28 +226,26 @@ class Model:
         )
         layouts.check_decode_memory(plan, self.config, num_beams, self.model.dtype, self.device)
         t_tok = time.perf_counter() - t0
-        stats = DecodeStats()
-        tokens: list[list[int]] = [[] for _ in plan.rows]
-        for doc_lo, doc_hi in budget_ranges([len(d) for d in plan.docs], self.max_batch_tokens):
+
+        def decode_chunk(doc_lo: int, doc_hi: int, index: list[int]):
             t1 = time.perf_counter()
             cross = encode(self.model, plan.docs[doc_lo:doc_hi])
             sync(self.device)
             enc_s = time.perf_counter() - t1
-            index = [k for k, r in enumerate(plan.rows) if doc_lo <= r.doc < doc_hi]
             rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
             out = decode(self.model, cross, rows, num_beams, compaction=compaction, length_penalty=length_penalty)
             out.stats.encode_s = enc_s
-            stats.add(out.stats)
-            for k, toks in zip(index, out.tokens):
-                tokens[k] = toks
-            del cross
+            return out.tokens, out.stats
+
+        ranges = budget_ranges([len(d) for d in plan.docs], self.max_batch_tokens)
+        tokens, stats = decode_by_chunks(plan.rows, ranges, decode_chunk)
         t2 = time.perf_counter()
         outputs = layouts.collect(plan, tokens, self.tokenizer)
         t_detok = time.perf_counter() - t2
         return GenerationResult(
             outputs,
-            usage=_usage(sum(len(d) for d in plan.docs), plan, tokens),
-            timings=_timings(t_tok + t_detok, stats, time.perf_counter() - t0),
+            usage=token_usage(sum(len(d) for d in plan.docs), plan.prompt_tokens, tokens),
+            timings=timings(t_tok + t_detok, stats, time.perf_counter() - t0),
             truncations=plan.truncations,
             stats=stats,
             example_output_tokens=_example_output_tokens(plan, tokens),
@@ -271,7 +269,7 @@ class Model:
                 f"an encoded document decodes in the pid layout only (got layout={layout!r}): "
                 "pie puts each prompt in the encoder, seq needs its own encoder input"
             )
-        _check_decoding(num_beams)
+        check_num_beams(num_beams)
         t0 = time.perf_counter()
         plan = layouts.build_encoded(self.tokenizer, prompts, max_new_tokens, self.config.decoder_start_token_id)
         layouts.check_decode_memory(plan, self.config, num_beams, self.model.dtype, self.device)
@@ -282,18 +280,38 @@ class Model:
         t_tok += time.perf_counter() - t1
         return GenerationResult(
             outputs,
-            _usage(enc.tokens, plan, out.tokens),
-            _timings(t_tok, out.stats, time.perf_counter() - t0),
+            token_usage(enc.tokens, plan.prompt_tokens, out.tokens),
+            timings(t_tok, out.stats, time.perf_counter() - t0),
             stats=out.stats,
             example_output_tokens=_example_output_tokens(plan, out.tokens),
             runtime=self.runtime,
         )
 
 
-def _usage(document_tokens: int, plan: layouts.Plan, tokens: list[list[int]]) -> dict:
+def decode_by_chunks(rows, ranges, decode_chunk) -> tuple[list[list[int]], DecodeStats]:
+    """Decode a plan's `rows` one chunk of documents at a time, so that the encoder output (or
+    the prefilled prefixes) of only one chunk is held: for each (lo, hi) of `ranges` (as
+    `generate.budget_ranges` cuts the documents by a token budget), `decode_chunk(lo, hi, index)`
+    decodes the rows at positions `index` (those whose document is in [lo, hi)) and returns their
+    tokens in that order and the chunk's stats. Returns the tokens per row, in `rows` order, and
+    the stats of all chunks added up."""
+    stats = DecodeStats()
+    tokens: list[list[int]] = [[] for _ in rows]
+    for lo, hi in ranges:
+        index = [k for k, r in enumerate(rows) if lo <= r.doc < hi]
+        chunk_tokens, chunk_stats = decode_chunk(lo, hi, index)
+        stats.add(chunk_stats)
+        for k, toks in zip(index, chunk_tokens):
+            tokens[k] = toks
+    return tokens, stats
+
+
+def token_usage(document_tokens: int, prompt_tokens: int, tokens: list[list[int]]) -> dict:
+    """A call's `usage` (as `GenerationResult.usage` and the service report it): the document and
+    prompt tokens given, and the tokens generated over all `tokens` rows (EOS not counted)."""
     return {
         "document_tokens": document_tokens,
-        "prompt_tokens": plan.prompt_tokens,
+        "prompt_tokens": prompt_tokens,
         "output_tokens": sum(len(t) for t in tokens),
     }
 
@@ -305,7 +323,8 @@ def _example_output_tokens(plan: layouts.Plan, tokens: list[list[int]]) -> list[
     return counts
 
 
-def _check_decoding(num_beams) -> None:
+def check_num_beams(num_beams) -> None:
+    """InputError unless num_beams is an integer >= 1."""
     if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
         raise InputError(f"num_beams must be an integer >= 1, got {num_beams!r}")
 
@@ -326,7 +345,9 @@ def check_examples(examples, encoded: type | None = None) -> list[tuple[str, lis
     return out
 
 
-def _timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:
+def timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:
+    """A call's `timings` in ms: tokenizing and detokenizing (`text_s`), encoding and decoding
+    (from `stats`), and the whole call."""
     return {
         "tokenize_ms": round(text_s * 1e3, 3),
         "encode_ms": round(stats.encode_s * 1e3, 3),

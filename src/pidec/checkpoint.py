@@ -73,28 +73,66 @@ class CheckpointError(InputError):
     """A checkpoint folder that cannot be turned into a model: says which file or tensor."""
 
 
-# (HF pattern, our pattern); {i} is a layer index
-_ENC_FF = r"encoder\.block\.(\d+)\.layer\.1\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight"
-_RULES = [
-    (r"shared\.weight", "embed.weight"),
-    (r"encoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "encoder.rel_bias.weight"),
-    (r"decoder\.block\.0\.layer\.0\.SelfAttention\.relative_attention_bias\.weight", "decoder.rel_bias.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight", r"encoder.layers.\1.attn.\2.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"encoder.layers.\1.attn_norm.weight"),
-    (_ENC_FF, r"encoder.layers.\1.ff.\2.weight"),
-    (r"encoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"encoder.layers.\1.ff_norm.weight"),
-    (r"encoder\.final_layer_norm\.weight", "encoder.final_norm.weight"),
-    (r"decoder\.block\.(\d+)\.layer\.0\.SelfAttention\.(q|k|v|o)\.weight", r"decoder.layers.\1.self_attn.\2.weight"),
-    (r"decoder\.block\.(\d+)\.layer\.0\.layer_norm\.weight", r"decoder.layers.\1.self_attn_norm.weight"),
-    (r"decoder\.block\.(\d+)\.layer\.1\.EncDecAttention\.(q|k|v|o)\.weight", r"decoder.layers.\1.cross_attn.\2.weight"),
-    (r"decoder\.block\.(\d+)\.layer\.1\.layer_norm\.weight", r"decoder.layers.\1.cross_attn_norm.weight"),
-    (r"decoder\.block\.(\d+)\.layer\.2\.DenseReluDense\.(wi|wi_0|wi_1|wo)\.weight", r"decoder.layers.\1.ff.\2.weight"),
-    (r"decoder\.block\.(\d+)\.layer\.2\.layer_norm\.weight", r"decoder.layers.\1.ff_norm.weight"),
-    (r"decoder\.final_layer_norm\.weight", "decoder.final_norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-]
+class NameMap:
+    """Two-way translation between transformers' parameter names and ours, from one table of
+    (transformers name, our name) templates: `{field}` stands for a part that differs from one
+    tensor to the next (a layer index, a projection) and matches the pattern `fields` gives it.
+    `to_ours` and `to_hf` read the same table, so the two directions cannot drift apart."""
+
+    def __init__(self, table: list[tuple[str, str]], fields: dict[str, str]):
+        self.fields = fields
+        self.table = table
+        self._hf = [(self._compile(hf), ours) for hf, ours in table]
+        self._ours = [(self._compile(ours), hf) for hf, ours in table]
+
+    def _compile(self, template: str) -> re.Pattern:
+        parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+        return re.compile(
+            "".join(re.escape(p) if k % 2 == 0 else f"(?P<{p}>{self.fields[p]})" for k, p in enumerate(parts))
+        )
+
+    @staticmethod
+    def _translate(rules, name: str) -> str | None:
+        for pattern, template in rules:
+            m = pattern.fullmatch(name)
+            if m:
+                return template.format(**m.groupdict())
+        return None
+
+    def to_ours(self, name: str) -> str | None:
+        """Our name for a transformers tensor name; None for a name the table does not hold."""
+        return self._translate(self._hf, name)
+
+    def to_hf(self, name: str) -> str:
+        """The transformers name for one of ours; KeyError for a name the table does not hold."""
+        hf = self._translate(self._ours, name)
+        if hf is None:
+            raise KeyError(f"no Hugging Face name for parameter {name!r}")
+        return hf
+
+
+# {i}: a layer index; {s}: encoder or decoder
+T5_NAMES = NameMap(
+    [
+        ("shared.weight", "embed.weight"),
+        ("{s}.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "{s}.rel_bias.weight"),
+        ("encoder.block.{i}.layer.0.SelfAttention.{p}.weight", "encoder.layers.{i}.attn.{p}.weight"),
+        ("encoder.block.{i}.layer.0.layer_norm.weight", "encoder.layers.{i}.attn_norm.weight"),
+        ("encoder.block.{i}.layer.1.DenseReluDense.{ff}.weight", "encoder.layers.{i}.ff.{ff}.weight"),
+        ("encoder.block.{i}.layer.1.layer_norm.weight", "encoder.layers.{i}.ff_norm.weight"),
+        ("{s}.final_layer_norm.weight", "{s}.final_norm.weight"),
+        ("decoder.block.{i}.layer.0.SelfAttention.{p}.weight", "decoder.layers.{i}.self_attn.{p}.weight"),
+        ("decoder.block.{i}.layer.0.layer_norm.weight", "decoder.layers.{i}.self_attn_norm.weight"),
+        ("decoder.block.{i}.layer.1.EncDecAttention.{p}.weight", "decoder.layers.{i}.cross_attn.{p}.weight"),
+        ("decoder.block.{i}.layer.1.layer_norm.weight", "decoder.layers.{i}.cross_attn_norm.weight"),
+        ("decoder.block.{i}.layer.2.DenseReluDense.{ff}.weight", "decoder.layers.{i}.ff.{ff}.weight"),
+        ("decoder.block.{i}.layer.2.layer_norm.weight", "decoder.layers.{i}.ff_norm.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+    ],
+    {"i": r"\d+", "s": "encoder|decoder", "p": "q|k|v|o", "ff": "wi|wi_0|wi_1|wo"},
+)
 # Copies transformers keeps of the shared embedding; we have one.
-_ALIASES = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
+EMBEDDING_ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
 
 
 def hf_to_ours(name: str) -> str | None:
@@ -103,37 +141,11 @@ def hf_to_ours(name: str) -> str | None:
     for prefix in ("model.", "transformer."):
         if name.startswith(prefix) and not name.startswith("model.safetensors"):
             name = name[len(prefix) :]
-    for pattern, repl in _RULES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    return None
-
-
-_OURS_TO_HF = [
-    (r"embed\.weight", "shared.weight"),
-    (r"encoder\.rel_bias\.weight", "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-    (r"decoder\.rel_bias\.weight", "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"),
-    (r"encoder\.layers\.(\d+)\.attn\.(q|k|v|o)\.weight", r"encoder.block.\1.layer.0.SelfAttention.\2.weight"),
-    (r"encoder\.layers\.(\d+)\.attn_norm\.weight", r"encoder.block.\1.layer.0.layer_norm.weight"),
-    (r"encoder\.layers\.(\d+)\.ff\.(wi|wi_0|wi_1|wo)\.weight", r"encoder.block.\1.layer.1.DenseReluDense.\2.weight"),
-    (r"encoder\.layers\.(\d+)\.ff_norm\.weight", r"encoder.block.\1.layer.1.layer_norm.weight"),
-    (r"encoder\.final_norm\.weight", "encoder.final_layer_norm.weight"),
-    (r"decoder\.layers\.(\d+)\.self_attn\.(q|k|v|o)\.weight", r"decoder.block.\1.layer.0.SelfAttention.\2.weight"),
-    (r"decoder\.layers\.(\d+)\.self_attn_norm\.weight", r"decoder.block.\1.layer.0.layer_norm.weight"),
-    (r"decoder\.layers\.(\d+)\.cross_attn\.(q|k|v|o)\.weight", r"decoder.block.\1.layer.1.EncDecAttention.\2.weight"),
-    (r"decoder\.layers\.(\d+)\.cross_attn_norm\.weight", r"decoder.block.\1.layer.1.layer_norm.weight"),
-    (r"decoder\.layers\.(\d+)\.ff\.(wi|wi_0|wi_1|wo)\.weight", r"decoder.block.\1.layer.2.DenseReluDense.\2.weight"),
-    (r"decoder\.layers\.(\d+)\.ff_norm\.weight", r"decoder.block.\1.layer.2.layer_norm.weight"),
-    (r"decoder\.final_norm\.weight", "decoder.final_layer_norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-]
+    return T5_NAMES.to_ours(name)
 
 
 def ours_to_hf(name: str) -> str:
-    for pattern, repl in _OURS_TO_HF:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    raise KeyError(f"no Hugging Face name for parameter {name!r}")
+    return T5_NAMES.to_hf(name)
 
 
 # -- config -------------------------------------------------------------------------------
@@ -341,7 +353,7 @@ def check_weights_fit(config: T5Config, shapes: dict[str, tuple], source: str = 
         )
         if dtype is not None and dtype not in _FLOAT_DTYPES:
             raise CheckpointError(f"{source}: tensor {name} is stored as {dtype}; weights must be floating point")
-        mapped = hf_to_ours(name) if name not in _ALIASES else None
+        mapped = hf_to_ours(name) if name not in EMBEDDING_ALIASES else None
         if mapped is not None:
             sizes[mapped] = tuple(shape)
     on_disk = sum(_numel(s) for s in sizes.values())
@@ -448,6 +460,12 @@ def check_device(device: str | torch.device) -> torch.device:
     return d
 
 
+def _not_ours(name: str) -> bool:
+    """Tensors a T5 checkpoint may hold that we do not keep: the embedding's copies, and the
+    unused cross-attention bias some old checkpoints carry."""
+    return name in EMBEDDING_ALIASES or name.endswith("EncDecAttention.relative_attention_bias.weight")
+
+
 def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str = "checkpoint") -> T5:
     """Build a T5 from Hugging Face named tensors, checking every name, shape and value: the
     config must not imply more parameters than the tensors hold (checked before anything is
@@ -464,22 +482,9 @@ def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str 
         if tensor.numel() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN or Inf value(s) of {tensor.numel()}")
-    ours: dict[str, Tensor] = {}
-    unknown = []
-    for name, tensor in hf_sd.items():
-        if name in _ALIASES:
-            continue
-        if name.endswith("EncDecAttention.relative_attention_bias.weight"):
-            continue  # some old checkpoints carry an unused cross-attention bias
-        mapped = hf_to_ours(name)
-        if mapped is None:
-            unknown.append(name)
-        else:
-            ours[mapped] = tensor
-    if unknown:
-        raise CheckpointError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    ours = rename_tensors(hf_sd, hf_to_ours, source, _not_ours)
     if "embed.weight" not in ours:
-        for alias in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+        for alias in EMBEDDING_ALIASES:
             if alias in hf_sd:
                 ours["embed.weight"] = hf_sd[alias]
                 break
@@ -496,19 +501,11 @@ def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str 
     with torch.device("meta"):
         model = T5(config)
     expected = dict(model.state_dict())
-    missing = [k for k in expected if k not in ours]
-    if missing:
-        raise CheckpointError(
-            f"{source}: missing tensor {ours_to_hf(missing[0])} (ours: {missing[0]})"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    extra = [k for k in ours if k not in expected]
-    if extra:
-        raise CheckpointError(
-            f"{source}: tensor {ours_to_hf(extra[0])} does not fit this config "
-            f"(num_layers={config.num_layers}, num_decoder_layers={config.num_decoder_layers}, "
-            f"feed_forward_proj={config.feed_forward_proj})"
-        )
+    fit = (
+        f"num_layers={config.num_layers}, num_decoder_layers={config.num_decoder_layers}, "
+        f"feed_forward_proj={config.feed_forward_proj}"
+    )
+    check_tensor_names(ours, expected, source, ours_to_hf, fit, hint=lambda name: f" (ours: {name})")
     assign_checked(model, ours, expected, source, ours_to_hf)
     return model
 
@@ -770,6 +767,39 @@ def quiet_transformers():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def rename_tensors(hf_sd: dict[str, Tensor], hf_to_ours, source: str, skip=lambda name: False) -> dict[str, Tensor]:
+    """The tensors under our names (`hf_to_ours`), leaving out those `skip` names; a tensor the
+    table does not know is an error naming the first five."""
+    ours: dict[str, Tensor] = {}
+    unknown = []
+    for name, tensor in hf_sd.items():
+        if skip(name):
+            continue
+        mapped = hf_to_ours(name)
+        if mapped is None:
+            unknown.append(name)
+        else:
+            ours[mapped] = tensor
+    if unknown:
+        raise CheckpointError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    return ours
+
+
+def check_tensor_names(ours: dict, expected: dict, source: str, name_in_file, fit: str, hint=lambda name: "") -> None:
+    """Every tensor the model (`expected`) has is among `ours`, and none more: the first missing
+    one is named as the file names it (plus `hint(its name)`), the first extra one with `fit`,
+    the config fields that decide which tensors there are."""
+    missing = [k for k in expected if k not in ours]
+    if missing:
+        raise CheckpointError(
+            f"{source}: missing tensor {name_in_file(missing[0])}{hint(missing[0])}"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+        )
+    extra = [k for k in ours if k not in expected]
+    if extra:
+        raise CheckpointError(f"{source}: tensor {name_in_file(extra[0])} does not fit this config ({fit})")
 
 
 def assign_checked(model, ours: dict, expected: dict, source: str, name_in_file) -> None:

@@ -20,7 +20,9 @@ from pidec.bench.report import format_memory
 from pidec.bench.workloads import WORKLOADS, DocDraw, draw_documents, largest_draw
 from pidec.model import T5Config
 
-from .helpers import CFG
+from ..conftest import HAND_COUNTED
+
+CFG = HAND_COUNTED
 
 
 def test_config_flops_accounts_for_padding_and_rows():

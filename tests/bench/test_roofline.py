@@ -6,7 +6,9 @@ import pytest
 from pidec.bench import roofline
 from pidec.model import T5, T5Config
 
-from .helpers import CFG
+from ..conftest import HAND_COUNTED
+
+CFG = HAND_COUNTED
 
 
 def test_step_weight_bytes_by_hand():

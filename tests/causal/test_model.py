@@ -95,59 +95,62 @@ def test_sharded_safetensors_load(tmp_path, tmp_path_factory):
         assert (model(ids) - hf(ids).logits).abs().max().item() < 1e-4
 
 
-def _copy(folder, dest):
+def edited_copy(family: str, tmp_path, tmp_path_factory, weights=None, config=None):
+    """A copy of `family`'s test checkpoint, its tensors edited in place by `weights(state_dict)`
+    and its config.json by `config(dict)`."""
+    folder, _ = family_for_tests(family, tmp_path_factory)
+    dest = tmp_path / "m"
     dest.mkdir()
     for f in folder.iterdir():
         (dest / f.name).write_bytes(f.read_bytes())
+    if weights is not None:
+        sd = load_file(str(dest / "model.safetensors"))
+        weights(sd)
+        save_file(sd, str(dest / "model.safetensors"))
+    if config is not None:
+        cfg = json.loads((dest / "config.json").read_text())
+        config(cfg)
+        (dest / "config.json").write_text(json.dumps(cfg))
     return dest
 
 
 def test_missing_tensor_is_named(tmp_path, tmp_path_factory):
-    folder, _ = family_for_tests("qwen3", tmp_path_factory)
-    dest = _copy(folder, tmp_path / "m")
-    sd = load_file(str(dest / "model.safetensors"))
-    del sd["model.layers.1.self_attn.k_norm.weight"]
-    save_file(sd, str(dest / "model.safetensors"))
+    dest = edited_copy(
+        "qwen3", tmp_path, tmp_path_factory, weights=lambda sd: sd.pop("model.layers.1.self_attn.k_norm.weight")
+    )
     with pytest.raises(CheckpointError, match=r"missing tensor model\.layers\.1\.self_attn\.k_norm\.weight"):
         load_model(dest)
 
 
 def test_misshapen_tensor_is_named(tmp_path, tmp_path_factory):
-    folder, _ = family_for_tests("llama", tmp_path_factory)
-    dest = _copy(folder, tmp_path / "m")
-    sd = load_file(str(dest / "model.safetensors"))
-    sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # GQA: should be (32, 64)
-    save_file(sd, str(dest / "model.safetensors"))
+    def misshape(sd):
+        sd["model.layers.0.self_attn.k_proj.weight"] = torch.zeros(64, 64)  # GQA: should be (32, 64)
+
+    dest = edited_copy("llama", tmp_path, tmp_path_factory, weights=misshape)
     with pytest.raises(CheckpointError, match=r"k_proj\.weight has shape \(64, 64\), config\.json implies \(32, 64\)"):
         load_model(dest)
 
 
 def test_untied_head_missing_is_named(tmp_path, tmp_path_factory):
-    folder, _ = family_for_tests("mistral", tmp_path_factory)
-    dest = _copy(folder, tmp_path / "m")
-    sd = load_file(str(dest / "model.safetensors"))
-    del sd["lm_head.weight"]
-    save_file(sd, str(dest / "model.safetensors"))
+    dest = edited_copy("mistral", tmp_path, tmp_path_factory, weights=lambda sd: sd.pop("lm_head.weight"))
     with pytest.raises(CheckpointError, match="missing tensor lm_head.weight.*tie_word_embeddings=false"):
         load_model(dest)
 
 
 def test_unsupported_architecture_names_it_and_the_supported(tmp_path, tmp_path_factory):
-    folder, _ = family_for_tests("llama", tmp_path_factory)
-    dest = _copy(folder, tmp_path / "m")
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
-    (dest / "config.json").write_text(json.dumps(cfg))
+    def other(cfg):
+        cfg.update(model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"])
+
+    dest = edited_copy("llama", tmp_path, tmp_path_factory, config=other)
     with pytest.raises(CheckpointError, match=r"gpt_neox.*GPTNeoXForCausalLM.*llama.*qwen2.*qwen3.*mistral.*t5"):
         load_model(dest)
 
 
 def test_unsupported_rope_type_is_named(tmp_path, tmp_path_factory):
-    folder, _ = family_for_tests("llama", tmp_path_factory)
-    dest = _copy(folder, tmp_path / "m")
-    cfg = json.loads((dest / "config.json").read_text())
-    cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
-    (dest / "config.json").write_text(json.dumps(cfg))
+    def yarn(cfg):
+        cfg["rope_parameters"] = {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0}
+
+    dest = edited_copy("llama", tmp_path, tmp_path_factory, config=yarn)
     with pytest.raises(CheckpointError, match="rope type 'yarn' is not supported"):
         load_model(dest)
 

@@ -15,10 +15,9 @@ from pidec.serving.batcher import Batcher, Job, footprint
 from pidec.session import DecodeSession
 
 from ..shared_data import tiny_checkpoint
-from .helpers import slow_decoder
+from .helpers import PROMPTS, slow_decoder
 
 DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
-PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
 
 
 @pytest.fixture(scope="module")

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import asyncio
 import time
-from contextlib import asynccontextmanager, contextmanager
 
-import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import pidec
 from pidec.serving import allocator
-from pidec.serving.app import ServeSettings, create_app, describe
+from pidec.serving.app import ServeSettings, describe
 from tests.causal_tiny import family_for_tests
+from tests.serving.helpers import PROMPTS, error_of, offline, request_bodies, run, serving, slowed
 
 torch.set_num_threads(1)
 DOC = "User: I need a cheap hotel in the north for 3 nights. System: The Acorn has rooms."
-PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
 
 
 @pytest.fixture(scope="module")
@@ -33,73 +31,21 @@ def model(folder):
     return pidec.load(folder)
 
 
-@asynccontextmanager
-async def serving(model, **settings):
-    app = create_app(model, ServeSettings(**settings), access_log=False)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pidec", timeout=60) as client:
-            client.service = app.state.service
-            yield client
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def offline(model, body: dict):
-    return model.generate(
-        body["document"],
-        body["prompts"],
-        max_new_tokens=body.get("max_new_tokens", 32),
-        layout=body.get("layout", "pid"),
-        return_details=True,
-    )
-
-
 def bodies(n: int) -> list[dict]:
     """Documents of different lengths, 1-4 prompts, one budget or one per prompt, both layouts."""
-    out = []
-    for i in range(n):
-        prompts = PROMPTS[i % 4 :] + PROMPTS[: i % 3]
-        body = {"document": DOC + " More words." * (i % 4) + f" Request {i}.", "prompts": prompts}
-        body["max_new_tokens"] = [2 + (i + j) % 7 for j in range(len(prompts))] if i % 2 else 3 + i % 6
-        if i % 3 == 2:
-            body["layout"] = "pie"
-        out.append(body)
-    return out
-
-
-@contextmanager
-def slow_steps(model, delay_s: float):
-    """Every forward pass of the model sleeps first: a batch stays in flight."""
-    inner = model.model.forward_hidden
-
-    def slow(*args, **kwargs):
-        time.sleep(delay_s)
-        return inner(*args, **kwargs)
-
-    model.model.forward_hidden = slow
-    try:
-        yield
-    finally:
-        del model.model.forward_hidden
-
-
-def error_of(r: httpx.Response) -> dict:
-    return r.json()["error"]
+    return request_bodies(n, DOC, 4, layout_of=lambda i: "pie" if i % 3 == 2 else None)
 
 
 def test_one_request_equals_generate_with_usage_and_timings(model):
     body = {"document": DOC, "prompts": PROMPTS, "max_new_tokens": 6}
 
     async def go():
-        async with serving(model) as c:
+        async with serving(model, access_log=False) as c:
             return await c.post("/v1/generate", json=body)
 
     r = run(go())
     assert r.status_code == 200, r.text
-    data, details = r.json(), offline(model, body)
+    data, details = r.json(), offline(model, body, return_details=True)
     assert data["outputs"] == details.outputs and data["usage"] == details.usage
     assert data["usage"]["document_tokens"] > 0 and data["usage"]["output_tokens"] > 0
     assert set(data["timings"]) == {"queue_ms", "encode_ms", "decode_ms", "total_ms"}
@@ -112,14 +58,14 @@ def test_concurrent_requests_each_equal_generate(model, batched):
     settings = {"max_wait_ms": 100.0} if batched else {"max_batch_documents": 1, "max_wait_ms": 0}
 
     async def go():
-        async with serving(model, **settings) as c:
+        async with serving(model, access_log=False, **settings) as c:
             replies = await asyncio.gather(*(c.post("/v1/generate", json=b) for b in mix))
             return replies, c.service.metrics
 
     replies, metrics = run(go())
     for body, r in zip(mix, replies):
         assert r.status_code == 200, r.text
-        details = offline(model, body)
+        details = offline(model, body, return_details=True)
         assert r.json()["outputs"] == details.outputs and r.json()["usage"] == details.usage, body
     batches = metrics.value("pidec_batch_requests")
     assert batches == len(mix) if not batched else 2 <= batches < len(mix)  # two layouts: two batches at least
@@ -143,7 +89,7 @@ def test_bad_requests_get_the_same_clear_errors(model):
     limits = {"max_document_tokens": 150, "max_prompt_tokens": 16, "max_new_tokens_limit": 256}
 
     async def go():
-        async with serving(model, **limits) as c:
+        async with serving(model, access_log=False, **limits) as c:
             replies = [await c.post("/v1/generate", json=body) for body, *_ in BAD]
             good = await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS[:1], "max_new_tokens": 2})
             return replies, good, c.service.metrics
@@ -171,7 +117,7 @@ def test_a_failing_batch_gets_500_and_the_service_keeps_serving(model):
         return inner(*args, **kwargs)
 
     async def go():
-        async with serving(model, max_wait_ms=50) as c:
+        async with serving(model, access_log=False, max_wait_ms=50) as c:
             model.decode_plan = flaky
             try:
                 broken = await asyncio.gather(*(c.post("/v1/generate", json=b) for b in mix))
@@ -185,7 +131,7 @@ def test_a_failing_batch_gets_500_and_the_service_keeps_serving(model):
     for r in broken:
         assert r.status_code == 500 and "injected fault" in error_of(r)["message"]
     for body, r in zip(mix, healed):
-        assert r.status_code == 200 and r.json()["outputs"] == offline(model, body).outputs
+        assert r.status_code == 200 and r.json()["outputs"] == offline(model, body, return_details=True).outputs
     assert health.status_code == 200 and metrics.value("pidec_batch_failures_total") >= 1
 
 
@@ -194,8 +140,8 @@ def test_a_batch_whose_callers_have_gone_stops_and_the_next_is_answered(model):
     quick = {"document": DOC, "prompts": PROMPTS[:2], "max_new_tokens": 4}
 
     async def go():
-        async with serving(model, request_timeout_s=0.3, max_wait_ms=0) as c:
-            with slow_steps(model, 0.05):
+        async with serving(model, access_log=False, request_timeout_s=0.3, max_wait_ms=0) as c:
+            with slowed(model.model, "forward_hidden", 0.05):
                 late = await c.post("/v1/generate", json=slow)
                 t0 = time.monotonic()
                 await asyncio.sleep(0.1)
@@ -206,7 +152,7 @@ def test_a_batch_whose_callers_have_gone_stops_and_the_next_is_answered(model):
 
     late, after, waited, metrics = run(go())
     assert late.status_code == 504 and error_of(late)["limit"] == "request_timeout_s"
-    assert after.status_code == 200 and after.json()["outputs"] == offline(model, quick).outputs
+    assert after.status_code == 200 and after.json()["outputs"] == offline(model, quick, return_details=True).outputs
     assert waited < 2.0, f"the abandoned batch ran on for {waited:.1f} s"
     assert metrics.value("pidec_errors_total", kind="timeout") == 1
 

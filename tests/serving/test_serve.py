@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -26,10 +26,9 @@ from pidec.serving.app import ServeSettings, connection_class, create_app, descr
 from pidec.serving.prometheus import parse, total
 
 from ..shared_data import tiny_checkpoint
-from .helpers import slow_decoder
+from .helpers import PROMPTS, error_of, offline, request_bodies, run, serving, slow_decoder, until
 
 DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
-PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
 
 
 @pytest.fixture(scope="module")
@@ -49,57 +48,16 @@ def steady(tmp_path_factory):
     return pidec.load(tiny_checkpoint(tmp_path_factory.mktemp("steady"), seed=1, max_input_length=600, eos_boost=0.0))
 
 
-@asynccontextmanager
-async def serving(model, access_log=True, **settings):
-    """The app with its lifespan running, and an in-process client."""
-    app = create_app(model, ServeSettings(**settings), access_log=access_log)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://pidec", timeout=60) as client:
-            client.service = app.state.service
-            yield client
-
-
-def run(coro):
-    return asyncio.run(coro)
-
-
-def offline(model, body: dict) -> list[str]:
-    return model.generate(
-        body["document"],
-        body["prompts"],
-        max_new_tokens=body.get("max_new_tokens", 32),
-        num_beams=body.get("num_beams", 1),
-        layout=body.get("layout", "pid"),
-    )
-
-
 def requests_mix(n: int) -> list[dict]:
     """Documents of different lengths, 1-4 prompts, one budget or one per prompt, every layout,
     greedy and beams."""
-    out = []
-    for i in range(n):
-        prompts = PROMPTS[i % 4 :] + PROMPTS[: i % 3]
-        body = {"document": DOC + " More words." * (i % 5) + f" Request {i}.", "prompts": prompts}
-        body["max_new_tokens"] = [2 + (i + j) % 7 for j in range(len(prompts))] if i % 2 else 3 + i % 6
-        if i % 5 == 3:
-            body["num_beams"] = 2 + i % 2
-        if i % 7 in (2, 5):
-            body["layout"] = "pie" if i % 7 == 2 else "seq"
-        out.append(body)
-    return out
-
-
-async def until(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.01)
-
-
-def error_of(r: httpx.Response) -> dict:
-    return r.json()["error"]
+    return request_bodies(
+        n,
+        DOC,
+        5,
+        layout_of=lambda i: {2: "pie", 5: "seq"}.get(i % 7),
+        num_beams_of=lambda i: 2 + i % 2 if i % 5 == 3 else None,
+    )
 
 
 def assert_accounted(metrics, replies) -> None:

@@ -5,12 +5,7 @@ exact resume after a kill, and the errors of bad input."""
 from __future__ import annotations
 
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,7 +17,7 @@ from pidec.errors import InputError
 from pidec.training import pretraining
 from pidec.training.config import TrainConfig
 
-from .test_train import pidec, train_losses, write_data
+from .test_train import kill_after_steps, pidec, train_losses, write_data
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = ByT5Tokenizer()
@@ -169,21 +164,7 @@ def test_pretrain_resumes_exactly_after_a_kill_and_train_fine_tunes_its_checkpoi
     assert whole[-1][1] < whole[0][1]  # it learns
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pidec", *common, "--output", str(killed)],
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        log = killed / "log.jsonl"
-        if log.exists() and log.read_text().count('"train"') >= 4:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(common, killed, 4)
     assert len(train_losses(killed)) < 8
     resumed = pidec("pretrain", "--resume", str(killed))
     assert resumed.returncode == 0, resumed.stderr

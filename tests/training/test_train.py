@@ -278,6 +278,26 @@ def pidec(*args: str, **kw) -> subprocess.CompletedProcess:
     )
 
 
+def kill_after_steps(args, output: Path, steps: int, timeout_s: float = 120) -> None:
+    """Run `pidec *args --output output` and SIGKILL it once its log holds `steps` training
+    steps (or after `timeout_s`)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pidec", *args, "--output", str(output)],
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        log = output / "log.jsonl"
+        if log.exists() and log.read_text().count('"train"') >= steps:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
 def train_losses(folder: Path) -> list[tuple[int, float]]:
     recs = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     return [(r["step"], r["loss"]) for r in recs if r["type"] == "train"]
@@ -295,22 +315,7 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert [s for s, _ in whole] == list(range(1, 17))
 
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pidec", *common, "--output", str(killed)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill once a few steps and at least one checkpoint are behind it
-        log = killed / "log.jsonl"
-        if log.exists() and log.read_text().count('"train"') >= 7:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_after_steps(common, killed, 7)  # a few steps and at least one checkpoint behind it
     assert len(train_losses(killed)) < 16
     resumed = pidec("train", "--resume", str(killed))
     assert resumed.returncode == 0, resumed.stderr

@@ -191,7 +191,7 @@ class CausalModel:
         return api.GenerationResult(
             outputs,
             usage=usage(plan, tokens),
-            timings=timings(t_text, stats, time.perf_counter() - t0),
+            timings=api.timings(t_text, stats, time.perf_counter() - t0),
             truncations=plan.truncations,
             stats=stats,
         )
@@ -229,12 +229,10 @@ class CausalModel:
         """Decode a plan's rows (pid: its documents' prefixes prefilled together, in chunks of
         up to max_batch_tokens prefix tokens). Returns the tokens per row and the run's stats.
         should_stop: asked before every decoding step; True raises `pidec.generate.Aborted`."""
-        stats = DecodeStats()
-        tokens: list[list[int]] = [[] for _ in plan.rows]
         sizes = [len(p) for p in plan.prefixes]
         pid = plan.layout == "pid"
-        for lo, hi in budget_ranges(sizes, self.max_batch_tokens) if pid else [(0, len(sizes))]:
-            index = [k for k, r in enumerate(plan.rows) if lo <= r.doc < hi]
+
+        def decode_chunk(lo: int, hi: int, index: list[int]):
             rows = [plan.rows[k] for k in index]
             t1 = time.perf_counter()
             prefix = None
@@ -246,10 +244,10 @@ class CausalModel:
             out = decode(self.model, prefix, rows, self.eos_token_ids, sampling, should_stop)
             out.stats.encode_s = enc_s
             out.stats.document_tokens = sum(sizes[lo:hi])
-            stats.add(out.stats)
-            for k, toks in zip(index, out.tokens):
-                tokens[k] = toks
-        return tokens, stats
+            return out.tokens, out.stats
+
+        ranges = budget_ranges(sizes, self.max_batch_tokens) if pid else [(0, len(sizes))]
+        return api.decode_by_chunks(plan.rows, ranges, decode_chunk)
 
     def answers(self, plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> list[list[str]]:
         """Tokens per row -> answers per example, in prompt order."""
@@ -282,7 +280,7 @@ class CausalModel:
         outputs = self.answers(plan, out.tokens)
         t_tok += time.perf_counter() - t1
         return api.GenerationResult(
-            outputs, usage(plan, out.tokens), timings(t_tok, out.stats, time.perf_counter() - t0), stats=out.stats
+            outputs, usage(plan, out.tokens), api.timings(t_tok, out.stats, time.perf_counter() - t0), stats=out.stats
         )
 
 
@@ -301,8 +299,8 @@ def use_template(model, template: Template | None) -> None:
 
 
 def check_beams(num_beams) -> None:
-    if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
-        raise InputError(f"num_beams must be an integer >= 1, got {num_beams!r}")
+    """InputError unless num_beams is 1 (beam search is T5's only)."""
+    api.check_num_beams(num_beams)
     if num_beams > 1:
         raise InputError(
             f"num_beams={num_beams}: beam search is not implemented for decoder-only models; "
@@ -319,20 +317,8 @@ def example_usage(plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> l
 
 
 def usage(plan: causal_layouts.CausalPlan, tokens: list[list[int]]) -> dict:
-    return {
-        "document_tokens": plan.document_tokens,
-        "prompt_tokens": plan.prompt_tokens,
-        "output_tokens": sum(len(t) for t in tokens),
-    }
-
-
-def timings(text_s: float, stats: DecodeStats, total_s: float) -> dict:
-    return {
-        "tokenize_ms": round(text_s * 1e3, 3),
-        "encode_ms": round(stats.encode_s * 1e3, 3),
-        "decode_ms": round(stats.decode_s * 1e3, 3),
-        "total_ms": round(total_s * 1e3, 3),
-    }
+    """The plan's `api.token_usage` (its shared prefixes counted once as document tokens)."""
+    return api.token_usage(plan.document_tokens, plan.prompt_tokens, tokens)
 
 
 def load(

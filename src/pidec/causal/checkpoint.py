@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from ..checkpoint import SAFE_WEIGHTS, CheckpointError, assign_checked, read_json, read_state_dict
+from ..checkpoint import (
+    SAFE_WEIGHTS,
+    CheckpointError,
+    NameMap,
+    assign_checked,
+    check_tensor_names,
+    read_json,
+    read_state_dict,
+    rename_tensors,
+)
 from .model import CausalConfig, CausalLM, inverse_frequencies
 
 # model_type -> the transformers class that writes it
@@ -53,43 +61,39 @@ def is_causal(folder: str | os.PathLike) -> bool:
     return model_type is not None and model_type not in T5_TYPES
 
 
-_RULES = [
-    (r"model\.embed_tokens\.weight", "embed.weight"),
-    (r"model\.norm\.weight", "norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"model\.layers\.(\d+)\.input_layernorm\.weight", r"layers.\1.attn_norm.weight"),
-    (r"model\.layers\.(\d+)\.post_attention_layernorm\.weight", r"layers.\1.mlp_norm.weight"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k|v|o)_proj\.(weight|bias)", r"layers.\1.attn.\2.\3"),
-    (r"model\.layers\.(\d+)\.self_attn\.(q|k)_norm\.weight", r"layers.\1.attn.\2_norm.weight"),
-    (r"model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"layers.\1.mlp.\2.\3"),
-]
-_BACK = [
-    (r"embed\.weight", "model.embed_tokens.weight"),
-    (r"norm\.weight", "model.norm.weight"),
-    (r"lm_head\.weight", "lm_head.weight"),
-    (r"layers\.(\d+)\.attn_norm\.weight", r"model.layers.\1.input_layernorm.weight"),
-    (r"layers\.(\d+)\.mlp_norm\.weight", r"model.layers.\1.post_attention_layernorm.weight"),
-    (r"layers\.(\d+)\.attn\.(q|k|v|o)\.(weight|bias)", r"model.layers.\1.self_attn.\2_proj.\3"),
-    (r"layers\.(\d+)\.attn\.(q|k)_norm\.weight", r"model.layers.\1.self_attn.\2_norm.weight"),
-    (r"layers\.(\d+)\.mlp\.(gate|up|down)\.(weight|bias)", r"model.layers.\1.mlp.\2_proj.\3"),
-]
-
-
-def hf_to_ours(name: str) -> str | None:
-    for pattern, repl in _RULES:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    return None
-
-
-def ours_to_hf(name: str) -> str:
-    for pattern, repl in _BACK:
-        if re.fullmatch(pattern, name):
-            return re.sub(pattern, repl, name)
-    raise KeyError(f"no Hugging Face name for parameter {name!r}")
+# {i}: a layer index
+CAUSAL_NAMES = NameMap(
+    [
+        ("model.embed_tokens.weight", "embed.weight"),
+        ("model.norm.weight", "norm.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("model.layers.{i}.input_layernorm.weight", "layers.{i}.attn_norm.weight"),
+        ("model.layers.{i}.post_attention_layernorm.weight", "layers.{i}.mlp_norm.weight"),
+        ("model.layers.{i}.self_attn.{p}_proj.{w}", "layers.{i}.attn.{p}.{w}"),
+        ("model.layers.{i}.self_attn.{n}_norm.weight", "layers.{i}.attn.{n}_norm.weight"),
+        ("model.layers.{i}.mlp.{m}_proj.{w}", "layers.{i}.mlp.{m}.{w}"),
+    ],
+    {"i": r"\d+", "p": "q|k|v|o", "n": "q|k", "m": "gate|up|down", "w": "weight|bias"},
+)
+hf_to_ours = CAUSAL_NAMES.to_ours
+ours_to_hf = CAUSAL_NAMES.to_hf
 
 
 # -- config -------------------------------------------------------------------------------
+
+# config.json keys read and written as they are: our field -> transformers' key
+CONFIG_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "bos_token_id": "bos_token_id",
+    "eos_token_id": "eos_token_id",
+    "pad_token_id": "pad_token_id",
+}
 
 
 def _rope(d: dict, source: str) -> tuple[float, dict | None]:
@@ -127,16 +131,9 @@ def config_from_hf(d: dict, source: str = "config.json") -> CausalConfig:
     window = d.get("sliding_window")
     if model_type in ("qwen2", "qwen3") and not d.get("use_sliding_window", False):
         window = None  # Qwen configs carry a window that is off unless use_sliding_window says so
-    eos = d.get("eos_token_id")
     kwargs = dict(
+        {ours: d.get(hf) for ours, hf in CONFIG_KEYS.items()},
         model_type=model_type,
-        vocab_size=d.get("vocab_size"),
-        hidden_size=d.get("hidden_size"),
-        intermediate_size=d.get("intermediate_size"),
-        num_layers=d.get("num_hidden_layers"),
-        num_heads=d.get("num_attention_heads"),
-        num_kv_heads=d.get("num_key_value_heads"),
-        head_dim=d.get("head_dim"),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
@@ -148,13 +145,10 @@ def config_from_hf(d: dict, source: str = "config.json") -> CausalConfig:
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
         sliding_window=window,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=eos,
-        pad_token_id=d.get("pad_token_id"),
     )
-    for key, hf in (("vocab_size",) * 2, ("hidden_size",) * 2, ("num_layers", "num_hidden_layers")):
+    for key in ("vocab_size", "hidden_size", "num_layers"):
         if kwargs[key] is None:
-            raise CheckpointError(f"{source}: {hf} is missing")
+            raise CheckpointError(f"{source}: {CONFIG_KEYS[key]} is missing")
     for key in ("intermediate_size", "num_heads"):
         if kwargs[key] is None:
             raise CheckpointError(f"{source}: {key} is missing")
@@ -194,21 +188,12 @@ def config_to_hf(config: CausalConfig) -> dict:
     d.update(
         model_type=config.model_type,
         architectures=[ARCHITECTURES[config.model_type]],
-        vocab_size=config.vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        head_dim=config.head_dim,
         rms_norm_eps=config.rms_norm_eps,
         rope_parameters={"rope_theta": config.rope_theta, **(config.rope_scaling or {"rope_type": "default"})},
         hidden_act=config.hidden_act,
         tie_word_embeddings=config.tie_word_embeddings,
         max_position_embeddings=config.max_position_embeddings,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
+        **{hf: getattr(config, ours) for ours, hf in CONFIG_KEYS.items()},
     )
     d.pop("rope_scaling", None)
     d.pop("rope_theta", None)
@@ -224,36 +209,21 @@ def config_to_hf(config: CausalConfig) -> dict:
 
 def state_dict_to_model(config: CausalConfig, hf_sd: dict[str, Tensor], source: str = "checkpoint") -> CausalLM:
     """Build a CausalLM from transformers-named tensors, checking every name and shape."""
-    ours: dict[str, Tensor] = {}
-    unknown = []
-    for name, tensor in hf_sd.items():
-        if name.endswith("rotary_emb.inv_freq"):
-            continue  # older checkpoints store the rotary frequencies; they are recomputed
-        mapped = hf_to_ours(name)
-        if mapped is None:
-            unknown.append(name)
-        else:
-            ours[mapped] = tensor
-    if unknown:
-        raise CheckpointError(f"{source}: unexpected tensors {unknown[:5]}{' ...' if len(unknown) > 5 else ''}")
+    # older checkpoints store the rotary frequencies; they are recomputed
+    ours = rename_tensors(hf_sd, hf_to_ours, source, skip=lambda name: name.endswith("rotary_emb.inv_freq"))
     if config.tie_word_embeddings:
         ours.pop("lm_head.weight", None)
     with torch.device("meta"):
         model = CausalLM(config)
     expected = dict(model.state_dict())
-    missing = [k for k in expected if k not in ours]
-    if missing:
-        hint = " (config.json says tie_word_embeddings=false)" if missing[0] == "lm_head.weight" else ""
-        raise CheckpointError(
-            f"{source}: missing tensor {ours_to_hf(missing[0])}{hint}"
-            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
-        )
-    extra = [k for k in ours if k not in expected]
-    if extra:
-        raise CheckpointError(
-            f"{source}: tensor {ours_to_hf(extra[0])} does not fit this config "
-            f"(num_hidden_layers={config.num_layers}, model_type={config.model_type})"
-        )
+    check_tensor_names(
+        ours,
+        expected,
+        source,
+        ours_to_hf,
+        f"num_hidden_layers={config.num_layers}, model_type={config.model_type}",
+        hint=lambda name: " (config.json says tie_word_embeddings=false)" if name == "lm_head.weight" else "",
+    )
     assign_checked(model, ours, expected, source, ours_to_hf)
     model.rotary.inv_freq = inverse_frequencies(config)  # a computed buffer, not in the checkpoint
     return model

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .. import layouts
-from ..api import Model
+from ..api import Model, token_usage
 from ..generate import Row, budget_ranges, encode, sync
 from ..model import CrossCache
 from ..session import DecodeSession, concat_cross
@@ -126,12 +126,16 @@ def declare_metrics(metrics: Registry) -> None:
     metrics.counter("pidec_batch_failures_total", "batches whose decoding raised an exception")
 
 
-class Batcher:
-    """Owns the model while it runs: jobs go in with `submit`, results come out via `on_done`."""
+class JobQueue:
+    """What both batchers share (T5's `Batcher`, the decoder-only `serving.causal.CausalBatcher`):
+    the bounded queue of jobs, the decoding thread, and the verbs app.py calls (submit, cancel,
+    start, stop and the gauges). A subclass says how a batch decodes (`_loop`), which waiting
+    jobs join it (`_select`, called under the lock in arrival order), what a set of jobs costs in
+    cache slots (`_footprint`), and how a finished job's answers and usage are read (`_answers`,
+    `_account`). Settling a job (success, cancellation or failure) is done here, exactly once."""
 
     def __init__(
         self,
-        model: Model,
         max_batch_tokens: int = 32768,
         max_batch_documents: int = 32,
         max_wait_ms: float = 5.0,
@@ -147,7 +151,6 @@ class Batcher:
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if not max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
-        self.model = model
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_documents = max_batch_documents
         self.max_wait_s = max_wait_ms / 1000
@@ -157,9 +160,7 @@ class Batcher:
             declare_metrics(metrics)
         self._cond = threading.Condition()
         self._pending: deque[Job] = deque()
-        self._active: list[Job] = []  # jobs in the session
-        self._rows: dict[int, tuple[Job, int]] = {}  # session row id -> (job, row index in its plan)
-        self._session = DecodeSession(model.model)
+        self._active: list[Job] = []  # the jobs decoding now
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -187,20 +188,6 @@ class Batcher:
     def active_requests(self) -> int:
         return len(self._active)
 
-    @property
-    def active_rows(self) -> int:
-        return self._session.rows
-
-    @property
-    def steps(self) -> int:
-        """Decoding steps run so far (by the current session: a failed batch starts a new one)."""
-        return self._session.steps
-
-    @property
-    def cache_slots(self) -> int:
-        """Cache slots the running batch holds now, counted as `footprint` counts them."""
-        return footprint([], self._session)
-
     def submit(self, job: Job) -> None:
         with self._cond:
             if self._stopping:
@@ -213,8 +200,9 @@ class Batcher:
             self._cond.notify_all()
 
     def cancel(self, job: Job, reason: str) -> None:
-        """The caller gives up on `job`: a waiting job leaves the queue now, a running one at the
-        next step boundary (its rows are dropped from the batch)."""
+        """The caller gives up on `job`: a waiting job leaves the queue now; a decoding one is
+        dropped as the subclass says (T5: at the next step boundary; decoder-only: its batch goes
+        on, and stops once all its callers have gone)."""
         job.cancelled = reason
         with self._cond:
             try:
@@ -234,7 +222,34 @@ class Batcher:
         self._thread.join(timeout)
         return not self._thread.is_alive()
 
-    # -- the decoding thread ----------------------------------------------------------------
+    # -- what a subclass says ---------------------------------------------------------------
+
+    def _decode(self, jobs: list[Job]) -> None:
+        """Start the jobs just taken (possibly none) and decode (T5: one step; decoder-only: the
+        whole batch)."""
+        raise NotImplementedError
+
+    def _recover(self, jobs: list[Job], error: Exception) -> None:
+        """`_decode(jobs)` raised: fail the jobs it touched, leave the thread ready for more."""
+        raise NotImplementedError
+
+    def _select(self) -> list[Job]:
+        """The waiting jobs to start now, popped from the queue's front (called under the lock)."""
+        raise NotImplementedError
+
+    def _footprint(self, jobs) -> int:
+        """Cache slots a batch of these jobs alone would hold."""
+        raise NotImplementedError
+
+    def _answers(self, job: Job) -> list[str]:
+        """The finished job's answers as text."""
+        raise NotImplementedError
+
+    def _account(self, job: Job) -> None:
+        """Set the finished job's `usage` (and `timings`, where not set yet)."""
+        raise NotImplementedError
+
+    # -- the decoding thread: admission and settling ----------------------------------------
 
     def _loop(self) -> None:
         while True:
@@ -242,43 +257,129 @@ class Batcher:
             if jobs is None:
                 return
             try:
-                for nb in sorted({j.num_beams for j in jobs}):  # one admission (one search) per beam count
-                    self._admit([j for j in jobs if j.num_beams == nb], nb)
-                self._drop_cancelled()
-                if self._session.rows:
-                    self._step()
+                self._decode(jobs)
             except Exception as e:  # noqa: BLE001 - a bug here must not end the service
-                self._fail_session(e, [j for j in jobs if not j.settled and j not in self._active])
+                self._recover(jobs, e)
 
     def _take(self) -> list[Job] | None:
-        """The jobs to start now, in arrival order, within the budget; waits while there is
-        nothing to do. None: stopped and nothing left."""
+        """The jobs to start now, in arrival order, within the budgets (`_select`); waits while
+        there is nothing to do and, when nothing runs, up to max_wait_ms for more requests so
+        that requests arriving close together start together. None: stopped and nothing left."""
         with self._cond:
             while not self._pending and not self._active:
                 if self._stopping:
                     return None
                 self._cond.wait()
             if not self._active and self.max_wait_s > 0 and not self._stopping:
-                # idle: give requests arriving close together the chance to start together
                 until = self._pending[0].arrived + self.max_wait_s
                 while not self._full() and not self._stopping:
                     left = until - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-            taken = []
-            while self._pending:
-                candidate = taken + [self._pending[0]]
-                if (self._active or taken) and (
-                    len(self._active) + len(candidate) > self.max_batch_documents
-                    or footprint(candidate, self._session) > self.max_batch_tokens
-                ):
-                    break  # in arrival order: a large job is not overtaken by smaller ones
-                taken.append(self._pending.popleft())
-            return taken
+            return self._select()
 
     def _full(self) -> bool:
-        return len(self._pending) >= self.max_batch_documents or footprint(self._pending) >= self.max_batch_tokens
+        return len(self._pending) >= self.max_batch_documents or self._footprint(self._pending) >= self.max_batch_tokens
+
+    def _expired(self, job: Job) -> bool:
+        """Settle the job as cancelled if its caller gave up or its deadline passed."""
+        if job.cancelled is None and time.monotonic() > job.deadline:
+            job.cancelled = "timeout"
+        if job.cancelled is not None:
+            self._settle(job, Cancelled(job.cancelled))
+            return True
+        return False
+
+    def _count_failure(self, error: Exception) -> None:
+        log.error("decoding a batch failed", exc_info=error)
+        if self.metrics is not None:
+            self.metrics.inc("pidec_batch_failures_total")
+
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        """Decoding these jobs raised: count the failure once and fail each of them."""
+        self._count_failure(error)
+        for job in jobs:
+            self._settle(job, BatchFailed(f"decoding failed: {type(error).__name__}: {error}"))
+
+    def _finish(self, job: Job) -> None:
+        """The job's rows have all ended: its answers, usage and token counts, then settle it."""
+        try:
+            job.outputs = self._answers(job)
+        except Exception as e:
+            log.exception("decoding tokens to text failed")
+            self._settle(job, BatchFailed(f"detokenizing failed: {type(e).__name__}: {e}"))
+            return
+        self._account(job)
+        if self.metrics is not None:
+            for kind in ("document", "prompt", "output"):
+                self.metrics.inc("pidec_tokens_total", job.usage[f"{kind}_tokens"], kind=kind)
+        self._settle(job, None)
+
+    def _settle(self, job: Job, error: Exception | None) -> None:
+        with self._cond:
+            if job.settled:
+                return
+            job.settled = True
+        job.error = error
+        if job.on_done is not None:
+            try:
+                job.on_done(job)
+            except Exception:  # a caller's callback must not stop the decoding thread
+                log.exception("a request's completion callback failed")
+
+
+class Batcher(JobQueue):
+    """Owns the model while it runs: jobs go in with `submit`, results come out via `on_done`.
+    Jobs join one running `DecodeSession` between its steps (continuous batching)."""
+
+    def __init__(self, model: Model, **limits):
+        """`limits`: `JobQueue`'s (max_batch_tokens, max_batch_documents, max_wait_ms, max_queue, metrics)."""
+        super().__init__(**limits)
+        self.model = model
+        self._rows: dict[int, tuple[Job, int]] = {}  # session row id -> (job, row index in its plan)
+        self._session = DecodeSession(model.model)
+
+    @property
+    def active_rows(self) -> int:
+        return self._session.rows
+
+    @property
+    def steps(self) -> int:
+        """Decoding steps run so far (by the current session: a failed batch starts a new one)."""
+        return self._session.steps
+
+    @property
+    def cache_slots(self) -> int:
+        """Cache slots the running batch holds now, counted as `footprint` counts them."""
+        return footprint([], self._session)
+
+    # -- the decoding thread ----------------------------------------------------------------
+
+    def _decode(self, jobs: list[Job]) -> None:
+        for nb in sorted({j.num_beams for j in jobs}):  # one admission (one search) per beam count
+            self._admit([j for j in jobs if j.num_beams == nb], nb)
+        self._drop_cancelled()
+        if self._session.rows:
+            self._step()
+
+    def _recover(self, jobs: list[Job], error: Exception) -> None:
+        self._fail_session(error, [j for j in jobs if not j.settled and j not in self._active])
+
+    def _select(self) -> list[Job]:
+        taken = []
+        while self._pending:
+            candidate = taken + [self._pending[0]]
+            if (self._active or taken) and (
+                len(self._active) + len(candidate) > self.max_batch_documents
+                or footprint(candidate, self._session) > self.max_batch_tokens
+            ):
+                break  # in arrival order: a large job is not overtaken by smaller ones
+            taken.append(self._pending.popleft())
+        return taken
+
+    def _footprint(self, jobs) -> int:
+        return footprint(jobs)
 
     def _encode(self, job: Job) -> CrossCache:
         """The job's documents encoded as `Model.generate` encodes them (same chunks, same shapes)."""
@@ -322,9 +423,7 @@ class Batcher:
         try:
             ids = self._session.admit(concat_cross(crosses), rows, num_beams)
         except Exception as e:  # noqa: BLE001 - the joining requests fail, the running ones go on
-            self._count_failure(e)
-            for job in ready:
-                self._settle(job, BatchFailed(f"decoding failed: {type(e).__name__}: {e}"))
+            self._fail(ready, e)
             return
         for rid, (job, k) in zip(ids, owners):
             self._rows[rid] = (job, k)
@@ -358,62 +457,22 @@ class Batcher:
             self._active.remove(job)
             self._expired(job)
 
-    def _expired(self, job: Job) -> bool:
-        """Settle the job as cancelled if its caller gave up or its deadline passed."""
-        if job.cancelled is None and time.monotonic() > job.deadline:
-            job.cancelled = "timeout"
-        if job.cancelled is not None:
-            self._settle(job, Cancelled(job.cancelled))
-            return True
-        return False
-
     def _fail_session(self, error: Exception, extra: list[Job]) -> None:
         """The running batch raised: fail its jobs (and those joining it), start a fresh session."""
-        self._count_failure(error)
         failed = self._active + extra
         self._active, self._rows = [], {}
         self._session = DecodeSession(self.model.model)
-        for job in failed:
-            self._settle(job, BatchFailed(f"decoding failed: {type(error).__name__}: {error}"))
+        self._fail(failed, error)
 
-    def _count_failure(self, error: Exception) -> None:
-        log.error("decoding a batch failed", exc_info=error)
-        if self.metrics is not None:
-            self.metrics.inc("pidec_batch_failures_total")
+    def _answers(self, job: Job) -> list[str]:
+        return layouts.collect(job.plan, job.tokens, self.model.tokenizer)[0]
 
-    def _finish(self, job: Job) -> None:
+    def _account(self, job: Job) -> None:
         plan = job.plan
-        try:
-            job.outputs = layouts.collect(plan, job.tokens, self.model.tokenizer)[0]
-        except Exception as e:
-            log.exception("decoding tokens to text failed")
-            self._settle(job, BatchFailed(f"detokenizing failed: {type(e).__name__}: {e}"))
-            return
         now = time.monotonic()
-        output_tokens = sum(len(t) for t in job.tokens)
-        job.usage = {
-            "document_tokens": sum(len(d) for d in plan.docs),
-            "prompt_tokens": plan.prompt_tokens,
-            "output_tokens": output_tokens,
-        }
+        job.usage = token_usage(sum(len(d) for d in plan.docs), plan.prompt_tokens, job.tokens)
         job.timings = {
             "queue_ms": round((job.started - job.arrived) * 1e3, 3),
             "encode_ms": round(job.encode_s * 1e3, 3),
             "decode_ms": round((now - job.encoded) * 1e3, 3),
         }
-        if self.metrics is not None:
-            for kind in ("document", "prompt", "output"):
-                self.metrics.inc("pidec_tokens_total", job.usage[f"{kind}_tokens"], kind=kind)
-        self._settle(job, None)
-
-    def _settle(self, job: Job, error: Exception | None) -> None:
-        with self._cond:
-            if job.settled:
-                return
-            job.settled = True
-        job.error = error
-        if job.on_done is not None:
-            try:
-                job.on_done(job)
-            except Exception:  # a caller's callback must not stop the decoding thread
-                log.exception("a request's completion callback failed")

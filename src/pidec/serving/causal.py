@@ -23,20 +23,14 @@ while decoding fails the requests of that batch only (500); the next batch start
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from ..causal.api import CausalModel, check_beams, usage
 from ..causal.layouts import CausalPlan, concat
 from ..errors import InputError
 from ..generate import Aborted
-from .batcher import BatchFailed, Cancelled, Job, QueueFull, ShuttingDown, declare_metrics
-from .prometheus import Registry
-
-log = logging.getLogger("pidec.serve")
+from .batcher import Job, JobQueue
 
 
 class DocumentTooLong(InputError):
@@ -99,141 +93,44 @@ def describe_model(model: CausalModel) -> str:
     )
 
 
-class CausalBatcher:
-    """`Batcher`'s verbs (submit, cancel, start, stop and the gauges app.py reads) for a
-    `CausalModel`: jobs go in with `submit`, results come out via their `on_done`."""
+class CausalBatcher(JobQueue):
+    """`JobQueue` for a `CausalModel`: jobs go in with `submit`, results come out via their
+    `on_done`; a batch is taken whole and decoded to its end (no continuous batching)."""
 
-    def __init__(
-        self,
-        model: CausalModel,
-        max_batch_tokens: int = 32768,
-        max_batch_documents: int = 32,
-        max_wait_ms: float = 5.0,
-        max_queue: int = 64,
-        metrics: Registry | None = None,
-    ):
-        for name, value in (
-            ("max_batch_tokens", max_batch_tokens),
-            ("max_batch_documents", max_batch_documents),
-            ("max_queue", max_queue),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-        if not max_wait_ms >= 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms!r}")
+    def __init__(self, model: CausalModel, **limits):
+        """`limits`: `JobQueue`'s (max_batch_tokens, max_batch_documents, max_wait_ms, max_queue, metrics)."""
+        super().__init__(**limits)
         self.model = model
-        self.max_batch_tokens = max_batch_tokens
-        self.max_batch_documents = max_batch_documents
-        self.max_wait_s = max_wait_ms / 1000
-        self.max_queue = max_queue
-        self.metrics = metrics
-        if metrics is not None:
-            declare_metrics(metrics)
         self.steps = 0  # decoding steps run so far
-        self._cond = threading.Condition()
-        self._pending: deque[CausalJob] = deque()
-        self._active: list[CausalJob] = []  # the batch decoding now
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-
-    # -- the caller's side ------------------------------------------------------------------
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="pidec-decode", daemon=True)
-            self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    @property
-    def stopped(self) -> bool:
-        return self._thread is not None and not self._thread.is_alive()
-
-    @property
-    def queue_depth(self) -> int:
-        return len(self._pending)
-
-    @property
-    def active_requests(self) -> int:
-        return len(self._active)
 
     @property
     def active_rows(self) -> int:
         return sum(j.decoder_rows for j in self._active)
 
-    def submit(self, job: CausalJob) -> None:
-        with self._cond:
-            if self._stopping:
-                raise ShuttingDown("the service is shutting down")
-            if len(self._pending) >= self.max_queue:
-                raise QueueFull(f"{len(self._pending)} requests are waiting already (max_queue={self.max_queue})")
-            self._pending.append(job)
-            self._cond.notify_all()
-
-    def cancel(self, job: CausalJob, reason: str) -> None:
-        """The caller gives up on `job`: a waiting job leaves the queue now; a decoding one
-        goes on with its batch (which stops once all its callers have gone) and is dropped."""
-        job.cancelled = reason
-        with self._cond:
-            try:
-                self._pending.remove(job)
-            except ValueError:
-                return
-        self._settle(job, Cancelled(reason))
-
-    def stop(self, timeout: float | None = None) -> bool:
-        """Take no new jobs, finish the ones held, then end the thread. Returns whether it
-        ended within `timeout`."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is None:
-            return True
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
     # -- the decoding thread ----------------------------------------------------------------
 
-    def _loop(self) -> None:
-        while True:
-            jobs = self._take()
-            if jobs is None:
-                return
-            try:
-                self._run(jobs)
-            except Exception as e:  # noqa: BLE001 - a bug here must not end the service
-                self._fail(jobs, e)
-            finally:
-                self._active = []
+    def _decode(self, jobs: list[CausalJob]) -> None:
+        try:
+            self._run(jobs)
+        finally:
+            self._active = []
 
-    def _take(self) -> list[CausalJob] | None:
-        """The next batch, in arrival order: one layout, within the budgets. Waits while there is
-        nothing to do, then up to max_wait_ms for more. None: stopped and nothing left."""
-        with self._cond:
-            while not self._pending:
-                if self._stopping:
-                    return None
-                self._cond.wait()
-            if self.max_wait_s > 0 and not self._stopping:
-                until = self._pending[0].arrived + self.max_wait_s
-                while not self._full() and not self._stopping:
-                    left = until - time.monotonic()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
-            taken = [self._pending.popleft()]
-            while self._pending and len(taken) < self.max_batch_documents:
-                job = self._pending[0]
-                if job.plan.layout != taken[0].plan.layout or footprint([*taken, job]) > self.max_batch_tokens:
-                    break  # in arrival order: a job is not overtaken by later ones
-                taken.append(self._pending.popleft())
-            self._active = taken
-            return taken
+    def _recover(self, jobs: list[CausalJob], error: Exception) -> None:
+        self._fail(jobs, error)
 
-    def _full(self) -> bool:
-        return len(self._pending) >= self.max_batch_documents or footprint(self._pending) >= self.max_batch_tokens
+    def _select(self) -> list[CausalJob]:
+        """The next batch, in arrival order: one layout, within the budgets."""
+        taken = [self._pending.popleft()]
+        while self._pending and len(taken) < self.max_batch_documents:
+            job = self._pending[0]
+            if job.plan.layout != taken[0].plan.layout or footprint([*taken, job]) > self.max_batch_tokens:
+                break  # in arrival order: a job is not overtaken by later ones
+            taken.append(self._pending.popleft())
+        self._active = taken
+        return taken
+
+    def _footprint(self, jobs) -> int:
+        return footprint(jobs)
 
     def _run(self, jobs: list[CausalJob]) -> None:
         started = time.monotonic()
@@ -276,44 +173,11 @@ class CausalBatcher:
             self._finish(job)
 
     def _finish(self, job: CausalJob) -> None:
-        if self._expired(job):
-            return
-        try:
-            job.outputs = self.model.answers(job.plan, job.tokens)[0]
-        except Exception as e:
-            log.exception("decoding tokens to text failed")
-            self._settle(job, BatchFailed(f"detokenizing failed: {type(e).__name__}: {e}"))
-            return
+        if not self._expired(job):
+            super()._finish(job)
+
+    def _answers(self, job: CausalJob) -> list[str]:
+        return self.model.answers(job.plan, job.tokens)[0]
+
+    def _account(self, job: CausalJob) -> None:
         job.usage = usage(job.plan, job.tokens)
-        if self.metrics is not None:
-            for kind in ("document", "prompt", "output"):
-                self.metrics.inc("pidec_tokens_total", job.usage[f"{kind}_tokens"], kind=kind)
-        self._settle(job, None)
-
-    def _expired(self, job: CausalJob) -> bool:
-        """Settle the job as cancelled if its caller gave up or its deadline passed."""
-        if job.cancelled is None and time.monotonic() > job.deadline:
-            job.cancelled = "timeout"
-        if job.cancelled is not None:
-            self._settle(job, Cancelled(job.cancelled))
-            return True
-        return False
-
-    def _fail(self, jobs: list[CausalJob], error: Exception) -> None:
-        log.error("decoding a batch failed", exc_info=error)
-        if self.metrics is not None:
-            self.metrics.inc("pidec_batch_failures_total")
-        for job in jobs:
-            self._settle(job, BatchFailed(f"decoding failed: {type(error).__name__}: {error}"))
-
-    def _settle(self, job: CausalJob, error: Exception | None) -> None:
-        with self._cond:
-            if job.settled:
-                return
-            job.settled = True
-        job.error = error
-        if job.on_done is not None:
-            try:
-                job.on_done(job)
-            except Exception:  # a caller's callback must not stop the decoding thread
-                log.exception("a request's completion callback failed")
