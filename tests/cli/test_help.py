@@ -63,3 +63,10 @@ def test_options_are_the_settings_fields(name, classes):
     shared = {"model", "device", "dtype", "quantize", "tokenizer", "no_pack", "layout"}
     shared |= {"prefix_template", "row_template", "chat_template"}  # decoder-only checkpoints
     assert declared <= set(params) and set(params) - declared <= shared, set(params) - declared
+
+
+def test_help_text_brackets_are_shown_not_parsed():
+    """Help text is plain text: an install hint's extra (".[ct2]") must not vanish as rich markup."""
+    result = CliRunner().invoke(GROUP, ["bench", "--help"], prog_name="pidec", terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert 'pip install ".[ct2]"' in " ".join(result.output.split())

@@ -47,6 +47,7 @@ app = typer.Typer(
     cls=OneLineErrors,
     add_completion=False,
     no_args_is_help=True,
+    rich_markup_mode=None,  # help text is plain text: brackets such as ".[ct2]" are shown, not parsed as markup
     help="Encode once, decode every subtask in parallel.",
 )
 
