@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import pidec.generate as gen_mod
+import pidec.rows as rows_mod
 from pidec.generate import Decoded, Row, decode, encode
 
 from .conftest import DOC_LENGTHS, EOS, random_docs, random_rows, random_tokens
@@ -404,5 +405,5 @@ def test_prefill_packs_long_documents_into_several_segments(variant, monkeypatch
     rows = random_rows(variant.vocab, seed=209)
     cross = encode(model, docs)
     one_segment_each = decode(model, cross, rows)
-    monkeypatch.setattr(gen_mod, "PACK_TOKENS", 3)  # a segment per row (or two rows when short)
+    monkeypatch.setattr(rows_mod, "PACK_TOKENS", 3)  # a segment per row (or two rows when short)
     assert decode(model, cross, rows).tokens == one_segment_each.tokens
