@@ -13,7 +13,10 @@ import pytest
 import torch
 
 import pidec.generate as gen_mod
+import pidec.rows as rows_mod
 from pidec.generate import Decoded, Row, decode, encode
+from pidec.model import KVCache
+from pidec.rows import pack_prompts
 
 from .conftest import DOC_LENGTHS, EOS, random_docs, random_rows, random_tokens
 
@@ -377,8 +380,6 @@ def test_no_rows_is_no_work(t5):
 def test_unwritten_cache_slots_never_reach_outputs(variant, monkeypatch, num_beams):
     """Short prompts leave cache slots before them unwritten; masked attention gives them weight
     0, which would still turn NaN garbage into NaN. Poison every fresh cache with NaN."""
-    from pidec.model import KVCache
-
     model = variant.pid64()
     docs = random_docs(variant.vocab, seed=108)
     rows = random_rows(variant.vocab, seed=208)
@@ -404,5 +405,33 @@ def test_prefill_packs_long_documents_into_several_segments(variant, monkeypatch
     rows = random_rows(variant.vocab, seed=209)
     cross = encode(model, docs)
     one_segment_each = decode(model, cross, rows)
-    monkeypatch.setattr(gen_mod, "PACK_TOKENS", 3)  # a segment per row (or two rows when short)
+    monkeypatch.setattr(rows_mod, "PACK_TOKENS", 3)  # a segment per row (or two rows when short)
     assert decode(model, cross, rows).tokens == one_segment_each.tokens
+
+
+def test_pack_prompts_keeps_rows_and_documents_apart(monkeypatch):
+    """The one packed prefill both engines use: a segment holds one document's rows up to
+    PACK_TOKENS tokens, a token sees only the earlier tokens of its own row, and each token goes
+    to its row's cache slot so that every prompt ends at P."""
+    monkeypatch.setattr(rows_mod, "PACK_TOKENS", 5)
+    prompts = [[7, 8], [9], [4, 5, 6], [3, 2, 1, 0, 9, 8], [6]]
+    docs = [0, 0, 0, 1, 1]
+    P = 6
+    cache = KVCache(1, len(prompts), 1, P + 1, 2, torch.float32, "cpu")
+    packed = pack_prompts(prompts, docs, cache, P, pad=-1, device="cpu")
+    # doc 0: rows 0, 1 fit together (3 tokens), row 2 would make 6 > 5; doc 1's long row stands alone
+    assert packed.seg_doc.tolist() == [0, 0, 1, 1]
+    assert packed.tokens.tolist() == [
+        [7, 8, 9, -1, -1, -1],
+        [4, 5, 6, -1, -1, -1],
+        [3, 2, 1, 0, 9, 8],
+        [6, -1, -1, -1, -1, -1],
+    ]
+    assert packed.inrow[0].tolist() == [0, 1, 0, 0, 0, 0]
+    assert packed.keep[0, :3, :3].tolist() == [[True, False, False], [True, True, False], [False, False, True]]
+    assert packed.ends.tolist() == [[0, 1], [0, 2], [1, 2], [2, 5], [3, 0]]
+    w = packed.writer
+    assert w.row.tolist() == [0, 0, 1, 2, 2, 2, 3, 3, 3, 3, 3, 3, 4]
+    assert w.pos.tolist() == [4, 5, 5, 3, 4, 5, 0, 1, 2, 3, 4, 5, 5]  # every prompt ends at slot P - 1
+    hidden = torch.arange(4 * 6, dtype=torch.float32).reshape(4, 6, 1)
+    assert packed.last(hidden)[:, 0].tolist() == [1.0, 2.0, 8.0, 17.0, 18.0]

@@ -9,6 +9,7 @@ answers = model.generate(enc, prompts)  # decodes against it without re-encoding
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -82,8 +83,36 @@ class GenerationResult:
         return out
 
 
-class Model:
+class TextModel:
+    """What the T5 `Model` and `pidec.causal.CausalModel` share behind `generate` and
+    `generate_batch`, whose signatures each declares with its own options: a document given as
+    text or encoded before (`encoded_type`), one budget for all prompts or one per prompt, the
+    answers returned, or with return_details a `GenerationResult` holding them. A subclass
+    implements `_generate_examples` (examples -> result, answers nested per example) and
+    `_generate_encoded` (prompts over an encoded document -> result)."""
+
+    encoded_type: type
+
+    def _answer_document(self, document, prompts, max_new_tokens, num_beams, layout, truncate, return_details, options):
+        """`generate`'s answers for one document, in prompt order (`options`: the model's own)."""
+        if isinstance(document, self.encoded_type):
+            result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, **options)
+        else:
+            per_example = [max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
+            result = self._generate_examples([(document, prompts)], per_example, num_beams, layout, truncate, **options)
+        result.outputs = result.outputs[0]  # one document: the flat list, with details or without
+        return result if return_details else result.outputs
+
+    def _answer_examples(self, examples, max_new_tokens, num_beams, layout, truncate, return_details, options):
+        """`generate_batch`'s answers: one list per example, each in prompt order."""
+        result = self._generate_examples(examples, max_new_tokens, num_beams, layout, truncate, **options)
+        return result if return_details else result.outputs
+
+
+class Model(TextModel):
     """A T5 with its tokenizer, decoding decomposed tasks in the seq, pie or pid layout."""
+
+    encoded_type = EncodedDocument
 
     def __init__(self, model: T5, tokenizer, max_batch_tokens: int = 16384, dtype_choice: str = "as loaded"):
         self.model = model.eval()
@@ -150,22 +179,10 @@ class Model:
         measure what compaction saves; the outputs are the same).
         length_penalty: beam search's exponent on the length when scoring finished beams.
         seq_instruction: the seq layout's text put before the document (None: its default)."""
-        options = dict(compaction=compaction, length_penalty=length_penalty)
-        if isinstance(document, EncodedDocument):
-            result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, **options)
-        else:
-            per_example = [max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
-            result = self._generate_examples(
-                [(document, prompts)],
-                per_example,
-                num_beams,
-                layout,
-                truncate,
-                seq_instruction=seq_instruction,
-                **options,
-            )
-        result.outputs = result.outputs[0]
-        return result if return_details else result.outputs
+        options = dict(compaction=compaction, length_penalty=length_penalty, seq_instruction=seq_instruction)
+        return self._answer_document(
+            document, prompts, max_new_tokens, num_beams, layout, truncate, return_details, options
+        )
 
     def generate_batch(
         self,
@@ -184,17 +201,8 @@ class Model:
         example. The options are `generate`'s; with return_details, `outputs` is that nested list.
 
         max_new_tokens: an int for all, or one entry per example (an int, or one per prompt)."""
-        result = self._generate_examples(
-            examples,
-            max_new_tokens,
-            num_beams,
-            layout,
-            truncate,
-            compaction=compaction,
-            length_penalty=length_penalty,
-            seq_instruction=seq_instruction,
-        )
-        return result if return_details else result.outputs
+        options = dict(compaction=compaction, length_penalty=length_penalty, seq_instruction=seq_instruction)
+        return self._answer_examples(examples, max_new_tokens, num_beams, layout, truncate, return_details, options)
 
     def _generate_examples(
         self,
@@ -227,16 +235,8 @@ class Model:
         layouts.check_decode_memory(plan, self.config, num_beams, self.model.dtype, self.device)
         t_tok = time.perf_counter() - t0
 
-        def decode_chunk(doc_lo: int, doc_hi: int, index: list[int]):
-            t1 = time.perf_counter()
-            cross = encode(self.model, plan.docs[doc_lo:doc_hi])
-            sync(self.device)
-            enc_s = time.perf_counter() - t1
-            rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
-            out = decode(self.model, cross, rows, num_beams, compaction=compaction, length_penalty=length_penalty)
-            out.stats.encode_s = enc_s
-            return out.tokens, out.stats
-
+        options = dict(compaction=compaction, length_penalty=length_penalty)
+        decode_chunk = functools.partial(self._decode_chunk, plan, num_beams, options)
         ranges = budget_ranges([len(d) for d in plan.docs], self.max_batch_tokens)
         tokens, stats = decode_by_chunks(plan.rows, ranges, decode_chunk)
         t2 = time.perf_counter()
@@ -252,6 +252,18 @@ class Model:
             runtime=self.runtime,
         )
 
+    def _decode_chunk(self, plan: layouts.Plan, num_beams: int, options: dict, doc_lo: int, doc_hi: int, index):
+        """`decode_by_chunks`' step: the plan's documents [doc_lo, doc_hi) encoded, the rows at
+        `index` decoded against them; returns their tokens and the stats (encoding's time in)."""
+        t1 = time.perf_counter()
+        cross = encode(self.model, plan.docs[doc_lo:doc_hi])
+        sync(self.device)
+        enc_s = time.perf_counter() - t1
+        rows = [Row(plan.rows[k].doc - doc_lo, plan.rows[k].prefix, plan.rows[k].max_new_tokens) for k in index]
+        out = decode(self.model, cross, rows, num_beams, **options)
+        out.stats.encode_s = enc_s
+        return out.tokens, out.stats
+
     def _generate_encoded(
         self,
         enc: EncodedDocument,
@@ -262,8 +274,9 @@ class Model:
         *,
         compaction: bool,
         length_penalty: float,
+        seq_instruction: str | None = None,
     ) -> GenerationResult:
-        """Prompts decoded against an encoded document (pid layout only)."""
+        """Prompts decoded against an encoded document (pid layout only, so no seq_instruction)."""
         if layout != "pid":
             raise InputError(
                 f"an encoded document decodes in the pid layout only (got layout={layout!r}): "

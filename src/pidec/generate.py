@@ -40,7 +40,8 @@ from . import packing
 from .errors import InputError
 from .hostsync import SyncCounter as SyncCounter  # re-exported: counts a decoding's host reads
 from .hostsync import read_bool, read_int, read_list, to_device, upload
-from .model import T5, CrossCache, KVCache, PackedPrefill, RowGroups
+from .model import T5, CrossCache, KVCache, RowGroups
+from .rows import document_order, inverse, pack_prompts, prompt_key_keep
 from .search import apply_keep, new_search
 
 CUDA_SYNC_EVERY = 8  # steps between host reads on a GPU (see `default_sync_every`)
@@ -181,82 +182,20 @@ def check_rows(rows: list[Row], cross: CrossCache) -> None:
             raise ValueError(f"row {i}: document {r.doc} out of range ({cross.docs} encoded)")
 
 
-PACK_TOKENS = 256  # longest packed prefill segment (its attention is segment x segment)
-
-
 def prefill_prompts(model: T5, cross: CrossCache, rows: list[Row], cache: KVCache, P: int, pad: int) -> Tensor:
     """Run every row's prefix through the decoder in one pass and return each row's next-token
-    logits [rows, vocab]. The prefixes of a document are packed end to end into segments of up
-    to PACK_TOKENS tokens (no padding between rows of different lengths); a block-diagonal
-    causal mask keeps each row to itself, and each token's keys/values go to its row's cache."""
-    device = model.device
-    segments: list[list[int]] = []
-    seg_doc: list[int] = []
-    seg_len: list[int] = []
-    for i, r in enumerate(rows):
-        n = len(r.prefix)
-        if segments and seg_doc[-1] == r.doc and seg_len[-1] + n <= PACK_TOKENS:
-            segments[-1].append(i)
-            seg_len[-1] += n
-        else:
-            segments.append([i])
-            seg_doc.append(r.doc)
-            seg_len.append(n)
-    S, T = len(segments), max(seg_len)
-    tokens = torch.full((S, T), pad, dtype=torch.long)
-    owner = torch.full((S, T), -1, dtype=torch.long)  # row of each packed token, -1 on padding
-    inrow = torch.zeros((S, T), dtype=torch.long)  # position of the token within its row
-    seg, tok, row, slot, last = [], [], [], [], []
-    for s, members in enumerate(segments):
-        t = 0
-        for i in members:
-            prefix = rows[i].prefix
-            n = len(prefix)
-            tokens[s, t : t + n] = torch.tensor(prefix, dtype=torch.long)
-            owner[s, t : t + n] = i
-            inrow[s, t : t + n] = torch.arange(n)
-            seg += [s] * n
-            tok += range(t, t + n)
-            row += [i] * n
-            slot += range(P - n, P)
-            last.append((s, t + n - 1))
-            t += n
-    tokens, owner, inrow = (to_device(t, device) for t in (tokens, owner, inrow))
-    keep = (owner[:, :, None] == owner[:, None, :]) & (inrow[:, None, :] <= inrow[:, :, None])  # [S, q, k]
+    logits [rows, vocab]. The prefixes of a document are packed end to end (`rows.pack_prompts`);
+    the relative bias is each token's against the tokens of its own row, the rest masked."""
+    packed = pack_prompts([r.prefix for r in rows], [r.doc for r in rows], cache, P, pad, model.device)
+    inrow = packed.inrow
     mask = model.decoder.rel_bias.of(inrow[:, None, :] - inrow[:, :, None]).to(model.dtype)  # [S, heads, q, k]
-    mask = mask.masked_fill(~keep[:, None], torch.finfo(model.dtype).min)
-
-    def index(values) -> Tensor:
-        return upload(values, torch.long, device)
-
-    writer = PackedPrefill(cache, index(seg), index(tok), index(row), index(slot), P)
-    groups = RowGroups.from_doc(index(seg_doc), cross.docs)
-    hidden = model.decode(tokens, cross, groups, mask, writer)  # [S, T, d_model]
-    ends = index(last)
-    return model.logits(hidden[ends[:, 0], ends[:, 1]])
-
-
-def document_order(rows: list[Row]) -> list[int]:
-    """The caller's row indices sorted by document (the decoder folds rows by document)."""
-    return sorted(range(len(rows)), key=lambda i: rows[i].doc)
-
-
-def inverse(order: list[int]) -> list[int]:
-    back = [0] * len(order)
-    for new, old in enumerate(order):
-        back[old] = new
-    return back
+    mask = mask.masked_fill(~packed.keep[:, None], torch.finfo(model.dtype).min)
+    groups = RowGroups.from_doc(packed.seg_doc, cross.docs)
+    hidden = model.decode(packed.tokens, cross, groups, mask, packed.writer)  # [S, T, d_model]
+    return model.logits(packed.last(hidden))
 
 
 # -- the batch of rows ----------------------------------------------------------------------
-
-
-def prompt_key_keep(prefix_lengths: list[int], P: int, capacity: int, device) -> Tensor:
-    """[R, capacity] False on the slots before each prompt: a row's prompt ends at P."""
-    keep = torch.ones((len(prefix_lengths), capacity), dtype=torch.bool)
-    for i, n in enumerate(prefix_lengths):
-        keep[i, : P - n] = False
-    return to_device(keep, device)
 
 
 class StepBias:
@@ -627,45 +566,67 @@ def decode(
     the CPU and with a compiled model."""
     if num_beams < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    every = check_sync_every(sync_every, model.device)
-    runner = None
-    if cuda_graphs:
-        if is_compiled(model):
-            raise InputError("cuda_graphs: not with a compiled model (torch.compile captures its own graphs)")
-        runner = StaticSteps(model, graphs=True)  # refuses a model that is not on a CUDA device
-    bucketed = cuda_graphs if pad_rows is None else bool(pad_rows)
+    steps = Stepping.check(model, sync_every, pad_rows, cuda_graphs, should_stop)
     if not rows:
         return Decoded([], None if num_beams == 1 else [])
     check_rows(rows, cross)
     eos, pad = special_ids(model, eos_token_id, pad_token_id)
     order = document_order(rows)
     ordered = [rows[i] for i in order]
+    limits = [r.max_new_tokens for r in ordered]
+    scoring = dict(compaction=compaction, length_penalty=length_penalty, early_stopping=early_stopping)
+    search = new_search(limits, num_beams, eos, pad, model.device, read_every=steps.sync_every, **scoring)
+    tokens, scores, stats = decode_sorted(model, cross, ordered, pad, num_beams, search, steps)
+    back = inverse(order)
+    return Decoded([tokens[b] for b in back], None if scores is None else [scores[b] for b in back], stats)
+
+
+@dataclass
+class Stepping:
+    """How `decode` runs its steps: a deferred search is read back every `sync_every` steps; each
+    step runs eagerly (`runner` None) or through a `StaticSteps`; `bucketed`: the batch's row
+    count is padded to `bucket_rows`; `should_stop` is asked before each step."""
+
+    sync_every: int
+    runner: StaticSteps | None = None
+    bucketed: bool = False
+    should_stop: Callable[[], bool] | None = None
+
+    @classmethod
+    def check(
+        cls, model: T5, sync_every: int | None, pad_rows: bool | None, cuda_graphs: bool, should_stop
+    ) -> Stepping:
+        """`decode`'s step options checked: CUDA graphs refused with a compiled model or off CUDA;
+        pad_rows None follows cuda_graphs."""
+        every = check_sync_every(sync_every, model.device)
+        runner = None
+        if cuda_graphs:
+            if is_compiled(model):
+                raise InputError("cuda_graphs: not with a compiled model (torch.compile captures its own graphs)")
+            runner = StaticSteps(model, graphs=True)  # refuses a model that is not on a CUDA device
+        bucketed = cuda_graphs if pad_rows is None else bool(pad_rows)
+        return cls(every, runner, bucketed, should_stop)
+
+
+def decode_sorted(
+    model: T5, cross: CrossCache, rows: list[Row], pad: int, num_beams: int, search, steps: Stepping
+) -> tuple[list[list[int]], list[float] | None, DecodeStats]:
+    """`decode` of rows sorted by document, their search built: the prompts prefilled, steps until
+    every row has ended; returns the tokens and beam scores in this order and the stats
+    (decode_s: from the prefill to the last step, the queued device work included)."""
     sync(model.device)
     t0 = time.perf_counter()
     stats = DecodeStats(cross_cache_bytes=cross.nbytes(), document_tokens=read_int(cross.lengths.sum(), "decode"))
-    batch = prefill(model, cross, ordered, pad, num_beams, bucketed=bucketed)
-    batch.runner = runner
+    batch = prefill(model, cross, rows, pad, num_beams, bucketed=steps.bucketed)
+    batch.runner = steps.runner
     stats.prefill_tokens = sum(len(r.prefix) for r in rows)
     stats.self_cache_bytes = batch.cache.nbytes()
-    limits = [r.max_new_tokens for r in ordered]
-    search = new_search(
-        limits,
-        num_beams,
-        eos,
-        pad,
-        model.device,
-        compaction=compaction,
-        length_penalty=length_penalty,
-        early_stopping=early_stopping,
-        read_every=every,
-    )
-    decode_n_tokens(batch, search, stats, should_stop, every)
+    decode_n_tokens(batch, search, stats, steps.should_stop, steps.sync_every)
     sync(model.device)
     stats.decode_s = time.perf_counter() - t0
     tokens, scores = search.results()
     stats.output_tokens = sum(len(t) for t in tokens)  # EOS not counted
-    back = inverse(order)
-    return Decoded([tokens[b] for b in back], None if scores is None else [scores[b] for b in back], stats)
+    return tokens, scores, stats
 
 
 def check_sync_every(sync_every: int | None, device) -> int:

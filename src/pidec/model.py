@@ -529,7 +529,35 @@ def additive_mask(keep: Tensor, dtype) -> Tensor:
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
-class T5(nn.Module):
+class LanguageModel(nn.Module):
+    """What `T5` and the decoder-only `pidec.causal.CausalLM` share: a token embedding `embed`
+    (its weight's dtype and device are the model's), an output head `lm_head`, or None where the
+    head is the embedding (tied), and `packed`: whether the linear weights go through their
+    oneDNN-packed copies for CPU inference (`pidec.packing`). A subclass sets the three."""
+
+    embed: nn.Embedding
+    lm_head: nn.Module | None
+    packed: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """hidden [..., d] -> logits [..., vocab] through the head (the embedding when tied)."""
+        if self.lm_head is None:
+            return linear(hidden, self.embed.weight, self.packed)
+        return self.lm_head(hidden)  # the module, so that a quantized head is called as such
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+class T5(LanguageModel):
     def __init__(self, config: T5Config):
         super().__init__()
         self.config = config
@@ -539,14 +567,6 @@ class T5(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.d_model, config.vocab_size)
         self.gradient_checkpointing = False
         self.packed = False  # oneDNN-packed linear weights for CPU inference (pidec.packing)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
 
     # -- encoder ---------------------------------------------------------------------------
 
@@ -618,11 +638,10 @@ class T5(nn.Module):
         return self.decoder.dropout(self.decoder.final_norm(x))
 
     def logits(self, hidden: Tensor) -> Tensor:
+        """Original T5 scales the decoder's output by d_model**-0.5 before its (tied) head."""
         if self.config.scale_decoder_outputs:
             hidden = hidden * (self.config.d_model**-0.5)
-        if self.lm_head is None:
-            return linear(hidden, self.embed.weight, self.packed)
-        return self.lm_head(hidden)  # the module, so that a quantized head is called as such
+        return super().logits(hidden)
 
     def forward(
         self,
@@ -649,9 +668,6 @@ class T5(nn.Module):
         keep = None if decoder_attention_mask is None else decoder_attention_mask.bool()
         mask = self.self_attention_mask(pos, pos, keep)
         return self.logits(self.decode(decoder_input_ids, cross, groups, mask))
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, position_std: float | None = None) -> T5:

@@ -36,14 +36,13 @@ from .generate import (
     RowBatch,
     check_rows,
     check_sync_every,
-    document_order,
     drop_empty_docs,
-    inverse,
     prefill,
     special_ids,
 )
 from .hostsync import read_bool, read_int, read_list, upload
 from .model import T5, CrossCache, additive_mask
+from .rows import document_order, inverse
 from .search import Choice, apply_keep, new_search
 
 

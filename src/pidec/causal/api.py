@@ -51,9 +51,11 @@ class EncodedPrefix:
     encode_s: float = 0.0
 
 
-class CausalModel:
+class CausalModel(api.TextModel):
     """A decoder-only LM with its tokenizer, answering many prompts about one document over one
     shared prefix cache (pid) or row by row (pie)."""
+
+    encoded_type = EncodedPrefix
 
     def __init__(self, model: CausalLM, tokenizer, template: Template | None = None, max_batch_tokens: int = 16384):
         self.model = model.eval()
@@ -142,14 +144,11 @@ class CausalModel:
         return_details: bool = False,
         **options,
     ):
-        """Answer every prompt about one document; outputs in prompt order."""
-        if isinstance(document, EncodedPrefix):
-            result = self._generate_encoded(document, prompts, max_new_tokens, num_beams, layout, options)
-        else:
-            per_example = [max_new_tokens] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
-            result = self.run([(document, prompts)], per_example, num_beams, layout, truncate, **options)
-        result.outputs = result.outputs[0]  # one document: the flat list, with details or without (as T5's)
-        return result if return_details else result.outputs
+        """Answer every prompt about one document; outputs in prompt order. The options are the
+        template's fields (or `template=`) and the sampling's (`Sampling`)."""
+        return self._answer_document(
+            document, prompts, max_new_tokens, num_beams, layout, truncate, return_details, options
+        )
 
     def generate_batch(
         self,
@@ -162,20 +161,12 @@ class CausalModel:
         **options,
     ):
         """Many documents, each with its own prompts, decoded together (ragged)."""
-        result = self.run(examples, max_new_tokens, num_beams, layout, truncate, **options)
-        return result if return_details else result.outputs
+        return self._answer_examples(examples, max_new_tokens, num_beams, layout, truncate, return_details, options)
 
-    def run(
-        self,
-        examples: list[tuple[str, list[str]]],
-        max_new_tokens: int | list = 32,
-        num_beams: int = 1,
-        layout: str = "pid",
-        truncate: str | None = None,
-        template: Template | None = None,
-        compaction: bool = True,
-        **options,
+    def _generate_examples(
+        self, examples, max_new_tokens, num_beams, layout, truncate, template=None, compaction=True, **options
     ) -> api.GenerationResult:
+        """Plan the examples' rows, decode them, and the answers per example (`generate_batch`)."""
         check_beams(num_beams)
         if not compaction:
             raise InputError("compaction=False is not offered for decoder-only models: rows always leave when done")
@@ -205,7 +196,7 @@ class CausalModel:
         template: Template | None = None,
         check_length: bool = True,
     ) -> causal_layouts.CausalPlan:
-        """Tokenize examples into the rows `decode_plan` decodes (what `run` does first).
+        """Tokenize examples into the rows `decode_plan` decodes (what `generate_batch` does first).
         check_length=False leaves the rows' lengths unchecked, for a caller with limits of its
         own (the service): it must then keep every row + budget within the model's context."""
         examples = api.check_examples(examples, EncodedPrefix)
@@ -253,7 +244,7 @@ class CausalModel:
         """Tokens per row -> answers per example, in prompt order."""
         return causal_layouts.collect(plan, tokens, self.tokenizer)
 
-    def _generate_encoded(self, enc: EncodedPrefix, prompts, max_new_tokens, num_beams, layout, options):
+    def _generate_encoded(self, enc: EncodedPrefix, prompts, max_new_tokens, num_beams, layout, **options):
         if layout != "pid":
             raise InputError(f"an encoded document decodes in the pid layout only (got layout={layout!r})")
         check_beams(num_beams)

@@ -5,10 +5,11 @@ Works on token ids only; `pidec.causal.layouts` turns text into rows and back. A
 1. the documents' shared prefixes prefilled once, together (`CausalLM.prefill_prefix`): one
    key/value copy per document (`CrossCache`, lengths = prefix lengths);
 2. every row's suffix (its tokens after the shared prefix: the rest of the prompt) prefilled in
-   one packed pass: each document's suffixes laid end to end in segments of up to PACK_TOKENS
-   tokens, kept to their own row by a block-diagonal causal mask, all segments of a document
-   attending its one prefix copy; each token's keys go to its row's `KVCache` slot (rows are
-   aligned so that their suffixes end together, the slots before a short one masked);
+   one packed pass (`pidec.rows.pack_prompts`, as T5's prompts): each document's suffixes laid
+   end to end in segments of up to PACK_TOKENS tokens, kept to their own row by a
+   block-diagonal causal mask, all segments of a document attending its one prefix copy; each
+   token's keys go to its row's `KVCache` slot (rows are aligned so that their suffixes end
+   together, the slots before a short one masked);
 3. one token per row per step: tokens [R, 1] at positions prefix length + suffix length + step,
    the rows of a document folded into one product against its prefix, merged by log-sum-exp
    with attention over the row's own cache.
@@ -31,10 +32,9 @@ import torch
 from torch import Tensor
 
 from ..generate import Aborted, Decoded, DecodeStats, drop_empty_docs, sync
-from ..model import CrossCache, KVCache, PackedPrefill, RowGroups, additive_mask
+from ..model import CrossCache, KVCache, RowGroups, additive_mask
+from ..rows import document_order, inverse, pack_prompts, prompt_key_keep
 from .model import CausalLM
-
-PACK_TOKENS = 256  # longest packed prefill segment (its attention is segment x segment)
 
 
 @dataclass
@@ -138,56 +138,18 @@ class RowBook:
 def prefill_suffixes(
     model: CausalLM, prefix: CrossCache | None, rows: list[SuffixRow], cache: KVCache, P: int
 ) -> Tensor:
-    """Run every row's suffix through the model in one packed pass, writing its keys/values to
-    `cache` (suffixes aligned to end at slot P); returns each row's next-token logits [R, vocab]."""
-    device = model.device
-    segments: list[list[int]] = []
-    seg_doc: list[int] = []
-    seg_len: list[int] = []
-    for i, r in enumerate(rows):
-        n = len(r.tokens)
-        if segments and seg_doc[-1] == r.doc and seg_len[-1] + n <= PACK_TOKENS:
-            segments[-1].append(i)
-            seg_len[-1] += n
-        else:
-            segments.append([i])
-            seg_doc.append(r.doc)
-            seg_len.append(n)
-    S, T = len(segments), max(seg_len)
-    tokens = torch.zeros((S, T), dtype=torch.long)
-    owner = torch.full((S, T), -1, dtype=torch.long)
-    inrow = torch.zeros((S, T), dtype=torch.long)
-    seg, tok, row, slot, last = [], [], [], [], []
-    for s, members in enumerate(segments):
-        t = 0
-        for i in members:
-            n = len(rows[i].tokens)
-            tokens[s, t : t + n] = torch.tensor(rows[i].tokens, dtype=torch.long)
-            owner[s, t : t + n] = i
-            inrow[s, t : t + n] = torch.arange(n)
-            seg += [s] * n
-            tok += range(t, t + n)
-            row += [i] * n
-            slot += range(P - n, P)
-            last.append((s, t + n - 1))
-            t += n
-    tokens, owner, inrow = tokens.to(device), owner.to(device), inrow.to(device)
-    keep = (owner[:, :, None] == owner[:, None, :]) & (inrow[:, None, :] <= inrow[:, :, None])  # [S, q, k]
-    mask = additive_mask(keep[:, None], torch.float32)  # [S, 1, T, T]
-
-    def index(values) -> Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
-
-    writer = PackedPrefill(cache, index(seg), index(tok), index(row), index(slot), P)
+    """Run every row's suffix through the model in one packed pass (`pidec.rows.pack_prompts`),
+    writing its keys/values to `cache` (suffixes aligned to end at slot P); returns each row's
+    next-token logits [R, vocab]. A suffix's positions continue from its document's prefix."""
+    packed = pack_prompts([r.tokens for r in rows], [r.doc for r in rows], cache, P, 0, model.device)
+    mask = additive_mask(packed.keep[:, None], torch.float32)  # [S, 1, T, T]
     groups = None
-    pos = inrow
+    pos = packed.inrow
     if prefix is not None:
-        seg_doc_t = index(seg_doc)
-        groups = RowGroups.from_doc(seg_doc_t, prefix.docs)
-        pos = inrow + prefix.lengths.to(device)[seg_doc_t][:, None]
-    hidden = model.forward_hidden(tokens, pos, mask, writer, prefix, groups)
-    ends = index(last)
-    return model.logits(hidden[ends[:, 0], ends[:, 1]])
+        groups = RowGroups.from_doc(packed.seg_doc, prefix.docs)
+        pos = packed.inrow + prefix.lengths.to(model.device)[packed.seg_doc][:, None]
+    hidden = model.forward_hidden(packed.tokens, pos, mask, packed.writer, prefix, groups)
+    return model.logits(packed.last(hidden))
 
 
 def check_rows(rows: list[SuffixRow], prefix: CrossCache | None) -> None:
@@ -237,9 +199,7 @@ def start_batch(model: CausalLM, prefix: CrossCache | None, rows: list[SuffixRow
     device, cfg = model.device, model.config
     P = max(len(r.tokens) for r in rows)
     capacity = P + max(r.max_new_tokens for r in rows)
-    key_keep = torch.ones((len(rows), capacity), dtype=torch.bool)
-    for i, r in enumerate(rows):
-        key_keep[i, : P - len(r.tokens)] = False
+    key_keep = prompt_key_keep([len(r.tokens) for r in rows], P, capacity, device)
     doc = torch.tensor([r.doc if prefix is not None else 0 for r in rows], device=device)
     pos = torch.tensor([len(r.tokens) for r in rows], device=device)
     groups = None
@@ -249,13 +209,7 @@ def start_batch(model: CausalLM, prefix: CrossCache | None, rows: list[SuffixRow
     cache = KVCache(cfg.num_layers, len(rows), cfg.num_kv_heads, capacity, cfg.head_dim, model.dtype, device)
     logits = prefill_suffixes(model, prefix, rows, cache, P)
     padded = any(len(r.tokens) < P for r in rows)
-    return Batch(cache, key_keep.to(device), padded, pos, doc, prefix, groups), logits
-
-
-def in_document_order(rows: list[SuffixRow], prefix: CrossCache | None) -> list[int] | None:
-    """The order that sorts rows by document, or None when they are in it already."""
-    order = sorted(range(len(rows)), key=lambda i: rows[i].doc if prefix is not None else 0)
-    return None if order == list(range(len(rows))) else order
+    return Batch(cache, key_keep, padded, pos, doc, prefix, groups), logits
 
 
 @torch.inference_mode()
@@ -275,11 +229,10 @@ def decode(
     if not rows:
         return Decoded([])
     check_rows(rows, prefix)
-    order = in_document_order(rows, prefix)
-    if order is not None:
+    order = document_order(rows)  # without a prefix, `doc` is ignored: the rows stay as given
+    if prefix is not None and order != list(range(len(rows))):
         result = decode(model, prefix, [rows[i] for i in order], eos_token_ids, sampling, should_stop)
-        back = {old: new for new, old in enumerate(order)}
-        result.tokens = [result.tokens[back[i]] for i in range(len(rows))]
+        result.tokens = [result.tokens[b] for b in inverse(order)]
         return result
 
     sync(model.device)

@@ -38,8 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import model as t5_model
 from .. import packing
-from ..model import CrossCache, RowGroups, additive_mask
+from ..model import CrossCache, LanguageModel, RowGroups, additive_mask
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -153,13 +154,9 @@ class CausalConfig:
         return d
 
 
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm: statistics in float32, the weight applied in the input's dtype."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+class RMSNorm(t5_model.RMSNorm):
+    """Llama's RMSNorm: T5's weight and epsilon, the statistics in float32, the weight applied in
+    the input's dtype (T5 casts only to a half-precision weight's dtype)."""
 
     def forward(self, x: Tensor) -> Tensor:
         dtype = x.dtype
@@ -379,7 +376,7 @@ def causal_mask(lengths: Tensor, T: int, dtype) -> Tensor | None:
     return additive_mask(keep[:, None], dtype)
 
 
-class CausalLM(nn.Module):
+class CausalLM(LanguageModel):
     def __init__(self, config: CausalConfig):
         super().__init__()
         self.config = config
@@ -389,14 +386,6 @@ class CausalLM(nn.Module):
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size)
         self.rotary = Rotary(config)
         self.packed = False  # oneDNN-packed linear weights for CPU inference (pidec.packing)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.embed.weight.device
 
     def forward_hidden(
         self,
@@ -416,11 +405,6 @@ class CausalLM(nn.Module):
         if cache is not None:
             cache.advance()
         return self.norm(x)
-
-    def logits(self, hidden: Tensor) -> Tensor:
-        if self.lm_head is None:
-            return packing.linear(hidden, self.embed.weight, self.packed)
-        return self.lm_head(hidden)  # the module, so that a quantized head is called as such
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Teacher-forced logits [n, T, vocab] of right-padded rows (parity checks; a hook for
@@ -450,9 +434,6 @@ class CausalLM(nn.Module):
         keep = torch.arange(S, device=self.device)[None, :] < lengths[:, None]
         mask = None if bool(keep.all()) else additive_mask(keep[:, None, None, :], torch.float32)
         return CrossCache(writer.k, writer.v, mask, lengths)
-
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None, std: float = 0.02) -> CausalLM:
