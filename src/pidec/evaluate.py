@@ -221,6 +221,21 @@ def write(result: Evaluation, out_dir: str | os.PathLike, name: str) -> tuple[Pa
     return metrics_path, predictions_path
 
 
+def _chained_example(task: Task, example: Example, documents: list[str], i: int, last: list[str] | None) -> Example:
+    """Example `i` with its document rewritten by its chain's last answers (`last`, None for
+    the first of a chain); `documents[i]` is updated to the rewritten text."""
+    if last is not None:
+        documents[i] = task.chain_document(documents[i], last)
+    return replace_document(example, documents[i])
+
+
+def _add_counts(total: dict, speed: dict) -> None:
+    """Add a round's counts and seconds to `total` (rates, ending in _per_s, are left out)."""
+    for k, v in speed.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_per_s"):
+            total[k] = round(total.get(k, 0) + v, 3)
+
+
 def evaluate_chained(
     model,
     task: Task,
@@ -246,11 +261,7 @@ def evaluate_chained(
     speed: dict = {}
     report = TaskReport(f"{task.name} chained for {layout}", read=len(examples))
     for r, members in enumerate(rounds):
-        batch = []
-        for i in members:
-            if chain_of[i] in state:
-                documents[i] = task.chain_document(documents[i], state[chain_of[i]])
-            batch.append(replace_document(examples[i], documents[i]))
+        batch = [_chained_example(task, examples[i], documents, i, state.get(chain_of[i])) for i in members]
         result = evaluate(
             model,
             one_round,
@@ -265,9 +276,7 @@ def evaluate_chained(
         for i, answers in zip(members, result.predictions):
             predictions[i] = answers
             state[chain_of[i]] = task.chain_state(examples[i], answers)
-        for k, v in result.speed.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_per_s"):
-                speed[k] = round(speed.get(k, 0) + v, 3)
+        _add_counts(speed, result.speed)
         report.truncated += result.report.truncated
         report.changes.update(result.report.changes)
     report.kept = len(examples)
