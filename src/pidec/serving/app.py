@@ -55,6 +55,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -452,7 +453,7 @@ class _Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        service, settings = self.service, self.service.settings
+        service = self.service
         t0 = time.monotonic()
         path = scope.get("path", "")
         label = path if path in PATHS else "other"
@@ -466,45 +467,57 @@ class _Gate:
                 out["body"] += message.get("body", b"")
             await send(message)
 
-        async def answer(error: ServiceError) -> None:
-            await error.response()(scope, receive, counted_send)
-
         try:
-            if settings.api_key is not None and path.startswith(PROTECTED) and not _authorized(scope, service.key):
-                return await answer(
-                    ServiceError(
-                        401,
-                        "unauthorized",
-                        "missing or wrong bearer token (Authorization: Bearer KEY)",
-                        headers={"WWW-Authenticate": "Bearer"},
-                    )
-                )
-            try:
-                body = await self._read_body(scope, receive)
-            except ServiceError as e:
-                return await answer(e)
-            except _Gone:
-                out["status"], out["kind"] = 499, "disconnected"
-                return
-            try:
-                await self.app(scope, _replay(body, receive), counted_send)
-            except Exception:
-                log.exception("unhandled error on %s %s", scope.get("method"), path)
-                if out["status"]:
-                    raise  # the answer has begun: the server closes the connection
-                await answer(ServiceError(500, "internal", "internal error"))
+            await self._answer(scope, receive, counted_send, out)
         except asyncio.CancelledError:  # the caller went away, or the server gave up on it at shutdown
             if not out["status"]:
                 shutdown = service.drain_expired is not None and service.drain_expired.is_set()
                 out["status"], out["kind"] = 499, "aborted" if shutdown else "disconnected"
             raise
         finally:
-            status = out["status"] or 499
-            kind = None if status == 200 else out["kind"] or _kind_of(out["body"])
-            elapsed = time.monotonic() - t0
-            service.request_answered(label, status, kind, elapsed)
-            if service.access_log:
-                access_log.info("%s %s %d %.1fms", scope.get("method", "-"), path, status, elapsed * 1e3)
+            self._count(scope, label, out, time.monotonic() - t0)
+
+    async def _answer(self, scope, receive, send, out: dict) -> None:
+        """Check the token, read the body, run the app on it; every refusal, and anything the app
+        lets escape before its answer began, is answered through `send` in the error shape."""
+        service, settings = self.service, self.service.settings
+        path = scope.get("path", "")
+
+        async def answer(error: ServiceError) -> None:
+            await error.response()(scope, receive, send)
+
+        if settings.api_key is not None and path.startswith(PROTECTED) and not _authorized(scope, service.key):
+            return await answer(
+                ServiceError(
+                    401,
+                    "unauthorized",
+                    "missing or wrong bearer token (Authorization: Bearer KEY)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            )
+        try:
+            body = await self._read_body(scope, receive)
+        except ServiceError as e:
+            return await answer(e)
+        except _Gone:
+            out["status"], out["kind"] = 499, "disconnected"
+            return
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if out["status"]:
+                raise  # the answer has begun: the server closes the connection
+            await answer(ServiceError(500, "internal", "internal error"))
+
+    def _count(self, scope, label: str, out: dict, elapsed: float) -> None:
+        """Count the request's answer (499 when none was sent) and write its access line."""
+        service = self.service
+        status = out["status"] or 499
+        kind = None if status == 200 else out["kind"] or _kind_of(out["body"])
+        service.request_answered(label, status, kind, elapsed)
+        if service.access_log:
+            access_log.info("%s %s %d %.1fms", scope.get("method", "-"), scope.get("path", ""), status, elapsed * 1e3)
 
     async def _read_body(self, scope, receive) -> bytes:
         service, settings = self.service, self.service.settings
@@ -1115,21 +1128,6 @@ def run_server(
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     _log_to_stderr(log_level)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            service.draining = True  # readyz says so at once; requests arriving now get 503
-            if service.loop is not None:
-                service.loop.call_soon_threadsafe(service.begin_drain)
-            super().handle_exit(sig, frame)
-
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                bound = self.servers[0].sockets[0].getsockname()
-                h = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-                log.info("%s", describe(model, settings, source, f"http://{h}:{bound[1]}"))
-
     config = uvicorn.Config(
         app,
         host=host,
@@ -1140,17 +1138,44 @@ def run_server(
         access_log=False,  # ours is pidec.access, with the latency
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 2,  # a backstop: the service answers first
     )
-    server = Server(config)
+    server = _server_class(service, lambda url: describe(model, settings, source, url))(config)
+    _run_until_stopped(server)
+    log.info("stopped")
+
+
+def _server_class(service: _Service, banner: Callable[[str], str]):
+    """uvicorn's Server, draining the service on SIGTERM or SIGINT (readyz says so at once and
+    requests arriving then get 503) and logging `banner(url)` once listening on url."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            service.draining = True
+            if service.loop is not None:
+                service.loop.call_soon_threadsafe(service.begin_drain)
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()
+                h = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                log.info("%s", banner(f"http://{h}:{bound[1]}"))
+
+    return Server
+
+
+def _run_until_stopped(server) -> None:
+    """Run the uvicorn server until it stops. uvicorn raises the caught signal again once it has
+    shut down; with these handlers in place that is a no-op, so a graceful stop returns here
+    instead of killing the process (handlers can be set only from the main thread)."""
     main = threading.current_thread() is threading.main_thread()
-    # uvicorn raises the caught signal again once it has shut down; with these handlers in place
-    # that is a no-op, so a graceful stop returns here instead of killing the process
     previous = {s: signal.signal(s, _ignore) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         server.run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    log.info("stopped")
 
 
 def _log_to_stderr(level: str) -> None:
