@@ -222,7 +222,7 @@ def build(
     max_new_tokens: an int for every subtask, or a list with one entry per example, each an int
     or a list with one budget per prompt."""
     check_layout(layout)
-    _check_examples_and_budgets(examples, max_new_tokens)
+    check_examples_and_budgets(examples, max_new_tokens)
     eos = tokenizer.eos_token_id
     control = control_ids(tokenizer)
     plan = Plan(layout, [], [], [], [])
@@ -260,9 +260,9 @@ def build(
     return plan
 
 
-def _check_examples_and_budgets(examples: list, max_new_tokens: int | list) -> None:
+def check_examples_and_budgets(examples: list, max_new_tokens: int | list) -> None:
     """Refuse an empty batch, a budget list of the wrong length, or a bad single budget, before any
-    tokenizing."""
+    tokenizing: public, so that every layout builder checks them the same way."""
     if not examples:
         raise InputError("no examples given")
     if isinstance(max_new_tokens, (list, tuple)) and len(max_new_tokens) != len(examples):
