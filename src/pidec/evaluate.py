@@ -111,13 +111,7 @@ def evaluate(
         decode.batch(pieces[lo : lo + batch_size])
     outputs = fill_omitted(decode.outputs, task, layout)
     t1 = time.perf_counter()
-    predictions, at = [], 0
-    for group in groups:
-        answers = outputs[at : at + len(group)]
-        at += len(group)
-        predictions.append(
-            answers[0] if len(group) == 1 else merge(model, task, group, answers, layout, seq_instruction)
-        )
+    predictions = _predictions(model, task, groups, outputs, layout, seq_instruction)
     rescore_s = time.perf_counter() - t1
     metrics = task.score(examples, predictions)
     speed = decode.speed(len(examples), len(pieces)) | {
@@ -127,6 +121,18 @@ def evaluate(
         "includes_one_time_costs": not warmup,
     }
     return Evaluation(task.name, layout, metrics, speed, list(examples), predictions, [len(g) for g in groups], report)
+
+
+def _predictions(model, task: Task, groups: list[list[Example]], outputs: list, layout: str, seq_instruction):
+    """One prediction per example: its piece's outputs, or its pieces' outputs merged (`merge`)."""
+    predictions, at = [], 0
+    for group in groups:
+        answers = outputs[at : at + len(group)]
+        at += len(group)
+        predictions.append(
+            answers[0] if len(group) == 1 else merge(model, task, group, answers, layout, seq_instruction)
+        )
+    return predictions
 
 
 class Decoding:

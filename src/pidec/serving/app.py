@@ -322,6 +322,38 @@ def _check_text(name: str, text: str) -> None:
 
 def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Job:
     """Check a request against the limits and tokenize it as `Model.generate` would."""
+    budgets = _check_request(model.tokenizer, settings, req)
+    try:
+        if isinstance(model, CausalModel):  # decoder-only: its rows and limits are serving/causal.py's
+            return causal.build_job(model, settings, req, budgets)
+        # no cut here: a document above the limit is refused below, with the service's limit named
+        plan = layouts.build(
+            model.tokenizer,
+            [(req.document, req.prompts)],
+            req.layout,
+            [budgets],
+            1 << 30,
+            model.config.decoder_start_token_id,
+        )
+    except causal.DocumentTooLong as e:
+        raise ServiceError(413, "too_large", str(e), "max_document_tokens") from e
+    except InputError as e:
+        raise ServiceError(422, "invalid_request", str(e)) from e
+    for i, doc in enumerate(plan.docs):
+        if len(doc) > settings.max_document_tokens:
+            what = "document" if req.layout != "pie" else f"prompts[{i}] + document"
+            raise ServiceError(
+                413,
+                "too_large",
+                f"{what} is {len(doc)} tokens with EOS, above the limit max_document_tokens={settings.max_document_tokens}",
+                "max_document_tokens",
+            )
+    return Job(plan, num_beams=req.num_beams)
+
+
+def _check_request(tok, settings: ServeSettings, req: GenerateRequest) -> list[int]:
+    """A request's text, prompt count and lengths, budgets and beams against the limits (a
+    ServiceError naming the first one broken); returns its budget per prompt."""
     _check_text("document", req.document)
     for j, p in enumerate(req.prompts):
         _check_text(f"prompts[{j}]", p)
@@ -345,7 +377,6 @@ def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Jo
             f"num_beams={req.num_beams}: must be between 1 and the limit max_num_beams={settings.max_num_beams}",
             "max_num_beams",
         )
-    tok = model.tokenizer
     for j, ids in enumerate(tok(req.prompts, add_special_tokens=False)["input_ids"]):
         if len(ids) > settings.max_prompt_tokens:
             raise ServiceError(
@@ -354,27 +385,7 @@ def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Jo
                 f"prompts[{j}] is {len(ids)} tokens, above the limit max_prompt_tokens={settings.max_prompt_tokens}",
                 "max_prompt_tokens",
             )
-    try:
-        if isinstance(model, CausalModel):  # decoder-only: its rows and limits are serving/causal.py's
-            return causal.build_job(model, settings, req, budgets)
-        # no cut here: a document above the limit is refused below, with the service's limit named
-        plan = layouts.build(
-            tok, [(req.document, req.prompts)], req.layout, [budgets], 1 << 30, model.config.decoder_start_token_id
-        )
-    except causal.DocumentTooLong as e:
-        raise ServiceError(413, "too_large", str(e), "max_document_tokens") from e
-    except InputError as e:
-        raise ServiceError(422, "invalid_request", str(e)) from e
-    for i, doc in enumerate(plan.docs):
-        if len(doc) > settings.max_document_tokens:
-            what = "document" if req.layout != "pie" else f"prompts[{i}] + document"
-            raise ServiceError(
-                413,
-                "too_large",
-                f"{what} is {len(doc)} tokens with EOS, above the limit max_document_tokens={settings.max_document_tokens}",
-                "max_document_tokens",
-            )
-    return Job(plan, num_beams=req.num_beams)
+    return budgets
 
 
 def _budgets(value, k: int, settings: ServeSettings) -> list[int]:
