@@ -479,7 +479,7 @@ class _Gate:
             await send(message)
 
         try:
-            await self._answer(scope, receive, counted_send, out)
+            await self._check_and_run(scope, receive, counted_send, out)
         except asyncio.CancelledError:  # the caller went away, or the server gave up on it at shutdown
             if not out["status"]:
                 shutdown = service.drain_expired is not None and service.drain_expired.is_set()
@@ -488,7 +488,7 @@ class _Gate:
         finally:
             self._count(scope, label, out, time.monotonic() - t0)
 
-    async def _answer(self, scope, receive, send, out: dict) -> None:
+    async def _check_and_run(self, scope, receive, send, out: dict) -> None:
         """Check the token, read the body, run the app on it; every refusal, and anything the app
         lets escape before its answer began, is answered through `send` in the error shape."""
         service, settings = self.service, self.service.settings
