@@ -185,12 +185,16 @@ def test_compaction_changes_cost_not_tokens_greedy(variant):
     assert on.stats.output_tokens == off.stats.output_tokens == sum(len(t) for t in on.tokens)
 
 
+def encoded_case(variant, k: int):
+    """A pid64 model, random documents (seed 100 + k) and rows (seed 200 + k), the documents encoded."""
+    model = variant.pid64()
+    docs = random_docs(variant.vocab, seed=100 + k)
+    return model, docs, random_rows(variant.vocab, seed=200 + k), encode(model, docs)
+
+
 @pytest.mark.parametrize("num_beams", [2, 3])
 def test_compaction_changes_cost_not_tokens_beam(variant, num_beams):
-    model = variant.pid64()
-    docs = random_docs(variant.vocab, seed=106)
-    rows = random_rows(variant.vocab, seed=206)
-    cross = encode(model, docs)
+    model, docs, rows, cross = encoded_case(variant, 6)
     on = decode(model, cross, rows, num_beams=num_beams, compaction=True)
     off = decode(model, cross, rows, num_beams=num_beams, compaction=False)
     assert on.tokens == off.tokens
@@ -205,13 +209,10 @@ def test_compaction_changes_cost_not_tokens_beam(variant, num_beams):
 
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_rows_out_of_document_order_come_back_in_caller_order(v11, num_beams):
-    model = v11.pid64()
-    docs = random_docs(v11.vocab, seed=107)
-    rows = random_rows(v11.vocab, seed=207)
+    model, docs, rows, cross = encoded_case(v11, 7)
     shuffled_index = [5, 0, 3, 7, 1, 4, 2, 6]
     shuffled = [rows[i] for i in shuffled_index]
     assert [r.doc for r in shuffled] != sorted(r.doc for r in shuffled)
-    cross = encode(model, docs)
     ordered = decode(model, cross, rows, num_beams=num_beams)
     got = decode(model, cross, shuffled, num_beams=num_beams)
     assert got.tokens == [ordered.tokens[i] for i in shuffled_index]
@@ -225,10 +226,7 @@ def test_rows_out_of_document_order_come_back_in_caller_order(v11, num_beams):
 
 @pytest.mark.parametrize("num_beams", [1, 2])
 def test_eos_none_runs_every_row_to_max_new_tokens(variant, num_beams):
-    model = variant.pid64()
-    docs = random_docs(variant.vocab, seed=108)
-    rows = random_rows(variant.vocab, seed=208)
-    cross = encode(model, docs)
+    model, docs, rows, cross = encoded_case(variant, 8)
     full = decode(model, cross, rows, num_beams=num_beams, eos_token_id=None)
     assert [len(t) for t in full.tokens] == [r.max_new_tokens for r in rows]
     if num_beams == 1:

@@ -111,13 +111,7 @@ def evaluate(
         decode.batch(pieces[lo : lo + batch_size])
     outputs = fill_omitted(decode.outputs, task, layout)
     t1 = time.perf_counter()
-    predictions, at = [], 0
-    for group in groups:
-        answers = outputs[at : at + len(group)]
-        at += len(group)
-        predictions.append(
-            answers[0] if len(group) == 1 else merge(model, task, group, answers, layout, seq_instruction)
-        )
+    predictions = _predictions(model, task, groups, outputs, layout, seq_instruction)
     rescore_s = time.perf_counter() - t1
     metrics = task.score(examples, predictions)
     speed = decode.speed(len(examples), len(pieces)) | {
@@ -127,6 +121,18 @@ def evaluate(
         "includes_one_time_costs": not warmup,
     }
     return Evaluation(task.name, layout, metrics, speed, list(examples), predictions, [len(g) for g in groups], report)
+
+
+def _predictions(model, task: Task, groups: list[list[Example]], outputs: list, layout: str, seq_instruction):
+    """One prediction per example: its piece's outputs, or its pieces' outputs merged (`merge`)."""
+    predictions, at = [], 0
+    for group in groups:
+        answers = outputs[at : at + len(group)]
+        at += len(group)
+        predictions.append(
+            answers[0] if len(group) == 1 else merge(model, task, group, answers, layout, seq_instruction)
+        )
+    return predictions
 
 
 class Decoding:
@@ -221,6 +227,21 @@ def write(result: Evaluation, out_dir: str | os.PathLike, name: str) -> tuple[Pa
     return metrics_path, predictions_path
 
 
+def _chained_example(task: Task, example: Example, documents: list[str], i: int, last: list[str] | None) -> Example:
+    """Example `i` with its document rewritten by its chain's last answers (`last`, None for
+    the first of a chain); `documents[i]` is updated to the rewritten text."""
+    if last is not None:
+        documents[i] = task.chain_document(documents[i], last)
+    return replace_document(example, documents[i])
+
+
+def _add_counts(total: dict, speed: dict) -> None:
+    """Add a round's counts and seconds to `total` (rates, ending in _per_s, are left out)."""
+    for k, v in speed.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_per_s"):
+            total[k] = round(total.get(k, 0) + v, 3)
+
+
 def evaluate_chained(
     model,
     task: Task,
@@ -246,11 +267,7 @@ def evaluate_chained(
     speed: dict = {}
     report = TaskReport(f"{task.name} chained for {layout}", read=len(examples))
     for r, members in enumerate(rounds):
-        batch = []
-        for i in members:
-            if chain_of[i] in state:
-                documents[i] = task.chain_document(documents[i], state[chain_of[i]])
-            batch.append(replace_document(examples[i], documents[i]))
+        batch = [_chained_example(task, examples[i], documents, i, state.get(chain_of[i])) for i in members]
         result = evaluate(
             model,
             one_round,
@@ -265,9 +282,7 @@ def evaluate_chained(
         for i, answers in zip(members, result.predictions):
             predictions[i] = answers
             state[chain_of[i]] = task.chain_state(examples[i], answers)
-        for k, v in result.speed.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not k.endswith("_per_s"):
-                speed[k] = round(speed.get(k, 0) + v, 3)
+        _add_counts(speed, result.speed)
         report.truncated += result.report.truncated
         report.changes.update(result.report.changes)
     report.kept = len(examples)

@@ -20,6 +20,7 @@ they are counted apart, not as synchronisations.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 
@@ -68,24 +69,28 @@ def _count(site: str) -> None:
         c.sites[site] += 1
 
 
+@contextlib.contextmanager
+def _marked_reading():
+    """Inside the block, `reading()` is True: what runs there is a counted read."""
+    _local.reading = True
+    try:
+        yield
+    finally:
+        _local.reading = False
+
+
 def to_host(t: Tensor, site: str) -> Tensor:
     """`t` on the host: one synchronisation on a GPU (counted whatever the device)."""
     _count(site)
-    _local.reading = True
-    try:
+    with _marked_reading():
         return t.cpu()
-    finally:
-        _local.reading = False
 
 
 def read_list(t: Tensor, site: str) -> list:
     """`t.tolist()` through one counted read."""
     host = to_host(t, site)
-    _local.reading = True
-    try:
+    with _marked_reading():
         return host.tolist()
-    finally:
-        _local.reading = False
 
 
 def read_int(t: Tensor, site: str) -> int:

@@ -222,20 +222,12 @@ def build(
     max_new_tokens: an int for every subtask, or a list with one entry per example, each an int
     or a list with one budget per prompt."""
     check_layout(layout)
-    if not examples:
-        raise InputError("no examples given")
-    if isinstance(max_new_tokens, (list, tuple)) and len(max_new_tokens) != len(examples):
-        raise InputError(f"{len(max_new_tokens)} max_new_tokens entries for {len(examples)} examples")
-    if not isinstance(max_new_tokens, (list, tuple)):
-        budgets(max_new_tokens, 1)  # validates the int before any tokenizing
+    check_examples_and_budgets(examples, max_new_tokens)
     eos = tokenizer.eos_token_id
     control = control_ids(tokenizer)
     plan = Plan(layout, [], [], [], [])
     for i, (document, prompts) in enumerate(examples):
-        if not isinstance(document, str):
-            raise InputError(f"example {i}: document is {type(document).__name__}, expected a string")
-        if is_blank(document):
-            raise InputError(f"example {i}: document is empty (nothing visible)")
+        _check_document(document, i)
         prompts = check_prompts(prompts, i)
         limits = budgets(
             max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
@@ -264,15 +256,39 @@ def build(
         ids, cut = fit(ids, max_input_length, truncate, f"example {i}: document", [eos])
         if cut:
             plan.truncations.append(Truncation(i, None, truncate, full, len(ids)))
-        d = len(plan.docs)
-        plan.docs.append(ids)
-        if layout == "pid":
-            _pid_rows(plan, i, d, prompt_ids, limits, decoder_start_token_id)
-        else:  # seq: room for "prompt: answer; " per subtask
-            budget = sum(len(p) + n + 2 for p, n in zip(prompt_ids, limits))
-            plan.rows.append(Row(d, [decoder_start_token_id], budget))
-            plan.owner.append((i, -1))
+        _shared_document_rows(plan, i, ids, prompt_ids, limits, decoder_start_token_id)
     return plan
+
+
+def check_examples_and_budgets(examples: list, max_new_tokens: int | list) -> None:
+    """Refuse an empty batch, a budget list of the wrong length, or a bad single budget, before any
+    tokenizing: public, so that every layout builder checks them the same way."""
+    if not examples:
+        raise InputError("no examples given")
+    if isinstance(max_new_tokens, (list, tuple)) and len(max_new_tokens) != len(examples):
+        raise InputError(f"{len(max_new_tokens)} max_new_tokens entries for {len(examples)} examples")
+    if not isinstance(max_new_tokens, (list, tuple)):
+        budgets(max_new_tokens, 1)
+
+
+def _check_document(document, example: int) -> None:
+    if not isinstance(document, str):
+        raise InputError(f"example {example}: document is {type(document).__name__}, expected a string")
+    if is_blank(document):
+        raise InputError(f"example {example}: document is empty (nothing visible)")
+
+
+def _shared_document_rows(plan: Plan, example: int, doc_ids, prompt_ids, limits: list[int], start: int) -> None:
+    """The pid and seq layouts: one encoder row for the example (`doc_ids`, already fitted), then
+    one decoder row per prompt (pid) or one row holding every subtask's answer (seq)."""
+    d = len(plan.docs)
+    plan.docs.append(doc_ids)
+    if plan.layout == "pid":
+        _pid_rows(plan, example, d, prompt_ids, limits, start)
+    else:  # seq: room for "prompt: answer; " per subtask
+        budget = sum(len(p) + n + 2 for p, n in zip(prompt_ids, limits))
+        plan.rows.append(Row(d, [start], budget))
+        plan.owner.append((example, -1))
 
 
 def _pid_rows(plan: Plan, example: int, doc: int, prompt_ids, limits: list[int], start: int) -> None:

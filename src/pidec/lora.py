@@ -269,20 +269,7 @@ def load_adapter(
     folder = checkpoint.resolve(folder)
     config = read_adapter_config(folder)
     weights = read_adapter_weights(folder)
-    if isinstance(base, T5):
-        if overrides:
-            raise ValueError(f"config overrides {sorted(overrides)} apply to a base loaded here, not to a given T5")
-        model = base
-    else:
-        source = base if base is not None else config.get("base_model_name_or_path")
-        if not source:
-            raise CheckpointError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass base=FOLDER")
-        try:
-            model = checkpoint.load_model(source, device=device or "cpu", dtype=dtype, **overrides)
-        except CheckpointError as e:
-            where = "base" if base is not None else f"{folder / ADAPTER_CONFIG}: base_model_name_or_path"
-            raise CheckpointError(f"{where} {str(source)!r} cannot be loaded ({e}); pass base=FOLDER") from e
-
+    model = _adapter_base(folder, config, base, device, dtype, overrides)
     if lora_layers(model):
         raise ValueError("base model already has LoRA adapters: merge() them or pass the plain base")
     modules = sorted({name.rsplit(".", 2)[0] for name in weights})
@@ -301,6 +288,32 @@ def load_adapter(
         float(config.get("lora_dropout") or 0.0),
         bool(config.get("use_rslora")),
     )
+    _copy_adapter_weights(model, weights, folder, config)
+    if device is not None or dtype is not None:
+        model.to(device=device, dtype=dtype)
+    return model
+
+
+def _adapter_base(folder: Path, config: dict, base, device, dtype, overrides: dict) -> T5:
+    """The T5 an adapter goes into: `base` itself, or the checkpoint it names, or the adapter
+    config's base_model_name_or_path; overrides apply only to a base loaded here."""
+    if isinstance(base, T5):
+        if overrides:
+            raise ValueError(f"config overrides {sorted(overrides)} apply to a base loaded here, not to a given T5")
+        return base
+    source = base if base is not None else config.get("base_model_name_or_path")
+    if not source:
+        raise CheckpointError(f"{folder / ADAPTER_CONFIG}: base_model_name_or_path is empty; pass base=FOLDER")
+    try:
+        return checkpoint.load_model(source, device=device or "cpu", dtype=dtype, **overrides)
+    except CheckpointError as e:
+        where = "base" if base is not None else f"{folder / ADAPTER_CONFIG}: base_model_name_or_path"
+        raise CheckpointError(f"{where} {str(source)!r} cannot be loaded ({e}); pass base=FOLDER") from e
+
+
+def _copy_adapter_weights(model: T5, weights: dict, folder: Path, config: dict) -> None:
+    """Copy the adapter's tensors into the injected layers, refusing one whose shape the rank and
+    the base model do not imply."""
     state = model.state_dict()
     with torch.no_grad():
         for name, t in weights.items():
@@ -312,9 +325,6 @@ def load_adapter(
                     f"r={config['r']} and the base model imply {tuple(state[ours].shape)}"
                 )
             state[ours].copy_(t)
-    if device is not None or dtype is not None:
-        model.to(device=device, dtype=dtype)
-    return model
 
 
 def load_merged(

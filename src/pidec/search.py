@@ -75,6 +75,45 @@ class BudgetClock:
         self.limits = sorted(limits)
 
 
+class CallerBook:
+    """The host's record of a search's caller units (rows; beam groups for beams), shared by the
+    searches: which were reported ended (`reported`), how many were not (`remaining`), and the
+    budgets of the units held and not reported (`clock`), which tells a deferred search when to
+    settle without reading the device. A search keeps its held units in batch order itself."""
+
+    def _open_book(self, limits: list[int]) -> None:
+        self.limits = limits
+        self.reported = [False] * len(limits)
+        self.remaining = len(limits)
+        self.clock = BudgetClock(limits)
+
+    @property
+    def done(self) -> bool:
+        return self.remaining == 0
+
+    @property
+    def must_settle(self) -> bool:
+        """Every unit held and not reported has spent its budget, or enough of them have."""
+        return self.remaining > 0 and self.clock.due(self.step)
+
+    def _report(self, held: list[int], ended_flags) -> list[int]:
+        """Mark the held units flagged ended and not yet reported; returns them, in batch order."""
+        ended = []
+        for u, gone in zip(held, ended_flags):
+            if gone and not self.reported[u]:
+                self.reported[u] = True
+                ended.append(u)
+        self.remaining -= len(ended)
+        return ended
+
+    def _forget(self, gone) -> None:
+        """Units dropped by the caller: those not reported ended no longer count as remaining."""
+        self.remaining -= sum(not self.reported[u] for u in gone)
+
+    def _update_horizon(self, held: list[int]) -> None:
+        self.clock.reset(self.limits[u] for u in held if not self.reported[u])
+
+
 def apply_keep(choice: Choice, keep: list[int] | None, device) -> Choice:
     """`choice` with only the rows `keep` (indices into its feed) going on: a settlement's
     compaction composed with the choice's own reordering."""
@@ -112,7 +151,7 @@ def strip_eos(tokens: list[int], eos: int | None) -> list[int]:
     return tokens[:-1] if tokens and eos is not None and tokens[-1] == eos else tokens
 
 
-class GreedySearch:
+class GreedySearch(CallerBook):
     """Greedy choice, bookkept on the host. A step copies the chosen tokens to the host once (the
     one synchronisation a step needs: which rows ended decides the next batch) and keeps the rest
     in Python lists, instead of a dozen small tensor operations and several synchronisations.
@@ -122,31 +161,26 @@ class GreedySearch:
     must_settle = False
 
     def __init__(self, limits: list[int], eos: int | None, pad: int, *, compaction: bool = True):
-        self.limits, self.eos, self.pad, self.compaction = limits, eos, pad, compaction
+        self._open_book(limits)
+        self.eos, self.pad, self.compaction = eos, pad, compaction
         self.tokens: list[list[int]] = [[] for _ in limits]  # per caller row, EOS included
         self.owner = list(range(len(limits)))  # caller row of each batch row
-        self.ended = [False] * len(limits)
-        self.remaining = len(limits)
         self.idle: Tensor | None = None  # without compaction: batch rows that have ended
 
     @property
     def rows(self) -> int:
         return len(self.owner)
 
-    @property
-    def done(self) -> bool:
-        return self.remaining == 0
-
     def choose(self, logits: Tensor) -> Choice:
         nxt = logits.argmax(-1)  # [R]
         keep, ended = [], []
         for b, (i, token) in enumerate(zip(self.owner, read_list(nxt, "greedy.choose"))):
-            if self.ended[i]:  # without compaction, rows that ended stay in the batch
+            if self.reported[i]:  # without compaction, rows that ended stay in the batch
                 continue
             out = self.tokens[i]
             out.append(token)
             if token == self.eos or len(out) >= self.limits[i]:
-                self.ended[i] = True
+                self.reported[i] = True
                 ended.append(i)
             else:
                 keep.append(b)
@@ -156,12 +190,11 @@ class GreedySearch:
             self.owner = [self.owner[b] for b in keep]
             return Choice(nxt.index_select(0, index), index, ended)
         if ended:  # no compaction: rows that ended compute on, fed pad, and nothing is kept
-            self.idle = upload([self.ended[i] for i in self.owner], torch.bool, nxt.device)
+            self.idle = upload([self.reported[i] for i in self.owner], torch.bool, nxt.device)
         return Choice(nxt if self.idle is None else nxt.masked_fill(self.idle, self.pad), None, ended)
 
     def drop_rows(self, index: list[int]) -> None:
-        gone = set(range(len(self.owner))) - set(index)
-        self.remaining -= sum(not self.ended[self.owner[b]] for b in gone)
+        self._forget(self.owner[b] for b in set(range(len(self.owner))) - set(index))
         self.owner = [self.owner[b] for b in index]
         if self.idle is not None:
             self.idle = self.idle[upload(index, torch.long, self.idle.device)]
@@ -176,7 +209,7 @@ class GreedySearch:
         return self.results_for(range(len(self.tokens))), None
 
 
-class DeviceGreedySearch:
+class DeviceGreedySearch(CallerBook):
     """Greedy choice bookkept on the device, for a deferred caller (see the module's docstring):
     a step is an argmax and a few element-wise operations, no host read. The generated tokens
     go to `out` [caller rows, longest budget] at column `step` (the rows of one search start
@@ -187,30 +220,19 @@ class DeviceGreedySearch:
 
     def __init__(self, limits: list[int], eos: int | None, pad: int, device, *, compaction: bool = True):
         G = len(limits)
-        self.limits, self.eos, self.pad, self.compaction = limits, eos, pad, compaction
+        self._open_book(limits)  # budgets of the rows held and not reported ended: self.clock
+        self.eos, self.pad, self.compaction = eos, pad, compaction
         self.out = torch.full((G, max(limits)), pad, dtype=torch.long, device=device)
         self.length = torch.zeros(G, dtype=torch.long, device=device)
         self.limit = upload(limits, torch.long, device)
         self.owner = list(range(G))  # caller row of each batch row (host)
         self.owner_t = torch.arange(G, device=device)  # the same, on the device
         self.active = torch.ones(G, dtype=torch.bool, device=device)  # batch rows still running
-        self.ended = [False] * G  # reported ended (host)
-        self.remaining = G
         self.step = 0
-        self.clock = BudgetClock(limits)  # budgets of the rows held and not reported ended
 
     @property
     def rows(self) -> int:
         return len(self.owner)
-
-    @property
-    def done(self) -> bool:
-        return self.remaining == 0
-
-    @property
-    def must_settle(self) -> bool:
-        """Every row not reported has spent its budget, or enough of them have (`BudgetClock`)."""
-        return self.remaining > 0 and self.clock.due(self.step)
 
     def choose(self, logits: Tensor) -> Choice:
         tok = logits.argmax(-1)  # [R]
@@ -231,18 +253,13 @@ class DeviceGreedySearch:
     def settle(self, ended_flags: list[bool]) -> tuple[list[int] | None, list[int]]:
         """`flags()` read back: report the rows that ended since the last settlement; with
         compaction, return the batch rows that go on (None: all stay)."""
-        ended = []
-        for i, gone in zip(self.owner, ended_flags):
-            if gone and not self.ended[i]:
-                self.ended[i] = True
-                ended.append(i)
-        self.remaining -= len(ended)
+        ended = self._report(self.owner, ended_flags)
         keep = None
         if self.compaction and any(ended_flags):
             keep = [b for b, gone in enumerate(ended_flags) if not gone]
             self._keep_rows(keep)
         if ended or keep is not None:
-            self._update_horizon()
+            self._update_horizon(self.owner)
         return keep, ended
 
     def _keep_rows(self, index: list[int]) -> None:
@@ -251,14 +268,10 @@ class DeviceGreedySearch:
         self.owner_t = self.owner_t.index_select(0, at)
         self.active = self.active.index_select(0, at)
 
-    def _update_horizon(self) -> None:
-        self.clock.reset(self.limits[i] for i in self.owner if not self.ended[i])
-
     def drop_rows(self, index: list[int]) -> None:
-        gone = set(range(len(self.owner))) - set(index)
-        self.remaining -= sum(not self.ended[self.owner[b]] for b in gone)
+        self._forget(self.owner[b] for b in set(range(len(self.owner))) - set(index))
         self._keep_rows(index)
-        self._update_horizon()
+        self._update_horizon(self.owner)
 
     def slots_left(self) -> int:
         return max(max(self.clock.limits, default=0) - self.step, 0)
@@ -278,7 +291,7 @@ class DeviceGreedySearch:
         return self.results_for(range(len(self.limits))), None
 
 
-class BeamSearch:
+class BeamSearch(CallerBook):
     """Beam search over G caller rows (groups) of `nb` beams, with transformers' scoring:
     cumulative log-probabilities, 2*nb candidates a step, finished hypotheses scored by
     sum_logprobs / generated_len**length_penalty, and its stopping heuristic. A group's beams are
@@ -293,10 +306,8 @@ class BeamSearch:
         G, L = len(limits), max(limits)
         self.G, self.nb, self.eos, self.compaction, self.lp, self.early = G, nb, eos, compaction, lp, early
         self.deferred = deferred
-        self.limits = list(limits)
+        self._open_book(list(limits))
         self.limit = upload(limits, torch.long, device)
-        self.reported = [False] * G  # groups reported ended (host)
-        self.clock = BudgetClock(limits)  # budgets of the groups held and not reported ended
         self.step = 0
         self.running_scores = torch.zeros((G, nb), device=device)
         self.running_scores[:, 1:] = self.NEG
@@ -309,7 +320,6 @@ class BeamSearch:
         self.ended = torch.zeros(G, dtype=torch.bool, device=device)
         self.alive = torch.arange(G, device=device)
         self.alive_list = list(range(G))
-        self.remaining = G
         self.top_mask = torch.zeros(2 * nb, dtype=torch.bool, device=device)
         self.top_mask[:nb] = True
 
@@ -321,14 +331,6 @@ class BeamSearch:
     def owner(self) -> list[int]:
         return [g for g in self.alive_list for _ in range(self.nb)]
 
-    @property
-    def done(self) -> bool:
-        return self.remaining == 0
-
-    @property
-    def must_settle(self) -> bool:
-        return self.remaining > 0 and self.clock.due(self.step)
-
     def flags(self) -> Tensor:
         """[A] bool on the device: True for the groups in the batch that have ended."""
         return self.ended.index_select(0, self.alive)
@@ -336,12 +338,7 @@ class BeamSearch:
     def settle(self, ended_flags: list[bool]) -> tuple[list[int] | None, list[int]]:
         """`flags()` read back: report the groups that ended; with compaction, return the batch
         rows that go on (whole groups; None: all stay)."""
-        ended = []
-        for g, gone in zip(self.alive_list, ended_flags):
-            if gone and not self.reported[g]:
-                self.reported[g] = True
-                ended.append(g)
-        self.remaining -= len(ended)
+        ended = self._report(self.alive_list, ended_flags)
         keep = None
         if self.compaction and any(ended_flags):
             stays = [j for j, gone in enumerate(ended_flags) if not gone]
@@ -349,11 +346,8 @@ class BeamSearch:
             self.alive = upload(self.alive_list, torch.long, self.alive.device)
             keep = [j * self.nb + k for j in stays for k in range(self.nb)]
         if self.deferred and (ended or keep is not None):
-            self._update_horizon()
+            self._update_horizon(self.alive_list)
         return keep, ended
-
-    def _update_horizon(self) -> None:
-        self.clock.reset(self.limits[g] for g in self.alive_list if not self.reported[g])
 
     def choose(self, logits: Tensor) -> Choice:
         """logits [A*nb, V] for the groups in the batch (all of them without compaction)."""
@@ -440,11 +434,10 @@ class BeamSearch:
 
     def drop_rows(self, index: list[int]) -> None:
         kept = [self.alive_list[b // self.nb] for b in index[:: self.nb]]
-        gone = set(self.alive_list) - set(kept)
-        self.remaining -= sum(not self.reported[g] for g in gone)
+        self._forget(set(self.alive_list) - set(kept))
         self.alive_list = kept
         self.alive = upload(kept, torch.long, self.alive.device)
-        self._update_horizon()
+        self._update_horizon(self.alive_list)
 
     def slots_left(self) -> int:
         return max(max((self.limits[g] for g in self.alive_list), default=0) - self.step, 0)

@@ -12,6 +12,7 @@ import httpx
 
 from pidec.serving.app import ServeSettings, create_app
 
+DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
 PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]
 
 

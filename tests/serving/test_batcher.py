@@ -6,24 +6,12 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
-import pidec
 from pidec import layouts
 from pidec.generate import encode
 from pidec.serving.batcher import Batcher, Job, footprint
 from pidec.session import DecodeSession
 
-from ..shared_data import tiny_checkpoint
-from .helpers import PROMPTS, slow_decoder
-
-DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
-
-
-@pytest.fixture(scope="module")
-def steady(tmp_path_factory):
-    """Never writes EOS: every row runs to its budget."""
-    return pidec.load(tiny_checkpoint(tmp_path_factory.mktemp("steady"), seed=1, max_input_length=600, eos_boost=0.0))
+from .helpers import DOC, PROMPTS, slow_decoder
 
 
 def plan(model, document: str, prompts: list[str], max_new_tokens) -> layouts.Plan:

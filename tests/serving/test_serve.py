@@ -26,9 +26,7 @@ from pidec.serving.app import ServeSettings, connection_class, create_app, descr
 from pidec.serving.prometheus import parse, total
 
 from ..shared_data import tiny_checkpoint
-from .helpers import PROMPTS, error_of, offline, request_bodies, run, serving, slow_decoder, until
-
-DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
+from .helpers import DOC, PROMPTS, error_of, offline, request_bodies, run, serving, slow_decoder, until
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +37,6 @@ def folder(tmp_path_factory):
 @pytest.fixture(scope="module")
 def model(folder):
     return pidec.load(folder)
-
-
-@pytest.fixture(scope="module")
-def steady(tmp_path_factory):
-    """A model that never writes EOS: every row runs to its budget, so a request stays in flight
-    for as long as the test needs."""
-    return pidec.load(tiny_checkpoint(tmp_path_factory.mktemp("steady"), seed=1, max_input_length=600, eos_boost=0.0))
 
 
 def requests_mix(n: int) -> list[dict]:
@@ -811,6 +802,7 @@ def test_serve_options_come_from_the_settings(model, monkeypatch):
     import typer.main
     from click.testing import CliRunner
 
+    import pidec.cli.common as cli_common
     import pidec.cli.serve as serve_cli
     from pidec.cli import app, command
     from pidec.serving.app import ServerSettings
@@ -834,7 +826,7 @@ def test_serve_options_come_from_the_settings(model, monkeypatch):
         seen.update(settings=settings, **kw)
         raise Served
 
-    monkeypatch.setattr(serve_cli, "load", lambda *a, **kw: model)
+    monkeypatch.setattr(cli_common, "load", lambda *a, **kw: model)
     monkeypatch.setattr(serve_cli, "prepare_process", lambda settings, server: seen.update(server=server))
     monkeypatch.setattr(serve_cli, "run_server", fake_run_server)
     args = ["serve", "--model", "m", "--port", "0", "--max-queue", "3", "--malloc-arena-max", "0"]

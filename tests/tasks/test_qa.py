@@ -49,45 +49,20 @@ def test_exact_match_and_f1_by_hand():
     assert best_over(squad_exact, "", []) == 1.0  # no gold answer: the empty answer is right
 
 
+def question(qid: str, text: str, *answers: tuple[str, int], impossible: bool = False) -> dict:
+    """One SQuAD question, its answers given as (text, answer_start)."""
+    q = {"id": qid, "question": text, "answers": [{"text": t, "answer_start": at} for t, at in answers]}
+    return q | ({"is_impossible": True} if impossible else {})
+
+
 def squad_file(tmp_path, context="Paris is the capital of France. It is large.", extra=None):
-    data = {
-        "version": "v2.0",
-        "data": [
-            {
-                "title": "France",
-                "paragraphs": [
-                    {
-                        "context": context,
-                        "qas": [
-                            {
-                                "id": "q1",
-                                "question": "What is the capital of France?",
-                                "answers": [
-                                    {"text": "Paris", "answer_start": 0},
-                                    {"text": "Paris ", "answer_start": 0},
-                                ],
-                            },
-                            {"id": "q2", "question": "Who?", "answers": [], "is_impossible": True},
-                        ],
-                    },
-                    {
-                        "context": "Bern is in Switzerland.",
-                        "qas": [
-                            {
-                                "id": "q3",
-                                "question": "Where is Bern?",
-                                "answers": [
-                                    {"text": "Switzerland", "answer_start": 11},
-                                    {"text": "in Switzerland", "answer_start": 8},
-                                ],
-                            }
-                        ],
-                    },
-                ],
-            }
-        ]
-        + (extra or []),
-    }
+    capital = question("q1", "What is the capital of France?", ("Paris", 0), ("Paris ", 0))
+    bern = question("q3", "Where is Bern?", ("Switzerland", 11), ("in Switzerland", 8))
+    paragraphs = [
+        {"context": context, "qas": [capital, question("q2", "Who?", impossible=True)]},
+        {"context": "Bern is in Switzerland.", "qas": [bern]},
+    ]
+    data = {"version": "v2.0", "data": [{"title": "France", "paragraphs": paragraphs}] + (extra or [])}
     path = tmp_path / "squad.json"
     path.write_text(json.dumps(data))
     return path

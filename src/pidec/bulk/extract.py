@@ -137,6 +137,73 @@ def _record_prompts(data: dict, where: str) -> tuple[list[str], None] | tuple[No
     return raw, None
 
 
+def _checked_record(raw: RawRecord, questions: Questions, options: Options) -> tuple[object, str, list[str]] | dict:
+    """A raw record's (id, document, prompts), or its error record when one of them is missing or
+    unusable. Nothing is tokenized here."""
+    if raw.error is not None:
+        return error_record(None, *raw.error)
+    data = raw.data
+    record_id = data.get(options.id_field)
+    if record_id is None or (isinstance(record_id, str) and not record_id.strip()):
+        return error_record(None, "missing_id", f"{raw.where}: no {options.id_field!r} (the record's id)")
+    where = f"{raw.where}: id {record_id!s}"
+    document = data.get(options.document_field)
+    if document is None:
+        return error_record(record_id, "missing_document", f"{where}: no {options.document_field!r} (the document)")
+    if not isinstance(document, str):
+        message = f"{where}: {options.document_field!r} is {type(document).__name__}, expected text"
+        return error_record(record_id, "missing_document", message)
+    if not document.strip():
+        return error_record(record_id, "empty_document", f"{where}: {options.document_field!r} is empty")
+    if not questions.from_record:
+        return record_id, document, [f.prompt for f in questions.fields]
+    prompts, problem = _record_prompts(data, where)
+    if problem is not None:
+        return error_record(record_id, *problem)
+    return record_id, document, prompts
+
+
+def _job(
+    slot: int,
+    raw: RawRecord,
+    checked: tuple[object, str, list[str]],
+    doc_tokens: int,
+    questions: Questions,
+    options: Options,
+    max_input_length: int,
+    count_prompts: PromptCounter,
+) -> Job | dict:
+    """The Job of one checked record whose document is `doc_tokens` long (with EOS), or its
+    document_too_long error record when that is over the limit and the run does not truncate."""
+    record_id, document, prompts = checked
+    truncated_from = None
+    if doc_tokens > max_input_length:
+        if options.truncate is None:
+            message = (
+                f"{raw.where}: id {record_id!s}: document is {doc_tokens} tokens, over the model's limit of "
+                f"{max_input_length} (pass --truncate left|right to cut it)"
+            )
+            return error_record(record_id, "document_too_long", message)
+        truncated_from, doc_tokens = doc_tokens, max_input_length
+    if questions.from_record:
+        budgets, beams = [options.max_new_tokens] * len(prompts), [options.num_beams] * len(prompts)
+    else:
+        budgets = [f.max_new_tokens or options.max_new_tokens for f in questions.fields]
+        beams = [f.num_beams or options.num_beams for f in questions.fields]
+    return Job(
+        slot,
+        str(record_id),
+        document,
+        prompts,
+        budgets,
+        beams,
+        questions.names(),
+        doc_tokens,
+        count_prompts(prompts),
+        truncated_from,
+    )
+
+
 def prepare(
     raws: list[RawRecord],
     questions: Questions,
@@ -148,72 +215,14 @@ def prepare(
     """One entry per raw record, in order: a Job, or the error record of a record that cannot
     be processed. Documents are tokenized together (one tokenizer call per window)."""
     count_prompts = count_prompts or PromptCounter(tokenizer)
-    out: list[Job | dict] = []
-    pending: list[tuple[int, RawRecord, object, str, list[str]]] = []
-    for raw in raws:
-        if raw.error is not None:
-            out.append(error_record(None, *raw.error))
-            continue
-        data = raw.data
-        record_id = data.get(options.id_field)
-        if record_id is None or (isinstance(record_id, str) and not record_id.strip()):
-            out.append(error_record(None, "missing_id", f"{raw.where}: no {options.id_field!r} (the record's id)"))
-            continue
-        document = data.get(options.document_field)
-        if document is None:
-            message = f"{raw.where}: id {record_id!s}: no {options.document_field!r} (the document)"
-            out.append(error_record(record_id, "missing_document", message))
-            continue
-        if not isinstance(document, str):
-            message = (
-                f"{raw.where}: id {record_id!s}: {options.document_field!r} is {type(document).__name__}, expected text"
-            )
-            out.append(error_record(record_id, "missing_document", message))
-            continue
-        if not document.strip():
-            message = f"{raw.where}: id {record_id!s}: {options.document_field!r} is empty"
-            out.append(error_record(record_id, "empty_document", message))
-            continue
-        if questions.from_record:
-            prompts, problem = _record_prompts(data, f"{raw.where}: id {record_id!s}")
-            if problem is not None:
-                out.append(error_record(record_id, *problem))
-                continue
-        else:
-            prompts = [f.prompt for f in questions.fields]
-        pending.append((len(out), raw, record_id, document, prompts))
-        out.append(None)  # filled below
+    out: list[Job | dict] = [_checked_record(raw, questions, options) for raw in raws]
+    pending = [slot for slot, entry in enumerate(out) if isinstance(entry, tuple)]
     if not pending:
         return out
-    lengths = [len(ids) + 1 for ids in tokenizer([p[3] for p in pending], add_special_tokens=False)["input_ids"]]
-    for (slot, raw, record_id, document, prompts), n in zip(pending, lengths):
-        truncated_from = None
-        if n > max_input_length:
-            if options.truncate is None:
-                message = (
-                    f"{raw.where}: id {record_id!s}: document is {n} tokens, over the model's limit of "
-                    f"{max_input_length} (pass --truncate left|right to cut it)"
-                )
-                out[slot] = error_record(record_id, "document_too_long", message)
-                continue
-            truncated_from, n = n, max_input_length
-        if questions.from_record:
-            budgets, beams = [options.max_new_tokens] * len(prompts), [options.num_beams] * len(prompts)
-        else:
-            budgets = [f.max_new_tokens or options.max_new_tokens for f in questions.fields]
-            beams = [f.num_beams or options.num_beams for f in questions.fields]
-        out[slot] = Job(
-            slot,
-            str(record_id),
-            document,
-            prompts,
-            budgets,
-            beams,
-            questions.names(),
-            n,
-            count_prompts(prompts),
-            truncated_from,
-        )
+    documents = [out[slot][1] for slot in pending]
+    lengths = [len(ids) + 1 for ids in tokenizer(documents, add_special_tokens=False)["input_ids"]]
+    for slot, n in zip(pending, lengths):
+        out[slot] = _job(slot, raws[slot], out[slot], n, questions, options, max_input_length, count_prompts)
     return out
 
 

@@ -38,8 +38,8 @@ from .extract import Job, Options, PromptCounter, batches, decode, prepare
 from .fields import Questions
 from .fields import questions as make_questions
 from .progress import add_counts, empty_counts
-from .readers import RawRecord, count_records, find_shards, parse_line
-from .report import summary
+from .readers import RawRecord, count_input_records, find_shards, parse_line
+from .report import summary, write_summary
 from .workers import ModelSpec
 from .writers import output_format_of, to_table
 
@@ -190,9 +190,7 @@ def share_per_call(shards, actors: int, limit: int | None) -> int:
     """Rows per actor call for `run`: a quarter of each actor's share of the corpus, at most
     MAX_BATCH_SIZE. Input blocks are bundled up to this many rows per call, so a small corpus in
     a few shards still reaches every actor, and a large one is cut into calls of MAX_BATCH_SIZE."""
-    total = sum(count_records(s) for s in shards)
-    if limit is not None:
-        total = min(total, limit)
+    total = count_input_records(shards, limit)
     return max(1, min(MAX_BATCH_SIZE, -(-total // (4 * actors))))
 
 
@@ -241,8 +239,7 @@ def run(
     out_format = output_format_of(output, output_format)
     output = empty_output_folder(output, overwrite)
     with ray_session(ray, address):
-        ctx = ray.data.DataContext.get_current()
-        ctx.execution_options.preserve_order = True
+        ray.data.DataContext.get_current().execution_options.preserve_order = True
         ds = read(shards)
         if limit is not None:
             ds = ds.limit(limit)
@@ -258,20 +255,15 @@ def run(
             on_error=on_error,
         )
         write(out, output, out_format)
+    return _run_summary(output, time.perf_counter() - t0, actors, json_summary)
+
+
+def _run_summary(output: Path, seconds: float, actors: int, json_summary) -> dict:
+    """The summary of a finished `run`, counted from its output folder (Ray keeps no counts),
+    written to `json_summary` when one is named."""
     counts = count_output(output)
-    result = summary(
-        counts,
-        time.perf_counter() - t0,
-        counts["records"],
-        counts["output_tokens"],
-        output=str(output),
-        resumed=False,
-        actors=actors,
-        engine="ray",
-    )
-    if json_summary:
-        Path(json_summary).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    extra = {"output": str(output), "resumed": False, "actors": actors, "engine": "ray"}
+    return write_summary(summary(counts, seconds, counts["records"], counts["output_tokens"], **extra), json_summary)
 
 
 def empty_output_folder(output, overwrite: bool) -> Path:

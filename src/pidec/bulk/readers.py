@@ -93,6 +93,12 @@ def count_records(shard: Shard) -> int:
     return n if shard.format == "jsonl" else max(0, n - 1)
 
 
+def count_input_records(shards: list[Shard], limit: int | None = None) -> int:
+    """How many records a run over `shards` reads: every shard's `count_records`, capped at `limit`."""
+    total = sum(count_records(s) for s in shards)
+    return total if limit is None else min(total, limit)
+
+
 def read_shard(shard: Shard, start: int = 0) -> Iterator[RawRecord]:
     if shard.format == "jsonl":
         return _read_jsonl(shard.path, start)

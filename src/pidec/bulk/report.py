@@ -9,8 +9,10 @@ earlier runs did); rates cover this run only.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
+from pathlib import Path
 
 
 def _duration(seconds: float) -> str:
@@ -79,6 +81,13 @@ def summary(counts: dict, wall_s: float, records_this_run: int, tokens_this_run:
         "documents_per_s": round(records_this_run / wall_s, 3) if wall_s > 0 else None,
         "output_tokens_per_s": round(tokens_this_run / wall_s, 1) if wall_s > 0 else None,
     } | extra
+
+
+def write_summary(result: dict, path: str | Path | None) -> dict:
+    """`result` (a run's `summary`), also written as JSON to `path` when one is given."""
+    if path:
+        Path(path).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def format_summary(s: dict) -> str:

@@ -21,7 +21,6 @@ committed, and the next run with the same command redoes exactly those (`progres
 from __future__ import annotations
 
 import itertools
-import json
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -32,8 +31,8 @@ from ..errors import InputError
 from . import progress as prog
 from .extract import Job, Options, PromptCounter, batches, prepare
 from .fields import Questions
-from .readers import Shard, count_records, find_shards, read_shard
-from .report import Display, format_summary, summary
+from .readers import Shard, count_input_records, find_shards, read_shard
+from .report import Display, format_summary, summary, write_summary
 from .workers import InProcess, ModelSpec, Pool
 from .writers import ShardWriter, output_format_of, plan_outputs, staging_path
 
@@ -111,10 +110,7 @@ def run(
         resume=resume,
         overwrite=overwrite,
     )
-    total = None
-    if display != "off":
-        total = sum(count_records(s) for s in shards)
-        total = total if limit is None else min(total, limit)
+    total = count_input_records(shards, limit) if display != "off" else None
     engine = InProcess(spec) if workers == 1 else Pool(spec, workers)
     shown = Display(total, state.counts["records"], display, log_every)
     loop = _Loop(engine, state, targets, questions, options, out_format, on_error, shown)
@@ -124,19 +120,9 @@ def run(
         engine.close()
         loop.close()
         shown.close()
-    result = summary(
-        state.counts,
-        time.perf_counter() - t0,
-        loop.records,
-        loop.tokens,
-        output=str(output),
-        resumed=state.resumed,
-        workers=workers,
-        engine="local",
-    )
-    if json_summary:
-        Path(json_summary).write_text(json.dumps(result, indent=1) + "\n")
-    return result
+    extra = {"output": str(output), "resumed": state.resumed, "workers": workers, "engine": "local"}
+    result = summary(state.counts, time.perf_counter() - t0, loop.records, loop.tokens, **extra)
+    return write_summary(result, json_summary)
 
 
 def _items(shards: list[Shard], state: prog.Progress, window: int, limit: int | None):

@@ -81,18 +81,18 @@ class BenchOptions:
         """The dtype as a name: what "auto" means on this device."""
         return str(parse_dtype(self.dtype, self.device)).removeprefix("torch.")
 
+    def passes(self) -> dict:
+        """How much every mode times and how, by name: documents, passes, seed, torch threads."""
+        return dict(docs=self.docs, repeats=self.repeats, seed=self.seed, threads=self.threads)
+
     def timing(self) -> dict:
         """The arguments every T5 timing run takes, by name (the dtype named: see `bench_decoding`)."""
-        return dict(
+        return self.passes() | dict(
             workload=self.workload,
             model_size=self.model_size,
             model_dir=self.model,
             configs=self.names,
-            docs=self.docs,
-            repeats=self.repeats,
             dtype=self.named_dtype,
-            seed=self.seed,
-            threads=self.threads,
             pack=not self.no_pack,
         )
 
@@ -132,9 +132,7 @@ def bench(ctx: typer.Context, **options) -> None:
             _emit(format_memory(mem), mem, o.json_out, say=False)
         elif o.train_mode:
             layout_names = [x.strip() for x in o.layouts.split(",") if x.strip()]
-            result = run_train_bench(
-                o.workload, o.model_size, layout_names, docs=o.docs, repeats=o.repeats, seed=o.seed, threads=o.threads
-            )
+            result = run_train_bench(o.workload, o.model_size, layout_names, **o.passes())
             _emit(format_train_table(result), result, o.json_out, say=False)
         else:
             bench_decoding(o)
@@ -190,22 +188,11 @@ def bench_causal(o: BenchOptions) -> None:
     """`pidec bench --arch NAME`: the decoder-only configurations (see pidec.bench.causal)."""
     with input_errors_fail():
         if o.sweep_k:
-            result = run_causal_sweep(
-                parse_ks(o.sweep_k),
-                o.names,
-                arch=o.arch,
-                workload=o.workload,
-                docs=o.docs,
-                repeats=o.repeats,
-                seed=o.seed,
-                threads=o.threads,
-            )
+            result = run_causal_sweep(parse_ks(o.sweep_k), o.names, arch=o.arch, workload=o.workload, **o.passes())
             for k, run in zip(result["ks"], result["runs"]):
                 typer.echo(f"K={k}\n" + format_causal_table(run))
         else:
-            result = run_causal_bench(
-                o.arch, o.workload, o.names, docs=o.docs, repeats=o.repeats, seed=o.seed, threads=o.threads
-            )
+            result = run_causal_bench(o.arch, o.workload, o.names, **o.passes())
             typer.echo(format_causal_table(result))
     write_json(o.json_out, result)
     if o.plot and o.sweep_k:

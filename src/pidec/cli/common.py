@@ -12,7 +12,8 @@ from typing import Annotated, Literal, Optional
 import typer
 from typer.core import TyperGroup
 
-from ..causal import Template
+from ..api import load
+from ..causal import Template, use_template
 from ..errors import InputError
 from ..quantize import check_method
 
@@ -190,6 +191,30 @@ def template_of(prefix_template: Optional[str], row_template: Optional[str], cha
         )
     with input_errors_fail():
         return Template(**given).check()
+
+
+def runtime_template(runtime: dict) -> Template | None:
+    """`template_of` the decoder-only template options among `runtime` (a command's option values)."""
+    return template_of(runtime.get("prefix_template"), runtime.get("row_template"), runtime.get("chat_template"))
+
+
+def load_model(model: str, runtime: dict, template: Template | None = None, **extra):
+    """`pidec.load` of `model` as a command's runtime options say (`runtime`: their values by
+    name, see `options.runtime_options`; --no-pack is pack_weights=False), the decoder-only row
+    `template` given to it (`runtime_template`). extra: more `pidec.load` arguments."""
+    if runtime.get("compile_steps"):
+        extra["compile"] = True
+    m = load(
+        model,
+        device=runtime["device"],
+        dtype=runtime["dtype"],
+        tokenizer=runtime["tokenizer"],
+        quantize=runtime["quantize"],
+        pack_weights=False if runtime["no_pack"] else None,
+        **extra,
+    )
+    use_template(m, template)
+    return m
 
 
 def command():

@@ -9,32 +9,25 @@ import typer
 
 from .. import lora
 from .. import tasks as registry
-from ..api import load, parse_dtype
-from ..causal import use_template
+from ..api import parse_dtype
 from ..evaluate import evaluate, write
 from ..layouts import LAYOUTS
 from .common import (
-    ChatTemplate,
-    Compile,
-    Device,
-    Dtype,
     Layout,
-    NoPack,
-    PrefixTemplate,
-    Quantize,
-    RowTemplate,
-    Tokenizer,
     app,
     fail,
     input_errors_fail,
+    load_model,
     print_json,
     read_prompts_file,
     read_text,
-    template_of,
+    runtime_template,
 )
+from .options import runtime_options, with_options
 
 
 @app.command()
+@with_options(runtime_options(compile=True))
 def generate(
     model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
     document: str = typer.Option(..., "--document", help="file holding the document, or - for stdin"),
@@ -44,15 +37,7 @@ def generate(
     max_new_tokens: int = typer.Option(32, "--max-new-tokens"),
     num_beams: int = typer.Option(1, "--num-beams"),
     truncate: Optional[str] = typer.Option(None, "--truncate", help="left | right: cut a too-long document"),
-    tokenizer: Tokenizer = None,
-    device: Device = "cpu",
-    dtype: Dtype = "auto",
-    quantize: Quantize = None,
-    compile_steps: Compile = False,
-    no_pack: NoPack = False,
-    prefix_template: PrefixTemplate = None,
-    row_template: RowTemplate = None,
-    chat_template: ChatTemplate = None,
+    **runtime,
 ) -> None:
     """Answer every prompt about one document; prints {"outputs": [...], "usage": {...}, "timings": {...},
     "truncations": [...]}."""
@@ -61,7 +46,7 @@ def generate(
         fail(f"unknown layout {layout!r}: expected one of {', '.join(LAYOUTS)}")
     if truncate not in (None, "left", "right"):
         fail(f"--truncate {truncate!r}: expected left or right")
-    template = template_of(prefix_template, row_template, chat_template)
+    template = runtime_template(runtime)
     prompts = list(prompt or [])
     if prompts_file:
         prompts += read_prompts_file(prompts_file)
@@ -69,16 +54,7 @@ def generate(
         fail("no prompts: give --prompt P (repeatable) or --prompts-file F")
     text = read_text(document, "document")
     with input_errors_fail():
-        m = load(
-            model,
-            device=device,
-            dtype=dtype,
-            tokenizer=tokenizer,
-            quantize=quantize,
-            compile=compile_steps,
-            pack_weights=False if no_pack else None,
-        )
-        use_template(m, template)
+        m = load_model(model, runtime, template)
         result = m.generate(
             text,
             prompts,
@@ -88,8 +64,7 @@ def generate(
             truncate=truncate,
             return_details=True,
         )
-    out = result.to_dict()
-    print_json(out)
+    print_json(result.to_dict())
 
 
 @app.command("export")
@@ -131,6 +106,7 @@ def list_tasks() -> None:
 
 
 @app.command("eval")
+@with_options(runtime_options(templates=False))
 def eval_task(
     task: str = typer.Option(..., "--task", help="a task from `pidec tasks`"),
     model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
@@ -143,11 +119,7 @@ def eval_task(
     num_beams: int = typer.Option(1, "--num-beams"),
     batch_size: int = typer.Option(8, "--batch-size", help="documents decoded together"),
     max_input_length: Optional[int] = typer.Option(None, "--max-input-length", help="encoder limit (default: model's)"),
-    tokenizer: Tokenizer = None,
-    device: Device = "cpu",
-    dtype: Dtype = "auto",
-    quantize: Quantize = None,
-    no_pack: NoPack = False,
+    **runtime,
 ) -> None:
     """Score a model on a task's split; prints {"metrics": ..., "speed": ...} and, with --out,
     writes TASK-SPLIT-LAYOUT.metrics.json and .predictions.jsonl."""
@@ -164,15 +136,7 @@ def eval_task(
             # a folder of {split}.jsonl names the splits it holds when the split is read
             fail(f"--split {split!r}: task {task} has the splits {', '.join(spec.splits)}")
         examples = spec.load(split, data, limit=limit)
-        m = load(
-            model,
-            device=device,
-            dtype=dtype,
-            tokenizer=tokenizer,
-            max_input_length=max_input_length,
-            quantize=quantize,
-            pack_weights=False if no_pack else None,
-        )
+        m = load_model(model, runtime, max_input_length=max_input_length)
         result = evaluate(m, spec, examples, layout, max_new_tokens, num_beams, batch_size)
     summary = result.summary() | {"split": split}
     if out:

@@ -12,7 +12,18 @@ import typer
 
 from ..errors import InputError
 from ..settings import flag_of
-from .common import app
+from .common import (
+    ChatTemplate,
+    Compile,
+    Device,
+    Dtype,
+    NoPack,
+    PrefixTemplate,
+    Quantize,
+    RowTemplate,
+    Tokenizer,
+    app,
+)
 
 
 def option_parameter(
@@ -39,6 +50,44 @@ def keyword(name: str, annotation: Any, default: Any = ...) -> inspect.Parameter
     """A keyword-only option parameter for `command` from an annotated type (`common.Device`, ...);
     required unless given a default."""
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+
+
+def template_options() -> list[inspect.Parameter]:
+    """--prefix-template, --row-template, --chat-template: how a decoder-only checkpoint builds its rows."""
+    return [
+        keyword("prefix_template", PrefixTemplate, None),
+        keyword("row_template", RowTemplate, None),
+        keyword("chat_template", ChatTemplate, None),
+    ]
+
+
+def runtime_options(compile: bool = False, templates: bool = True) -> list[inspect.Parameter]:
+    """The options of a command that loads a checkpoint with `common.load_model`: --tokenizer,
+    --device, --dtype, --quantize, --compile (with `compile`), --no-pack and, with `templates`,
+    the decoder-only row templates."""
+    out = [
+        keyword("tokenizer", Tokenizer, None),
+        keyword("device", Device, "cpu"),
+        keyword("dtype", Dtype, "auto"),
+        keyword("quantize", Quantize, None),
+    ]
+    if compile:
+        out.append(keyword("compile_steps", Compile, False))
+    out.append(keyword("no_pack", NoPack, False))
+    return out + (template_options() if templates else [])
+
+
+def with_options(parameters: list[inspect.Parameter]) -> Callable:
+    """Give a command function that declares options of its own the keyword options
+    `parameters` too (`runtime_options`); their values reach it in its `**kwargs`."""
+
+    def add(func: Callable) -> Callable:
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        func.__signature__ = signature.replace(parameters=[*own, *parameters])
+        return func
+
+    return add
 
 
 def declared_options(

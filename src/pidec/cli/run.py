@@ -16,21 +16,8 @@ from ..bulk import runner
 from ..bulk.extract import Options
 from ..bulk.workers import ModelSpec
 from ..settings import setting
-from .common import (
-    RUNTIME,
-    ChatTemplate,
-    Dtype,
-    Layout,
-    PrefixTemplate,
-    Quantize,
-    RowTemplate,
-    Tokenizer,
-    fail,
-    input_errors_fail,
-    print_json,
-    template_of,
-)
-from .options import build_config, command, declared_options, keyword
+from .common import RUNTIME, Dtype, Layout, Quantize, Tokenizer, fail, input_errors_fail, print_json, template_of
+from .options import build_config, command, declared_options, keyword, template_options
 
 ENGINES = ("local", "ray")
 PROGRESS = ("auto", "bar", "log", "off")
@@ -101,9 +88,7 @@ class RunOptions:
         keyword("device", RUN_DEVICE, "cpu"),
         keyword("dtype", Dtype, "auto"),
         keyword("tokenizer", Tokenizer, None),
-        keyword("prefix_template", PrefixTemplate, None),
-        keyword("row_template", RowTemplate, None),
-        keyword("chat_template", ChatTemplate, None),
+        *template_options(),
     ],
     """Answer the same questions of every record of a corpus; one output record per input record.
     Streaming, resumable (run the same command again), with --workers N processes or on Ray.""",

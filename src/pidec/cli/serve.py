@@ -9,25 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..api import load
 from ..bench.loadtest import format_report, run_loadtest
-from ..causal import use_template
 from ..serving.app import ServerSettings, ServeSettings, prepare_process, run_server
-from .common import (
-    ChatTemplate,
-    Device,
-    Dtype,
-    NoPack,
-    PrefixTemplate,
-    Quantize,
-    RowTemplate,
-    Tokenizer,
-    app,
-    input_errors_fail,
-    template_of,
-    write_json,
-)
-from .options import build_config, command, declared_options, keyword
+from .common import app, input_errors_fail, load_model, runtime_template, write_json
+from .options import build_config, command, declared_options, keyword, runtime_options
 
 MODEL = Annotated[str, typer.Option("--model", help="checkpoint folder or hub id")]
 
@@ -36,14 +21,7 @@ MODEL = Annotated[str, typer.Option("--model", help="checkpoint folder or hub id
     "serve",
     [
         keyword("model", MODEL),
-        keyword("device", Device, "cpu"),
-        keyword("dtype", Dtype, "auto"),
-        keyword("quantize", Quantize, None),
-        keyword("tokenizer", Tokenizer, None),
-        keyword("no_pack", NoPack, False),
-        keyword("prefix_template", PrefixTemplate, None),
-        keyword("row_template", RowTemplate, None),
-        keyword("chat_template", ChatTemplate, None),
+        *runtime_options(),
         *declared_options(ServerSettings),
         *declared_options(ServeSettings),
     ],
@@ -53,18 +31,10 @@ MODEL = Annotated[str, typer.Option("--model", help="checkpoint folder or hub id
 def serve(ctx: typer.Context, **options) -> None:
     with input_errors_fail():
         server = build_config(ServerSettings, options).checked()
-        template = template_of(options["prefix_template"], options["row_template"], options["chat_template"])
+        template = runtime_template(options)
         settings = build_config(ServeSettings, options)
         prepare_process(settings, server)  # before loading
-        m = load(
-            options["model"],
-            device=options["device"],
-            dtype=options["dtype"],
-            tokenizer=options["tokenizer"],
-            quantize=options["quantize"],
-            pack_weights=False if options["no_pack"] else None,
-        )
-        use_template(m, template)
+        m = load_model(options["model"], options, template)
         settings.checked(m)
     run_server(
         m,

@@ -55,6 +55,7 @@ import resource
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -321,6 +322,38 @@ def _check_text(name: str, text: str) -> None:
 
 def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Job:
     """Check a request against the limits and tokenize it as `Model.generate` would."""
+    budgets = _check_request(model.tokenizer, settings, req)
+    try:
+        if isinstance(model, CausalModel):  # decoder-only: its rows and limits are serving/causal.py's
+            return causal.build_job(model, settings, req, budgets)
+        # no cut here: a document above the limit is refused below, with the service's limit named
+        plan = layouts.build(
+            model.tokenizer,
+            [(req.document, req.prompts)],
+            req.layout,
+            [budgets],
+            1 << 30,
+            model.config.decoder_start_token_id,
+        )
+    except causal.DocumentTooLong as e:
+        raise ServiceError(413, "too_large", str(e), "max_document_tokens") from e
+    except InputError as e:
+        raise ServiceError(422, "invalid_request", str(e)) from e
+    for i, doc in enumerate(plan.docs):
+        if len(doc) > settings.max_document_tokens:
+            what = "document" if req.layout != "pie" else f"prompts[{i}] + document"
+            raise ServiceError(
+                413,
+                "too_large",
+                f"{what} is {len(doc)} tokens with EOS, above the limit max_document_tokens={settings.max_document_tokens}",
+                "max_document_tokens",
+            )
+    return Job(plan, num_beams=req.num_beams)
+
+
+def _check_request(tok, settings: ServeSettings, req: GenerateRequest) -> list[int]:
+    """A request's text, prompt count and lengths, budgets and beams against the limits (a
+    ServiceError naming the first one broken); returns its budget per prompt."""
     _check_text("document", req.document)
     for j, p in enumerate(req.prompts):
         _check_text(f"prompts[{j}]", p)
@@ -344,7 +377,6 @@ def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Jo
             f"num_beams={req.num_beams}: must be between 1 and the limit max_num_beams={settings.max_num_beams}",
             "max_num_beams",
         )
-    tok = model.tokenizer
     for j, ids in enumerate(tok(req.prompts, add_special_tokens=False)["input_ids"]):
         if len(ids) > settings.max_prompt_tokens:
             raise ServiceError(
@@ -353,27 +385,7 @@ def build_job(model: Model, settings: ServeSettings, req: GenerateRequest) -> Jo
                 f"prompts[{j}] is {len(ids)} tokens, above the limit max_prompt_tokens={settings.max_prompt_tokens}",
                 "max_prompt_tokens",
             )
-    try:
-        if isinstance(model, CausalModel):  # decoder-only: its rows and limits are serving/causal.py's
-            return causal.build_job(model, settings, req, budgets)
-        # no cut here: a document above the limit is refused below, with the service's limit named
-        plan = layouts.build(
-            tok, [(req.document, req.prompts)], req.layout, [budgets], 1 << 30, model.config.decoder_start_token_id
-        )
-    except causal.DocumentTooLong as e:
-        raise ServiceError(413, "too_large", str(e), "max_document_tokens") from e
-    except InputError as e:
-        raise ServiceError(422, "invalid_request", str(e)) from e
-    for i, doc in enumerate(plan.docs):
-        if len(doc) > settings.max_document_tokens:
-            what = "document" if req.layout != "pie" else f"prompts[{i}] + document"
-            raise ServiceError(
-                413,
-                "too_large",
-                f"{what} is {len(doc)} tokens with EOS, above the limit max_document_tokens={settings.max_document_tokens}",
-                "max_document_tokens",
-            )
-    return Job(plan, num_beams=req.num_beams)
+    return budgets
 
 
 def _budgets(value, k: int, settings: ServeSettings) -> list[int]:
@@ -452,7 +464,7 @@ class _Gate:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        service, settings = self.service, self.service.settings
+        service = self.service
         t0 = time.monotonic()
         path = scope.get("path", "")
         label = path if path in PATHS else "other"
@@ -466,45 +478,57 @@ class _Gate:
                 out["body"] += message.get("body", b"")
             await send(message)
 
-        async def answer(error: ServiceError) -> None:
-            await error.response()(scope, receive, counted_send)
-
         try:
-            if settings.api_key is not None and path.startswith(PROTECTED) and not _authorized(scope, service.key):
-                return await answer(
-                    ServiceError(
-                        401,
-                        "unauthorized",
-                        "missing or wrong bearer token (Authorization: Bearer KEY)",
-                        headers={"WWW-Authenticate": "Bearer"},
-                    )
-                )
-            try:
-                body = await self._read_body(scope, receive)
-            except ServiceError as e:
-                return await answer(e)
-            except _Gone:
-                out["status"], out["kind"] = 499, "disconnected"
-                return
-            try:
-                await self.app(scope, _replay(body, receive), counted_send)
-            except Exception:
-                log.exception("unhandled error on %s %s", scope.get("method"), path)
-                if out["status"]:
-                    raise  # the answer has begun: the server closes the connection
-                await answer(ServiceError(500, "internal", "internal error"))
+            await self._check_and_run(scope, receive, counted_send, out)
         except asyncio.CancelledError:  # the caller went away, or the server gave up on it at shutdown
             if not out["status"]:
                 shutdown = service.drain_expired is not None and service.drain_expired.is_set()
                 out["status"], out["kind"] = 499, "aborted" if shutdown else "disconnected"
             raise
         finally:
-            status = out["status"] or 499
-            kind = None if status == 200 else out["kind"] or _kind_of(out["body"])
-            elapsed = time.monotonic() - t0
-            service.request_answered(label, status, kind, elapsed)
-            if service.access_log:
-                access_log.info("%s %s %d %.1fms", scope.get("method", "-"), path, status, elapsed * 1e3)
+            self._count(scope, label, out, time.monotonic() - t0)
+
+    async def _check_and_run(self, scope, receive, send, out: dict) -> None:
+        """Check the token, read the body, run the app on it; every refusal, and anything the app
+        lets escape before its answer began, is answered through `send` in the error shape."""
+        service, settings = self.service, self.service.settings
+        path = scope.get("path", "")
+
+        async def answer(error: ServiceError) -> None:
+            await error.response()(scope, receive, send)
+
+        if settings.api_key is not None and path.startswith(PROTECTED) and not _authorized(scope, service.key):
+            return await answer(
+                ServiceError(
+                    401,
+                    "unauthorized",
+                    "missing or wrong bearer token (Authorization: Bearer KEY)",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+            )
+        try:
+            body = await self._read_body(scope, receive)
+        except ServiceError as e:
+            return await answer(e)
+        except _Gone:
+            out["status"], out["kind"] = 499, "disconnected"
+            return
+        try:
+            await self.app(scope, _replay(body, receive), send)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), path)
+            if out["status"]:
+                raise  # the answer has begun: the server closes the connection
+            await answer(ServiceError(500, "internal", "internal error"))
+
+    def _count(self, scope, label: str, out: dict, elapsed: float) -> None:
+        """Count the request's answer (499 when none was sent) and write its access line."""
+        service = self.service
+        status = out["status"] or 499
+        kind = None if status == 200 else out["kind"] or _kind_of(out["body"])
+        service.request_answered(label, status, kind, elapsed)
+        if service.access_log:
+            access_log.info("%s %s %d %.1fms", scope.get("method", "-"), scope.get("path", ""), status, elapsed * 1e3)
 
     async def _read_body(self, scope, receive) -> bytes:
         service, settings = self.service, self.service.settings
@@ -1115,21 +1139,6 @@ def run_server(
     if settings.api_key is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can use it", host)
     _log_to_stderr(log_level)
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig, frame):
-            service.draining = True  # readyz says so at once; requests arriving now get 503
-            if service.loop is not None:
-                service.loop.call_soon_threadsafe(service.begin_drain)
-            super().handle_exit(sig, frame)
-
-        async def startup(self, sockets=None):
-            await super().startup(sockets)
-            if self.started:
-                bound = self.servers[0].sockets[0].getsockname()
-                h = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
-                log.info("%s", describe(model, settings, source, f"http://{h}:{bound[1]}"))
-
     config = uvicorn.Config(
         app,
         host=host,
@@ -1140,17 +1149,44 @@ def run_server(
         access_log=False,  # ours is pidec.access, with the latency
         timeout_graceful_shutdown=int(settings.shutdown_timeout_s) + 2,  # a backstop: the service answers first
     )
-    server = Server(config)
+    server = _server_class(service, lambda url: describe(model, settings, source, url))(config)
+    _run_until_stopped(server)
+    log.info("stopped")
+
+
+def _server_class(service: _Service, banner: Callable[[str], str]):
+    """uvicorn's Server, draining the service on SIGTERM or SIGINT (readyz says so at once and
+    requests arriving then get 503) and logging `banner(url)` once listening on url."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            service.draining = True
+            if service.loop is not None:
+                service.loop.call_soon_threadsafe(service.begin_drain)
+            super().handle_exit(sig, frame)
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()
+                h = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+                log.info("%s", banner(f"http://{h}:{bound[1]}"))
+
+    return Server
+
+
+def _run_until_stopped(server) -> None:
+    """Run the uvicorn server until it stops. uvicorn raises the caught signal again once it has
+    shut down; with these handlers in place that is a no-op, so a graceful stop returns here
+    instead of killing the process (handlers can be set only from the main thread)."""
     main = threading.current_thread() is threading.main_thread()
-    # uvicorn raises the caught signal again once it has shut down; with these handlers in place
-    # that is a no-op, so a graceful stop returns here instead of killing the process
     previous = {s: signal.signal(s, _ignore) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
     try:
         server.run()
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    log.info("stopped")
 
 
 def _log_to_stderr(level: str) -> None:

@@ -20,14 +20,13 @@ at the end, keeping their beginning, and counted; load the model with a larger
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import ClassVar
 
 from ..data import DataError, Example, Subtask
 from ..metrics import ROUGE_TYPES, Rouge
-from .base import Task, TaskReport, check_predictions
+from .base import Task, TaskReport, check_predictions, read_data_list
 
 SECTIONS = ("subjective", "objective_exam", "objective_results", "assessment_and_plan")
 PROMPTS = tuple(s.replace("_", " ") for s in SECTIONS)
@@ -75,13 +74,7 @@ def read_csv(path: Path) -> dict[str, tuple[str, str]]:
 
 def read_section(path: Path, section: str) -> dict[str, tuple[str, str]]:
     """encounter_id -> (src, tgt) from one section file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    rows = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(rows, list):
-        raise DataError(f'{path}: expected {{"data": [{{"src", "tgt", "file"}}, ...]}}')
+    rows = read_data_list(path, '{"data": [{"src", "tgt", "file"}, ...]}')
     out = {}
     for k, row in enumerate(rows):
         where = f"{path}: data[{k}]"

@@ -12,6 +12,7 @@ piece, or several windows), and counts what it did in the report. Nothing is cut
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
@@ -148,16 +149,14 @@ class Task:
     def fit(self, examples: list[Example], tokenizer, max_input_tokens: int, report: TaskReport) -> list[list[Example]]:
         """Per example, the pieces whose documents fit in max_input_tokens - 1 tokens (EOS is the
         last). Default: documents are cut at the end, keeping their beginning."""
-        room = document_room(max_input_tokens)
-        out = []
-        for ex, spans in zip(examples, token_spans(tokenizer, [e.document for e in examples])):
-            if len(spans) <= room:
-                out.append([ex])
-                continue
-            out.append([replace_document(ex, cut_to_fit(ex.document, spans, tokenizer, room, keep="start"))])
+
+        def cut_at_the_end(ex: Example, spans, room: int) -> list[Example]:
+            cut = replace_document(ex, cut_to_fit(ex.document, spans, tokenizer, room, keep="start"))
             report.truncated += 1
             report.changes["documents cut at the end"] += 1
-        return out
+            return [cut]
+
+        return fit_each(examples, tokenizer, max_input_tokens, cut_at_the_end)
 
     # -- answers ------------------------------------------------------------------------------
 
@@ -167,6 +166,27 @@ class Task:
 
     def score(self, examples: list[Example], predictions: list[list[str]]) -> dict:
         raise NotImplementedError
+
+
+def fit_each(examples: list[Example], tokenizer, max_input_tokens: int, too_long) -> list[list[Example]]:
+    """Per example, [the example] when its document fits in max_input_tokens - 1 tokens (EOS is
+    the last), else `too_long(example, its token spans, the room)`: the pieces it becomes."""
+    room = document_room(max_input_tokens)
+    spans_of = token_spans(tokenizer, [e.document for e in examples])
+    return [[ex] if len(spans) <= room else too_long(ex, spans, room) for ex, spans in zip(examples, spans_of)]
+
+
+def read_data_list(path: Path, shape: str) -> list:
+    """The "data" list of a JSON file shaped {"data": [...]} (SQuAD, ACI-Bench's section files):
+    a DataError naming the file and line of malformed JSON, or saying it expected `shape`."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    rows = data.get("data") if isinstance(data, dict) else None
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected {shape}")
+    return rows
 
 
 def document_room(max_input_tokens: int) -> int:

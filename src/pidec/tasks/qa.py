@@ -21,14 +21,13 @@ highest mean log-likelihood under the model (see `pidec.evaluate`).
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import ClassVar
 
 from ..data import DataError, Example, Subtask
 from ..metrics import best_over, squad_exact, squad_f1, squad_normalize
 from . import windows
-from .base import Task, TaskExample, TaskReport, check_predictions, document_room, references, token_spans
+from .base import Task, TaskExample, TaskReport, check_predictions, fit_each, read_data_list, references
 
 NO_ANSWER = "unanswerable"
 SPLIT_SHARES = (0.8, 0.1, 0.1)  # train, dev, test
@@ -46,13 +45,7 @@ def assign_splits(article_ids: list[str]) -> dict[str, str]:
 
 def read_squad(path: Path) -> list[tuple[str, list[TaskExample]]]:
     """(article id, its examples) for every article of a SQuAD-format file."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-    articles = data.get("data") if isinstance(data, dict) else None
-    if not isinstance(articles, list):
-        raise DataError(f'{path}: expected SQuAD format {{"data": [{{"paragraphs": [...]}}]}}')
+    articles = read_data_list(path, 'SQuAD format {"data": [{"paragraphs": [...]}]}')
     out, seen = [], set()
     for a, article in enumerate(articles):
         paragraphs = article.get("paragraphs") if isinstance(article, dict) else None
@@ -118,12 +111,10 @@ class QA(Task):
         return [ex for article, exs in articles if split == "all" or which[article] == split for ex in exs]
 
     def fit(self, examples, tokenizer, max_input_tokens, report):
-        room = document_room(max_input_tokens)
-        out = []
-        for ex, spans in zip(examples, token_spans(tokenizer, [e.document for e in examples])):
-            if len(spans) <= room:
-                out.append([ex])
-                continue
+        """A document too long becomes overlapping windows, each answering the questions whose
+        answer it holds (the rest: NO_ANSWER)."""
+
+        def into_windows(ex: Example, spans, room: int) -> list[Example]:
             pieces = windows.split(ex.document, tokenizer, room, int(room * WINDOW_OVERLAP), spans)
             refs = references(ex)
             group = []
@@ -132,10 +123,11 @@ class QA(Task):
                 group.append(
                     Example(f"{ex.id}#{k}", text, [Subtask(s.prompt, t) for s, t in zip(ex.subtasks, targets)])
                 )
-            out.append(group)
             report.changes["documents split into windows"] += 1
             report.changes["windows"] += len(pieces)
-        return out
+            return group
+
+        return fit_each(examples, tokenizer, max_input_tokens, into_windows)
 
     def normalize(self, text: str, subtask: int = 0) -> str:
         text = squad_normalize(text)
