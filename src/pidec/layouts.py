@@ -227,7 +227,7 @@ def build(
     control = control_ids(tokenizer)
     plan = Plan(layout, [], [], [], [])
     for i, (document, prompts) in enumerate(examples):
-        _check_document(document, i)
+        check_document(document, i)
         prompts = check_prompts(prompts, i)
         limits = budgets(
             max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
@@ -271,7 +271,8 @@ def check_examples_and_budgets(examples: list, max_new_tokens: int | list) -> No
         budgets(max_new_tokens, 1)
 
 
-def _check_document(document, example: int) -> None:
+def check_document(document, example: int) -> None:
+    """Refuse a document that is not a string or has nothing visible in it (example: its index)."""
     if not isinstance(document, str):
         raise InputError(f"example {example}: document is {type(document).__name__}, expected a string")
     if is_blank(document):

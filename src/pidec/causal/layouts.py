@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
-from ..layouts import TRUNCATE, Truncation, budgets, check_prompts
+from ..layouts import TRUNCATE, Truncation, budgets, check_document, check_examples_and_budgets, check_prompts
 from .generate import SuffixRow, common_prefix
 
 LAYOUTS = ("pid", "pie")
@@ -177,18 +177,10 @@ def build(
     template.check(tokenizer)
     if truncate not in TRUNCATE:
         raise InputError(f"truncate={truncate!r}: expected None, 'left' or 'right'")
-    if not examples:
-        raise InputError("no examples given")
-    if isinstance(max_new_tokens, (list, tuple)) and len(max_new_tokens) != len(examples):
-        raise InputError(f"{len(max_new_tokens)} max_new_tokens entries for {len(examples)} examples")
-    if not isinstance(max_new_tokens, (list, tuple)):
-        budgets(max_new_tokens, 1)
+    check_examples_and_budgets(examples, max_new_tokens)
     plan = CausalPlan(layout, [], [], [], [])
     for i, (document, prompts) in enumerate(examples):
-        if not isinstance(document, str):
-            raise InputError(f"example {i}: document is {type(document).__name__}, expected a string")
-        if not document.strip():
-            raise InputError(f"example {i}: document is empty")
+        check_document(document, i)
         prompts = check_prompts(prompts, i)
         limits = budgets(
             max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
