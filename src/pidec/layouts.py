@@ -222,16 +222,10 @@ def build(
     max_new_tokens: an int for every subtask, or a list with one entry per example, each an int
     or a list with one budget per prompt."""
     check_layout(layout)
-    check_examples_and_budgets(examples, max_new_tokens)
     eos = tokenizer.eos_token_id
     control = control_ids(tokenizer)
     plan = Plan(layout, [], [], [], [])
-    for i, (document, prompts) in enumerate(examples):
-        check_document(document, i)
-        prompts = check_prompts(prompts, i)
-        limits = budgets(
-            max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
-        )
+    for i, document, prompts, limits in checked_examples(examples, max_new_tokens):
         plan.prompts.append(prompts)
         prompt_ids = encode_text(tokenizer, prompts, control)
         plan.prompt_tokens += sum(len(p) for p in prompt_ids)
@@ -269,6 +263,18 @@ def check_examples_and_budgets(examples: list, max_new_tokens: int | list) -> No
         raise InputError(f"{len(max_new_tokens)} max_new_tokens entries for {len(examples)} examples")
     if not isinstance(max_new_tokens, (list, tuple)):
         budgets(max_new_tokens, 1)
+
+
+def checked_examples(examples: list, max_new_tokens: int | list):
+    """Each example as (index, document, prompts, budgets), checked: the batch and its budgets
+    first (before any tokenizing), then each document, its prompts and its budget per prompt.
+    Every layout builder (T5's and the decoder-only one) walks its examples through this."""
+    check_examples_and_budgets(examples, max_new_tokens)
+    for i, (document, prompts) in enumerate(examples):
+        check_document(document, i)
+        prompts = check_prompts(prompts, i)
+        budget = max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens
+        yield i, document, prompts, budgets(budget, len(prompts), i)
 
 
 def check_document(document, example: int) -> None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
-from ..layouts import TRUNCATE, Truncation, budgets, check_document, check_examples_and_budgets, check_prompts
+from ..layouts import TRUNCATE, Truncation, budgets, check_prompts, checked_examples
 from .generate import SuffixRow, common_prefix
 
 LAYOUTS = ("pid", "pie")
@@ -177,14 +177,8 @@ def build(
     template.check(tokenizer)
     if truncate not in TRUNCATE:
         raise InputError(f"truncate={truncate!r}: expected None, 'left' or 'right'")
-    check_examples_and_budgets(examples, max_new_tokens)
     plan = CausalPlan(layout, [], [], [], [])
-    for i, (document, prompts) in enumerate(examples):
-        check_document(document, i)
-        prompts = check_prompts(prompts, i)
-        limits = budgets(
-            max_new_tokens[i] if isinstance(max_new_tokens, (list, tuple)) else max_new_tokens, len(prompts), i
-        )
+    for i, document, prompts, limits in checked_examples(examples, max_new_tokens):
         plan.prompts.append(prompts)
         rows, cut = example_rows(
             tokenizer, template, i, document, prompts, limits, max_input_length, context_length, context_name, truncate
