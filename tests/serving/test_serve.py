@@ -23,9 +23,9 @@ import pytest
 import pidec
 from pidec.serving import allocator
 from pidec.serving.app import create_app
+from pidec.serving.prometheus import parse, total
 from pidec.serving.server import connection_class, describe
 from pidec.serving.settings import ServerSettings, ServeSettings
-from pidec.serving.prometheus import parse, total
 
 from ..shared_data import tiny_checkpoint
 from .helpers import DOC, PROMPTS, error_of, offline, request_bodies, run, serving, slow_decoder, until
