@@ -160,7 +160,6 @@ def describe(model: Model, settings: ServeSettings, source: str | None, url: str
     return "\n".join(lines)
 
 
-
 def prepare_process(settings: ServeSettings, server: ServerSettings) -> None:
     """What must be set before the model is loaded: oneDNN's primitive cache capacity (packing
     makes the first primitives), glibc's malloc arenas (before the model and the threads
