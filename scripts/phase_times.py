@@ -22,8 +22,9 @@ from pidec import cpu
 from pidec.bench import harness, roofline
 from pidec.bench.ceiling import best_bandwidth, best_ceiling, measure_bandwidth, measure_ceiling
 from pidec.bench.workloads import WORKLOADS, build_random_model, draw_documents
-from pidec.generate import DecodeStats, Row, decode_n_tokens, document_order, prefill, special_ids
+from pidec.generate import DecodeStats, Row, decode_n_tokens, prefill, special_ids
 from pidec.inference import prepare_for_inference
+from pidec.rows import document_order
 from pidec.search import new_search
 
 
