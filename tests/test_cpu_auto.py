@@ -14,7 +14,8 @@ import pidec
 from pidec import cpu
 from pidec.bench.harness import make_spec
 from pidec.cli import app
-from pidec.serving.app import ServeSettings, describe
+from pidec.serving.server import describe
+from pidec.serving.settings import ServeSettings
 
 from .shared_data import tiny_checkpoint
 

@@ -39,7 +39,7 @@ def test_generate_help_names_every_key_it_prints():
 @pytest.mark.parametrize(
     "name, classes",
     [
-        ("serve", ("pidec.serving.app:ServeSettings", "pidec.serving.app:ServerSettings")),
+        ("serve", ("pidec.serving.settings:ServeSettings", "pidec.serving.settings:ServerSettings")),
         ("run", ("pidec.cli.run:RunOptions",)),
         ("bench", ("pidec.cli.bench:BenchOptions",)),
     ],

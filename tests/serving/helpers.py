@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager, contextmanager
 
 import httpx
 
-from pidec.serving.app import ServeSettings, create_app
+from pidec.serving.app import create_app
+from pidec.serving.settings import ServeSettings
 
 DOC = "User: I need a cheap hotel in the north for three nights. System: The Acorn guest house has rooms."
 PROMPTS = ["hotel price range", "hotel area", "hotel book stay", "train day"]

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import pidec
 from pidec.serving import allocator
-from pidec.serving.app import ServeSettings, describe
+from pidec.serving.server import describe
+from pidec.serving.settings import ServeSettings
 from tests.causal_tiny import family_for_tests
 from tests.serving.helpers import PROMPTS, error_of, offline, request_bodies, run, serving, slowed
 

@@ -1,4 +1,4 @@
-"""pidec.serving.app: the HTTP contract with an in-process client, every refusal and fault, batching
+"""pidec.serving: the HTTP contract with an in-process client, every refusal and fault, batching
 that leaves each answer equal to `Model.generate`, disconnects, and a graceful SIGTERM."""
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ import pytest
 
 import pidec
 from pidec.serving import allocator
-from pidec.serving.app import ServeSettings, connection_class, create_app, describe
+from pidec.serving.app import create_app
 from pidec.serving.prometheus import parse, total
+from pidec.serving.server import connection_class, describe
+from pidec.serving.settings import ServerSettings, ServeSettings
 
 from ..shared_data import tiny_checkpoint
 from .helpers import DOC, PROMPTS, error_of, offline, request_bodies, run, serving, slow_decoder, until
@@ -275,7 +277,7 @@ def test_every_other_answer_has_the_error_shape_and_is_counted(model, monkeypatc
                 await c.post("/v1/generate", content=json.dumps({"document": DOC, "prompts": PROMPTS})),  # no type
                 await c.post("/v1/generate", content=b"{}", headers={"content-type": "text/plain"}),
             ]
-            monkeypatch.setattr("pidec.serving.app.build_job", broken)
+            monkeypatch.setattr("pidec.serving.requests.build_job", broken)
             replies.append(await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS}))
             monkeypatch.undo()
             replies.append(await c.post("/v1/generate", json={"document": DOC, "prompts": PROMPTS[:1]}))
@@ -805,7 +807,6 @@ def test_serve_options_come_from_the_settings(model, monkeypatch):
     import pidec.cli.common as cli_common
     import pidec.cli.serve as serve_cli
     from pidec.cli import app, command
-    from pidec.serving.app import ServerSettings
 
     params = {p.name: p for p in typer.main.get_command(app).commands["serve"].params}
     for cls in (ServeSettings, ServerSettings):

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from ..bench.loadtest import format_report, run_loadtest
-from ..serving.app import ServerSettings, ServeSettings, prepare_process, run_server
+from ..serving.server import prepare_process, run_server
+from ..serving.settings import ServerSettings, ServeSettings
 from .common import app, input_errors_fail, load_model, runtime_template, write_json
 from .options import build_config, command, declared_options, keyword, runtime_options
 

@@ -1,7 +1,8 @@
 """The service's path for a decoder-only checkpoint (a `CausalModel`: Llama, Qwen2, Qwen3, Mistral).
 
-The HTTP contract, the limits, the timeouts and the metrics are app.py's; this module holds the
-two places where a decoder-only model differs from T5:
+The HTTP contract, the limits, the timeouts and the metrics are the rest of the package's (app.py,
+settings.py, requests.py); this module holds the two places where a decoder-only model differs
+from T5:
 
 - `build_job`: a request's rows as `CausalModel.generate` builds them (the model's template, the
   rows' common prefix), checked against the service's limits: every row, document + prompt in
@@ -31,6 +32,8 @@ from ..causal.layouts import CausalPlan, concat
 from ..errors import InputError
 from ..generate import Aborted
 from .batcher import Job, JobQueue
+from .schema import GenerateRequest
+from .settings import ServeSettings
 
 
 class DocumentTooLong(InputError):
@@ -52,7 +55,7 @@ class CausalJob(Job):
         return len(self.plan.rows)
 
 
-def build_job(model: CausalModel, settings, req, budgets: list[int]) -> CausalJob:
+def build_job(model: CausalModel, settings: ServeSettings, req: GenerateRequest, budgets: list[int]) -> CausalJob:
     """A checked request (`GenerateRequest`, its budgets already within the service's limits)
     as a job: the rows `CausalModel.generate` would decode for it. InputError: a bad request
     (422); DocumentTooLong: a row above settings.max_document_tokens (413)."""
