@@ -38,9 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import model as t5_model
 from .. import packing
 from ..model import CrossCache, LanguageModel, RowGroups, additive_mask
+from ..model import RMSNorm as T5RMSNorm
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -154,7 +154,7 @@ class CausalConfig:
         return d
 
 
-class RMSNorm(t5_model.RMSNorm):
+class RMSNorm(T5RMSNorm):
     """Llama's RMSNorm: T5's weight and epsilon, the statistics in float32, the weight applied in
     the input's dtype (T5 casts only to a half-precision weight's dtype)."""
 
