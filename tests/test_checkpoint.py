@@ -549,6 +549,56 @@ def test_nan_or_inf_weights_are_refused(t5, tmp_path, bad):
         load_model(folder)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_matches_the_element_check(dtype):
+    from pidec.checkpoint import all_finite
+
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.zeros(0, dtype=dtype),
+        torch.randn(64, 32).to(dtype),
+        torch.full((1000,), big, dtype=dtype),  # finite, but its sum overflows
+        torch.tensor([big, -big, big], dtype=dtype),
+    ]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(64, 32).to(dtype)
+        t[5, 7] = bad
+        cases.append(t)
+    mixed = torch.randn(8).to(dtype)
+    mixed[1], mixed[2] = float("inf"), -float("inf")  # their sum is NaN
+    cases.append(mixed)
+    for t in cases:
+        assert all_finite(t) == bool(torch.isfinite(t).all()), t
+
+
+def test_loading_does_not_import_dynamo(t5):
+    """Building the model on meta skips torch.nn.init (whose first call on meta tensors imports
+    torch._dynamo, seconds of every load)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pidec; from pidec.checkpoint import load_model; "
+        f"load_model({str(t5.folder)!r}); print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "False"
+
+
+def test_meta_build_restores_init():
+    from torch import nn
+
+    from pidec.model import on_meta_without_init
+
+    before = nn.init.normal_
+    with on_meta_without_init():
+        layer = nn.Linear(4, 3)
+    assert layer.weight.is_meta and nn.init.normal_ is before
+    t = torch.zeros(1000)
+    nn.init.normal_(t)
+    assert t.std() > 0.5  # real init works again after the block
+
+
 @pytest.mark.parametrize("device, match", [("foo", "not a device name"), ("cuda:7", "cuda:7")])
 def test_unknown_or_absent_device(t5, device, match):
     from pidec.checkpoint import check_device

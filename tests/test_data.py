@@ -577,6 +577,8 @@ def test_train_resume_folder_without_run_config(tmp_path):
 @pytest.mark.parametrize("field", ["document", "prompt"])
 def test_invisible_text_is_blank(tmp_path, field):
     invisible = "\u200b\u200d\ufeff"  # zero-width space, joiner, BOM: nothing a model can read
-    bad = GOOD | ({"document": invisible} if field == "document" else {"subtasks": [{"prompt": invisible, "target": "x"}]})
+    bad = GOOD | (
+        {"document": invisible} if field == "document" else {"subtasks": [{"prompt": invisible, "target": "x"}]}
+    )
     message = read_error(tmp_path, bad)
     assert "empty" in message or "blank" in message

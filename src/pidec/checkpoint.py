@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .errors import InputError
-from .model import T5, T5Config, config_fields
+from .model import T5, T5Config, config_fields, on_meta_without_init
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -466,6 +466,18 @@ def _not_ours(name: str) -> bool:
     return name in EMBEDDING_ALIASES or name.endswith("EncDecAttention.relative_attention_bias.weight")
 
 
+def all_finite(tensor: Tensor) -> bool:
+    """No NaN or Inf in `tensor`. A sum is NaN or infinite when any element is, so a finite sum
+    (one read of the tensor, no mask the size of it) settles the common case; only a sum that
+    overflowed or met a NaN or Inf is checked element by element."""
+    if not tensor.numel():
+        return True
+    acc = torch.float32 if tensor.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(tensor.sum(dtype=acc))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str = "checkpoint") -> T5:
     """Build a T5 from Hugging Face named tensors, checking every name, shape and value: the
     config must not imply more parameters than the tensors hold (checked before anything is
@@ -479,7 +491,7 @@ def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str 
             )
     check_weights_fit(config, {k: tuple(t.shape) for k, t in hf_sd.items()}, source)
     for name, tensor in hf_sd.items():
-        if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+        if not all_finite(tensor):
             bad = int((~torch.isfinite(tensor)).sum())
             raise CheckpointError(f"{source}: tensor {name} holds {bad} NaN or Inf value(s) of {tensor.numel()}")
     ours = rename_tensors(hf_sd, hf_to_ours, source, _not_ours)
@@ -498,7 +510,7 @@ def state_dict_to_model(config: T5Config, hf_sd: dict[str, Tensor], source: str 
     if config.tie_word_embeddings:
         ours.pop("lm_head.weight", None)
 
-    with torch.device("meta"):
+    with on_meta_without_init():
         model = T5(config)
     expected = dict(model.state_dict())
     fit = (

@@ -13,6 +13,7 @@ to them through one attention call, the rows' queries folded into the query axis
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, fields
 
@@ -151,6 +152,41 @@ class T5Config:
         d = asdict(self)
         d.pop("extra")
         return d
+
+
+_INIT_FUNCTIONS = (
+    "normal_",
+    "uniform_",
+    "trunc_normal_",
+    "kaiming_uniform_",
+    "kaiming_normal_",
+    "xavier_uniform_",
+    "xavier_normal_",
+    "zeros_",
+    "ones_",
+    "constant_",
+)
+
+
+@contextlib.contextmanager
+def on_meta_without_init():
+    """Modules built inside get meta tensors and skip `torch.nn.init`, for a model whose weights
+    are assigned next (a checkpoint's, or a seeded init of its own). Initialising meta tensors
+    does no work, but it goes through torch's Python reference ops, whose first call imports
+    torch._dynamo: about 2-4 s of every `pidec.load` on a 2-core CPU, for nothing."""
+    saved = {name: getattr(nn.init, name) for name in _INIT_FUNCTIONS}
+    for name in _INIT_FUNCTIONS:
+        setattr(nn.init, name, _keep)
+    try:
+        with torch.device("meta"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            setattr(nn.init, name, fn)
+
+
+def _keep(tensor: Tensor, *args, **kwargs) -> Tensor:
+    return tensor
 
 
 def _activation(name: str):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..model import T5, T5Config
+from ..model import T5, T5Config, on_meta_without_init
 
 TOKEN_LOW, TOKEN_HIGH = 100, 32000  # token ids are drawn in [TOKEN_LOW, TOKEN_HIGH)
 DOC_EOS = 1  # every document ends with EOS
@@ -132,7 +132,7 @@ def build_random_model(size: str, seed: int = 0) -> T5:
     """A T5 v1.1 of preset `size` with fast seeded init: linears N(0, fan_in**-0.5), embedding
     N(0, 1), relative biases N(0, 0.1), norms 1. Activations stay finite through every layer."""
     cfg = T5Config.from_name(size)
-    with torch.device("meta"):
+    with on_meta_without_init():
         model = T5(cfg)
     model = model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(seed)

@@ -28,6 +28,7 @@ from ..checkpoint import (
     read_state_dict,
     rename_tensors,
 )
+from ..model import on_meta_without_init
 from .model import CausalConfig, CausalLM, inverse_frequencies
 
 # model_type -> the transformers class that writes it
@@ -213,7 +214,7 @@ def state_dict_to_model(config: CausalConfig, hf_sd: dict[str, Tensor], source: 
     ours = rename_tensors(hf_sd, hf_to_ours, source, skip=lambda name: name.endswith("rotary_emb.inv_freq"))
     if config.tie_word_embeddings:
         ours.pop("lm_head.weight", None)
-    with torch.device("meta"):
+    with on_meta_without_init():
         model = CausalLM(config)
     expected = dict(model.state_dict())
     check_tensor_names(
