@@ -46,6 +46,7 @@ from .writers import output_format_of, to_table
 INSTALL = "pip install 'pidec[ray]'  (Ray Data and pyarrow)"
 TEXT_COLUMN, PATH_COLUMN = "text", "path"
 MAX_BATCH_SIZE = 256  # rows per actor call that `run` picks at most
+CALLS_PER_ACTOR = 8  # `run` cuts each actor's share of a small corpus into about this many calls
 NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
 
 
@@ -145,7 +146,9 @@ def extract(
         fn_constructor_args=(spec, questions, options, on_error),
         batch_size=batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=actors),
+        # one call at a time per actor: a call waiting behind another on a busy actor while
+        # the other actor idles would be the run's tail (calls are long: whole batches)
+        compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
         num_cpus=cpus,
         num_gpus=actor_gpus or None,
     )
@@ -187,11 +190,12 @@ def parquet_sink(path: str):
 
 
 def share_per_call(shards, actors: int, limit: int | None) -> int:
-    """Rows per actor call for `run`: a quarter of each actor's share of the corpus, at most
-    MAX_BATCH_SIZE. Input blocks are bundled up to this many rows per call, so a small corpus in
-    a few shards still reaches every actor, and a large one is cut into calls of MAX_BATCH_SIZE."""
+    """Rows per actor call for `run`: an eighth of each actor's share of the corpus
+    (CALLS_PER_ACTOR), at most MAX_BATCH_SIZE. Input blocks are bundled up to this many rows per
+    call, so a small corpus in a few shards still reaches every actor, a large one is cut into
+    calls of MAX_BATCH_SIZE, and the actors end within about one small call of each other."""
     total = count_input_records(shards, limit)
-    return max(1, min(MAX_BATCH_SIZE, -(-total // (4 * actors))))
+    return max(1, min(MAX_BATCH_SIZE, -(-total // (CALLS_PER_ACTOR * actors))))
 
 
 def count_output(folder: Path) -> dict:
