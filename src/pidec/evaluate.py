@@ -28,7 +28,7 @@ from pathlib import Path
 from .data import Example
 from .layouts import check_layout
 from .likelihood import answer_scores
-from .tasks.base import Task, TaskReport, replace_document
+from .tasks.base import Task, TaskReport
 
 
 @dataclass
@@ -227,12 +227,10 @@ def write(result: Evaluation, out_dir: str | os.PathLike, name: str) -> tuple[Pa
     return metrics_path, predictions_path
 
 
-def _chained_example(task: Task, example: Example, documents: list[str], i: int, last: list[str] | None) -> Example:
-    """Example `i` with its document rewritten by its chain's last answers (`last`, None for
-    the first of a chain); `documents[i]` is updated to the rewritten text."""
-    if last is not None:
-        documents[i] = task.chain_document(documents[i], last)
-    return replace_document(example, documents[i])
+def _chained_example(task: Task, example: Example, last: list[str] | None) -> Example:
+    """`example` rewritten with its chain's last answers (`last`; None for the first of a
+    chain, which is read as it is)."""
+    return example if last is None else task.chain_example(example, last)
 
 
 def _add_counts(total: dict, speed: dict) -> None:
@@ -255,19 +253,21 @@ def evaluate_chained(
 ) -> Evaluation:
     """`evaluate` for a task whose documents carry answers given to an earlier example (MultiWOZ
     with the previous state in the document): the examples are decoded round by round
-    (`task.chain_rounds`), each document rewritten with its chain's last answers
-    (`task.chain_document`, `task.chain_state`), each round scored as the task reads documents
+    (`task.chain_rounds`), each example rewritten with its chain's last answers
+    (`task.chain_example`, `task.chain_state`), each round scored as the task reads documents
     (`task.unchained()`), and all of them scored together at the end. The warm-up, when asked
     for, runs once, before the first round."""
     rounds, chain_of = task.chain_rounds(examples)
     one_round = task.unchained()
-    documents = [ex.document for ex in examples]
+    current = list(examples)  # each example as it was decoded (rewritten by its chain)
     state: dict[str, list[str]] = {}
     predictions: list[list[str] | None] = [None] * len(examples)
     speed: dict = {}
     report = TaskReport(f"{task.name} chained for {layout}", read=len(examples))
     for r, members in enumerate(rounds):
-        batch = [_chained_example(task, examples[i], documents, i, state.get(chain_of[i])) for i in members]
+        for i in members:
+            current[i] = _chained_example(task, examples[i], state.get(chain_of[i]))
+        batch = [current[i] for i in members]
         result = evaluate(
             model,
             one_round,
@@ -289,7 +289,6 @@ def evaluate_chained(
     gen_s = speed.get("generate_s", 0)
     speed["examples_per_s"] = round(len(examples) / gen_s, 3) if gen_s else None
     speed["rounds"] = len(rounds)
-    done = [replace_document(ex, d) for ex, d in zip(examples, documents)]
     return Evaluation(
-        task.name, layout, task.score(done, predictions), speed, done, predictions, [1] * len(done), report
+        task.name, layout, task.score(current, predictions), speed, current, predictions, [1] * len(current), report
     )

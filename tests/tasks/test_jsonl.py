@@ -23,7 +23,7 @@ ROWS = [
 
 
 def test_registry_names_and_unknown_task():
-    assert tasks.names() == ["multiwoz", "multiwoz-state", "aci_bench", "qa", "booking", "jsonl"]
+    assert tasks.names() == ["multiwoz", "multiwoz-state", "multiwoz-slot-state", "aci_bench", "qa", "booking", "jsonl"]
     for name in tasks.names():
         t = tasks.get(name)
         assert t.name == name and t.description and t.splits and t.main_metric

@@ -424,3 +424,67 @@ def test_chained_evaluation_needs_the_turns_of_a_dialogue_in_order(tmp_path, tok
     examples = tasks.get("multiwoz-state").load("test", state_tsv(tmp_path, TWO_DIALOGUES))
     with pytest.raises(ValueError, match="consecutive and in order"):
         evaluate(ScriptedModel(tok, {}), tasks.get("multiwoz-state"), [examples[0], examples[2]], "pid")
+
+
+# -- the slot-state form: each slot's prompt carries its previous value --------------------------
+
+
+def test_slot_state_prompts_carry_the_gold_previous_values_and_documents_the_last_turn(tmp_path):
+    from pidec.tasks.multiwoz import MultiWOZSlotState
+
+    path = state_tsv(tmp_path, TWO_DIALOGUES)
+    plain = TASK.load("test", path)
+    examples = tasks.get("multiwoz-slot-state").load("test", path)
+    assert [e.id for e in examples] == ["A:0", "A:1", "A:2", "B:0", "B:1"]
+    assert examples[1].document == "system: how long ?\nuser: 3 nights , parking please"
+    first = dict(zip(examples[0].prompts, examples[0].targets))
+    assert first["hotel area = none"] == "north" and len(first) == len(SLOTS)
+    second = examples[1].prompts
+    assert "hotel area = north" in second and "hotel parking = none" in second
+    assert "hotel parking = yes" in examples[2].prompts  # canonical form of the gold `true`
+    assert "train day = none" in examples[3].prompts  # a new dialogue starts empty
+    assert [e.targets for e in examples] == [e.targets for e in plain]
+    task = MultiWOZSlotState()
+    assert task.slots_of(examples[2]) == list(SLOTS) == task.slots_of(plain[2])
+    with pytest.raises(ValueError, match="not a MultiWOZ slot prompt"):
+        task.slots_of(Example("x:0", "d", [Subtask("hotel colour = red", "none")]))
+
+
+class PromptScriptedModel(ScriptedModel):
+    """ScriptedModel for prompts that carry a value: records the prompts it was given."""
+
+    def generate_batch(self, batch, max_new_tokens, num_beams, layout, return_details, seq_instruction):
+        from types import SimpleNamespace
+
+        self.calls.append([prompts for _, prompts in batch])
+        outputs = []
+        for document, prompts in batch:
+            said = self.script[document.rsplit("user: ", 1)[1]]
+            outputs.append([said.get(SLOT_OF_PROMPT_[p.split(" = ")[0]], "none") for p in prompts])
+        return SimpleNamespace(outputs=outputs, timings={"total_ms": 1.0}, usage={})
+
+
+def test_slot_state_chained_evaluation_feeds_each_prompt_the_value_predicted_before(tmp_path, tok):
+    from pidec.evaluate import evaluate
+    from pidec.tasks.multiwoz import MultiWOZSlotState
+
+    task = tasks.get("multiwoz-slot-state")
+    examples = task.load("test", state_tsv(tmp_path, TWO_DIALOGUES))
+    script = {  # misses the parking at A:1, then keeps what its prompts say
+        "i need a hotel in the north": {"hotel-area": "north"},
+        "3 nights , parking please": {"hotel-area": "north", "hotel-book stay": "3"},
+        "thanks": {"hotel-area": "north", "hotel-book stay": "3"},
+        "a train on friday": {"train-day": "friday"},
+        "to ely": {"train-day": "friday", "train-destination": "ely"},
+    }
+    model = PromptScriptedModel(tok, script)
+    result = evaluate(model, task, examples, "pid", batch_size=8, warmup=False)
+    assert [len(c) for c in model.calls] == [2, 2, 1]
+    (a2,) = model.calls[2]
+    assert "hotel parking = none" in a2 and "hotel book stay = 3" in a2  # predicted, not gold (yes)
+    assert "train day = friday" in model.calls[1][1]
+    assert result.metrics["joint_goal_accuracy"] == pytest.approx(60.0)
+    assert "hotel parking = none" in result.examples[2].prompts  # scored as decoded
+    oracle = PromptScriptedModel(tok, script)
+    evaluate(oracle, MultiWOZSlotState(previous="gold"), examples, "pid", batch_size=8, warmup=False)
+    assert len(oracle.calls) == 1 and "hotel parking = yes" in oracle.calls[0][2]

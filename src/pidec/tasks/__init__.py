@@ -12,10 +12,10 @@ from .aci_bench import ACIBench
 from .base import Examples, Task, TaskExample, TaskReport, data_root
 from .booking import BookingTask
 from .jsonl import JSONL
-from .multiwoz import MultiWOZ, MultiWOZState
+from .multiwoz import MultiWOZ, MultiWOZSlotState, MultiWOZState
 from .qa import QA
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MultiWOZ, MultiWOZState, ACIBench, QA, BookingTask, JSONL)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MultiWOZ, MultiWOZState, MultiWOZSlotState, ACIBench, QA, BookingTask, JSONL)}
 
 
 def names() -> list[str]:

@@ -32,7 +32,17 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..data import DataError, Example, Subtask
-from .base import Task, TaskExample, TaskReport, check_predictions, cut_to_fit, document_room, references, token_spans
+from .base import (
+    Task,
+    TaskExample,
+    TaskReport,
+    check_predictions,
+    cut_to_fit,
+    document_room,
+    references,
+    replace_document,
+    token_spans,
+)
 
 DOMAINS = ("attraction", "hotel", "restaurant", "taxi", "train")
 SLOTS = (
@@ -614,9 +624,80 @@ class MultiWOZState(MultiWOZ):
         """`document` with its state line replaced by `state` (the previous turn's answers)."""
         return state_document(state, document.split("\n", 1)[1])
 
+    def chain_example(self, example: Example, state: list[str]) -> Example:
+        """`example` as the next turn of a chain reads it: `state` (the previous turn's answers)
+        in place of the gold previous state."""
+        return replace_document(example, self.chain_document(example.document, state))
+
     def chain_state(self, example: Example, answers: list[str]) -> list[str]:
         return [canonical(slot, a) for slot, a in zip(self.slots_of(example), answers)]
 
     def unchained(self) -> MultiWOZState:
         """The same task reading documents as they are, to score one round."""
         return MultiWOZState(self.last_turns, previous="gold")
+
+
+SLOT_PROMPT_SEPARATOR = " = "
+
+
+def slot_prompt(prompt: str, previous: str) -> str:
+    """A slot's prompt carrying its previous value: `hotel name = wartworth`, `hotel area = none`."""
+    return f"{prompt}{SLOT_PROMPT_SEPARATOR}{previous}"
+
+
+class MultiWOZSlotState(MultiWOZState):
+    """MultiWOZ whose previous state is in the prompts, not the document: each slot's prompt
+    carries the value it had after the turn before (`hotel name = wartworth`, `taxi departure =
+    none`), and the document is the last `last_turns` turns only. A slot's decoder row sees its
+    own previous value a few positions back, where the state form's rows must find it in the
+    encoder's state line through cross-attention; every row still reads the one shared encoding
+    of the turn.
+
+    Training reads the gold previous values; evaluation is chained as `MultiWOZState`'s is:
+    each turn's prompts carry the values the model predicted at the turn before."""
+
+    name = "multiwoz-slot-state"
+    description = (
+        "MultiWOZ 2.1 state tracking from the last turn, each slot's prompt carrying its previous "
+        "value; evaluated with the model's own predicted values chained turn by turn"
+    )
+
+    def read(self, split: str, path: Path, report: TaskReport) -> list[Example]:
+        examples = MultiWOZ.read(self, split, path, report)
+        out, previous, current = [], [NONE] * len(SLOTS), None
+        for ex in examples:
+            dialogue, turn = dialogue_turn(ex.id)
+            if dialogue != current or turn == 0:
+                current, previous = dialogue, [NONE] * len(SLOTS)
+            out.append(self._with_previous(ex, recent_turns(ex.document, self.last_turns), previous))
+            previous = [s.target for s in ex.subtasks]
+        return out
+
+    def _with_previous(self, example: Example, document: str, previous: list[str]) -> TaskExample:
+        slots = self.slots_of(example)  # plain prompts or prompts with a value: both parse
+        subtasks = [
+            Subtask(slot_prompt(PROMPTS[SLOTS.index(slot)], canonical(slot, value)), s.target)
+            for slot, value, s in zip(slots, previous, example.subtasks)
+        ]
+        return TaskExample(example.id, document, subtasks, references=getattr(example, "references", None))
+
+    def slots_of(self, example: Example) -> list[str]:
+        out = []
+        for p in example.prompts:
+            slot = SLOT_OF_PROMPT.get(p.split(SLOT_PROMPT_SEPARATOR, 1)[0])
+            if slot is None:
+                raise ValueError(f"example {example.id!r}: prompt {p!r} is not a MultiWOZ slot prompt")
+            out.append(slot)
+        return out
+
+    def fit(self, examples, tokenizer, max_input_tokens, report):
+        """The document is utterances only: the oldest lines go first (`MultiWOZ.fit`)."""
+        return MultiWOZ.fit(self, examples, tokenizer, max_input_tokens, report)
+
+    def chain_example(self, example: Example, state: list[str]) -> Example:
+        """`example` with each prompt's previous value replaced by `state`'s (the answers the
+        model gave at the turn before)."""
+        return self._with_previous(example, example.document, state)
+
+    def unchained(self) -> MultiWOZSlotState:
+        return MultiWOZSlotState(self.last_turns, previous="gold")
