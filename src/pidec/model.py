@@ -611,7 +611,9 @@ class T5(LanguageModel):
         S = input_ids.shape[1]
         x = self.encoder.dropout(self.embed(input_ids))
         pos = torch.arange(S, device=input_ids.device)
-        mask = self.encoder.rel_bias(pos, pos).unsqueeze(0).to(x.dtype)  # [1, heads, S, S]
+        # [1, heads, S, S], contiguous once here: the bias is a transposed view of its
+        # embedding lookup, which the fused attention kernel would otherwise copy in every layer
+        mask = self.encoder.rel_bias(pos, pos).unsqueeze(0).to(x.dtype).contiguous()
         if attention_mask is not None and not hostsync.read_bool(attention_mask.all(), "T5.encode"):
             mask = mask.masked_fill(~attention_mask[:, None, None, :].bool(), torch.finfo(x.dtype).min)
         for layer in self.encoder.layers:
