@@ -1,0 +1,60 @@
+"""The wrong slot answers of a MultiWOZ state-tracking model, by kind, with the gold previous
+states given (the oracle: no chaining), so that each error is the model's own at that turn.
+
+    PYTHONPATH=src python scripts/state_errors.py MODEL [--task multiwoz-state] [--split dev] [--limit 200]
+
+Kinds: a value where the gold answer is `none` ("invented"); the gold value was in the previous
+state (the document's state line for `multiwoz-state`, the slot's own prompt for
+`multiwoz-slot-state`) and another value or `none` was answered ("failed copy"); a new value
+missed or answered wrongly. Prints the metrics, the counts by kind and by slot, and examples."""
+
+import argparse
+import collections
+
+import pidec
+from pidec.evaluate import evaluate
+from pidec.tasks.multiwoz import SLOT_PROMPT_SEPARATOR, MultiWOZSlotState, MultiWOZState
+
+
+def previous_holds(task_name: str, document: str, prompt: str, gold: str) -> bool:
+    if task_name == "multiwoz-slot-state":
+        return prompt.split(SLOT_PROMPT_SEPARATOR, 1)[1] == gold
+    return f"{prompt} = {gold}" in document.split("\n", 1)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model")
+    p.add_argument("--task", default="multiwoz-state", choices=["multiwoz-state", "multiwoz-slot-state"])
+    p.add_argument("--split", default="dev")
+    p.add_argument("--limit", type=int, default=200)
+    p.add_argument("--examples", type=int, default=12)
+    a = p.parse_args()
+    task = (MultiWOZSlotState if a.task == "multiwoz-slot-state" else MultiWOZState)(previous="gold")
+    examples = task.load(a.split, limit=a.limit)
+    result = evaluate(pidec.load(a.model), task, examples, batch_size=64, warmup=False)
+    print({k: round(v, 2) for k, v in result.metrics.items() if not k.startswith("turns")})
+    kinds, slots, shown = collections.Counter(), collections.Counter(), []
+    for ex, answers in zip(result.examples, result.predictions):
+        for prompt, target, answer in zip(ex.prompts, ex.targets, answers):
+            gold = target if isinstance(target, str) else target[0]
+            if answer.strip() == gold.strip():
+                continue
+            if gold == "none":
+                kind = "invented"
+            elif previous_holds(a.task, ex.document, prompt, gold):
+                kind = "failed copy (none)" if answer == "none" else "failed copy (other value)"
+            else:
+                kind = "new value missed" if answer == "none" else "new value wrong"
+            kinds[kind] += 1
+            slots[prompt.split(SLOT_PROMPT_SEPARATOR, 1)[0]] += 1
+            if len(shown) < a.examples:
+                shown.append((ex.id, prompt, gold, answer))
+    print("wrong answers:", sum(kinds.values()), dict(kinds.most_common()))
+    print("by slot:", dict(slots.most_common(12)))
+    for s in shown:
+        print(s)
+
+
+if __name__ == "__main__":
+    main()
