@@ -1,13 +1,14 @@
 """bf16 (or int8) against float32 on a `multiwoz-state` model, on identical inputs and chained.
 
-    PYTHONPATH=src python scripts/state_agreement.py MODEL [--limit 1000] [--dtype bfloat16] [--quantize int8]
+    PYTHONPATH=src python scripts/state_agreement.py MODEL [--task multiwoz-slot-state] [--limit 1000]
+        [--dtype bfloat16] [--quantize int8]
 
 Two comparisons, because a chained evaluation feeds each turn the state the model predicted
 at the turn before: one answer that the other precision rounds differently changes the next
 turns' documents, so chained agreement counts a single difference many times.
 
 - identical inputs: every turn's document holds the gold previous state
-  (`MultiWOZState(previous="gold")`), so both precisions answer the same documents; the share
+  (`previous="gold"`), so both precisions answer the same documents; the share
   of the 30 slot answers that are identical is the precision's own agreement;
 - chained (what `pidec eval --task multiwoz-state` reports): the share of identical answers,
   and JGA and slot accuracy under each precision.
@@ -21,11 +22,11 @@ import time
 
 import pidec
 from pidec.evaluate import evaluate
-from pidec.tasks.multiwoz import MultiWOZState
+from pidec.tasks.multiwoz import MultiWOZSlotState, MultiWOZState
 
 
-def answers(model_path: str, previous: str, limit: int, batch_size: int, **load) -> tuple[list, dict, float]:
-    task = MultiWOZState(previous=previous)
+def answers(task_class, model_path: str, previous: str, limit: int, batch_size: int, **load):
+    task = task_class(previous=previous)
     examples = task.load("test", limit=limit)
     model = pidec.load(model_path, **load)
     t = time.perf_counter()
@@ -45,12 +46,14 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--quantize", default=None)
+    p.add_argument("--task", default="multiwoz-state", choices=["multiwoz-state", "multiwoz-slot-state"])
     a = p.parse_args()
     other = {"dtype": a.dtype if not a.quantize else "float32", "quantize": a.quantize}
-    out = {"model": a.model, "turns": a.limit, "other": other}
+    task_class = MultiWOZSlotState if a.task == "multiwoz-slot-state" else MultiWOZState
+    out = {"model": a.model, "task": a.task, "turns": a.limit, "other": other}
     for previous in ("gold", "predicted"):
-        ref, m_ref, s_ref = answers(a.model, previous, a.limit, a.batch_size, dtype="float32")
-        oth, m_oth, s_oth = answers(a.model, previous, a.limit, a.batch_size, **other)
+        ref, m_ref, s_ref = answers(task_class, a.model, previous, a.limit, a.batch_size, dtype="float32")
+        oth, m_oth, s_oth = answers(task_class, a.model, previous, a.limit, a.batch_size, **other)
         k, n = same(ref, oth)
         out[previous] = {
             "identical": k,
