@@ -305,6 +305,17 @@ TWO_DIALOGUES = {
 }
 
 
+# a model's answers to TWO_DIALOGUES by user utterance: it misses the parking at A:1 and then
+# keeps what it was shown
+MISSES_THE_PARKING = {
+    "i need a hotel in the north": {"hotel-area": "north"},
+    "3 nights , parking please": {"hotel-area": "north", "hotel-book stay": "3"},
+    "thanks": {"hotel-area": "north", "hotel-book stay": "3"},
+    "a train on friday": {"train-day": "friday"},
+    "to ely": {"train-day": "friday", "train-destination": "ely"},
+}
+
+
 def test_serialize_state_names_the_filled_slots_only():
     from pidec.tasks.multiwoz import serialize_state
 
@@ -392,14 +403,7 @@ def test_chained_evaluation_feeds_each_turn_the_state_predicted_before(tmp_path,
     path = state_tsv(tmp_path, TWO_DIALOGUES)
     task = tasks.get("multiwoz-state")
     examples = task.load("test", path)
-    # the model misses the parking at A:1 and then keeps what it was shown
-    script = {
-        "i need a hotel in the north": {"hotel-area": "north"},
-        "3 nights , parking please": {"hotel-area": "north", "hotel-book stay": "3"},
-        "thanks": {"hotel-area": "north", "hotel-book stay": "3"},
-        "a train on friday": {"train-day": "friday"},
-        "to ely": {"train-day": "friday", "train-destination": "ely"},
-    }
+    script = MISSES_THE_PARKING
     model = ScriptedModel(tok, script)
     result = evaluate(model, task, examples, "pid", batch_size=8)  # what `pidec eval --task multiwoz-state` runs
     # the first round's batch is decoded once untimed (the warm-up), then one round per turn
@@ -470,13 +474,7 @@ def test_slot_state_chained_evaluation_feeds_each_prompt_the_value_predicted_bef
 
     task = tasks.get("multiwoz-slot-state")
     examples = task.load("test", state_tsv(tmp_path, TWO_DIALOGUES))
-    script = {  # misses the parking at A:1, then keeps what its prompts say
-        "i need a hotel in the north": {"hotel-area": "north"},
-        "3 nights , parking please": {"hotel-area": "north", "hotel-book stay": "3"},
-        "thanks": {"hotel-area": "north", "hotel-book stay": "3"},
-        "a train on friday": {"train-day": "friday"},
-        "to ely": {"train-day": "friday", "train-destination": "ely"},
-    }
+    script = MISSES_THE_PARKING
     model = PromptScriptedModel(tok, script)
     result = evaluate(model, task, examples, "pid", batch_size=8, warmup=False)
     assert [len(c) for c in model.calls] == [2, 2, 1]
