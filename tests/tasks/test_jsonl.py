@@ -28,7 +28,8 @@ def test_registry_names_and_unknown_task():
         t = tasks.get(name)
         assert t.name == name and t.description and t.splits and t.main_metric
     with pytest.raises(
-        DataError, match="unknown task 'squad': expected one of multiwoz, multiwoz-state, aci_bench, qa, booking, jsonl"
+        DataError,
+        match="unknown task 'squad': expected one of multiwoz, multiwoz-state, multiwoz-slot-state, aci_bench, qa, booking, jsonl",
     ):
         tasks.get("squad")
 
