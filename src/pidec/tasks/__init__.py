@@ -15,7 +15,9 @@ from .jsonl import JSONL
 from .multiwoz import MultiWOZ, MultiWOZSlotState, MultiWOZState
 from .qa import QA
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MultiWOZ, MultiWOZState, MultiWOZSlotState, ACIBench, QA, BookingTask, JSONL)}
+TASKS: dict[str, type[Task]] = {
+    t.name: t for t in (MultiWOZ, MultiWOZState, MultiWOZSlotState, ACIBench, QA, BookingTask, JSONL)
+}
 
 
 def names() -> list[str]:
