@@ -569,10 +569,15 @@ class MultiWOZState(MultiWOZ):
             dialogue, turn = dialogue_turn(ex.id)
             if dialogue != current or turn == 0:
                 current, previous = dialogue, [NONE] * len(SLOTS)
-            document = state_document(previous, recent_turns(ex.document, self.last_turns))
-            out.append(TaskExample(ex.id, document, ex.subtasks, references=getattr(ex, "references", None)))
+            out.append(self.with_previous(ex, recent_turns(ex.document, self.last_turns), previous))
             previous = [s.target for s in ex.subtasks]
         return out
+
+    def with_previous(self, example: Example, recent: str, previous: list[str]) -> TaskExample:
+        """The turn `example` reading `recent` (its last utterances) and the `previous` state:
+        here a state line before the utterances."""
+        refs = getattr(example, "references", None)
+        return TaskExample(example.id, state_document(previous, recent), example.subtasks, references=refs)
 
     def fit(self, examples, tokenizer, max_input_tokens, report):
         """The state line is kept; the utterances lose their oldest lines first (as `MultiWOZ.fit`
@@ -662,24 +667,15 @@ class MultiWOZSlotState(MultiWOZState):
         "value; evaluated with the model's own predicted values chained turn by turn"
     )
 
-    def read(self, split: str, path: Path, report: TaskReport) -> list[Example]:
-        examples = MultiWOZ.read(self, split, path, report)
-        out, previous, current = [], [NONE] * len(SLOTS), None
-        for ex in examples:
-            dialogue, turn = dialogue_turn(ex.id)
-            if dialogue != current or turn == 0:
-                current, previous = dialogue, [NONE] * len(SLOTS)
-            out.append(self._with_previous(ex, recent_turns(ex.document, self.last_turns), previous))
-            previous = [s.target for s in ex.subtasks]
-        return out
-
-    def _with_previous(self, example: Example, document: str, previous: list[str]) -> TaskExample:
-        slots = self.slots_of(example)  # plain prompts or prompts with a value: both parse
+    def with_previous(self, example: Example, recent: str, previous: list[str]) -> TaskExample:
+        """The turn `example` reading `recent` (its last utterances) as its document and the
+        `previous` state in its prompts (`example`'s prompts may carry a value already)."""
+        plain = [p.split(SLOT_PROMPT_SEPARATOR, 1)[0] for p in example.prompts]
         subtasks = [
-            Subtask(slot_prompt(PROMPTS[SLOTS.index(slot)], canonical(slot, value)), s.target)
-            for slot, value, s in zip(slots, previous, example.subtasks)
+            Subtask(slot_prompt(prompt, canonical(slot, value)), s.target)
+            for prompt, slot, value, s in zip(plain, self.slots_of(example), previous, example.subtasks)
         ]
-        return TaskExample(example.id, document, subtasks, references=getattr(example, "references", None))
+        return TaskExample(example.id, recent, subtasks, references=getattr(example, "references", None))
 
     def slots_of(self, example: Example) -> list[str]:
         out = []
@@ -697,7 +693,7 @@ class MultiWOZSlotState(MultiWOZState):
     def chain_example(self, example: Example, state: list[str]) -> Example:
         """`example` with each prompt's previous value replaced by `state`'s (the answers the
         model gave at the turn before)."""
-        return self._with_previous(example, example.document, state)
+        return self.with_previous(example, example.document, state)
 
     def unchained(self) -> MultiWOZSlotState:
         return MultiWOZSlotState(self.last_turns, previous="gold")
