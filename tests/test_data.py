@@ -466,6 +466,10 @@ def test_train_needs_train_file_or_task(tmp_path):
         (["--dropout", "1"], "error: --dropout: must be in [0, 1), got 1.0"),
         (["--max-subtasks", "0"], "error: --max-subtasks: must be >= 1, got 0"),
         (["--downsample", "none:2"], "error: --downsample: keep probability for 'none' must be in [0, 1], got 2.0"),
+        (
+            ["--downsample", "@same:0.2"],
+            "error: --downsample: unknown row kind '@same'; the one row kind is @unchanged",
+        ),
     ],
 )
 def test_train_bad_settings(tmp_path, train_file, extra, expect):

@@ -396,6 +396,21 @@ class TrainItem:
     rows: list[tuple[int, list[int], list[int]]]  # (encoder row, prefix, target + EOS); seq: one row
     values: list[str]  # the target text of each row, for down-sampling a dominant value
     truncated: bool = False
+    # the value each row's prompt carries (`question = value`), for down-sampling by row kind
+    carried: list[str | None] = field(default_factory=list)
+
+
+# A prompt may carry a value after this separator (`hotel area = north`: multiwoz-slot-state
+# writes each slot's previous value there); `--downsample @unchanged:P` keeps a fraction P of
+# the rows whose target repeats it.
+CARRIED_SEPARATOR = " = "
+UNCHANGED_ROWS = "@unchanged"  # the `--downsample` key of that row kind
+
+
+def carried_value(prompt: str) -> str | None:
+    """The value written after the prompt's first ` = `, or None when it has none."""
+    head, sep, value = prompt.partition(CARRIED_SEPARATOR)
+    return value if sep and head.strip() else None
 
 
 class TrainTokenizer:
@@ -464,7 +479,7 @@ class TrainTokenizer:
                 [self.eos],
             )
             rows = [(0, [self.start] + self.ids(p), t) for p, t in zip(prompts, targets_ids)]
-            return TrainItem(i, [ids], rows, list(targets), cut)
+            return TrainItem(i, [ids], rows, list(targets), cut, [carried_value(p) for p in prompts])
         plan = Plan("pie", [], [], [], [])
         _pie(
             plan,
@@ -480,4 +495,4 @@ class TrainTokenizer:
             self.eos,
         )
         rows = [(j, [self.start], t) for j, t in enumerate(targets_ids)]
-        return TrainItem(i, plan.docs, rows, list(targets), bool(plan.truncations))
+        return TrainItem(i, plan.docs, rows, list(targets), bool(plan.truncations), [carried_value(p) for p in prompts])

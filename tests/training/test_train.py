@@ -20,7 +20,7 @@ from pidec import checkpoint
 from pidec.data import Example, Subtask, write_jsonl
 from pidec.errors import InputError
 from pidec.forcing import IGNORE, Part, collate, loss_sum, padded_tokens
-from pidec.layouts import TrainTokenizer
+from pidec.layouts import TrainTokenizer, carried_value
 from pidec.model import T5, T5Config
 from pidec.training.batching import epoch_batches, select_rows
 from pidec.training.build import lr_lambda, make_optimizer
@@ -189,6 +189,30 @@ def test_subtask_sampling_and_downsampling():
     assert kept != [select_rows(it, cfg, 1) for it in items]
     with pytest.raises(ValueError, match="seq"):
         TrainConfig(output="x", layout="seq", train="f", size="tiny", tokenizer="byte", steps=1, max_subtasks=2).check()
+
+
+def test_downsampling_the_rows_that_repeat_their_prompts_value():
+    """`@unchanged:P` keeps a fraction P of the rows whose target repeats the value their prompt
+    carries (`slot = value`, as multiwoz-slot-state writes it); other rows keep their value's rule."""
+    prompts = ["hotel area = north", "hotel day = none", "hotel name = none", "taxi leave at", "hotel stars = 4"]
+    targets = ["north", "friday", "none", "none", "4"]
+    for layout in ("pid", "pie"):
+        tok = TrainTokenizer(TOK, layout, 512, 0)
+        items = [tok.item(i, f"document {i}", prompts, targets) for i in range(400)]
+        assert items[0].carried == ["north", "none", "none", None, "4"]
+        cfg = TrainConfig(output="x", downsample={"@unchanged": 0.0, "none": 0.5})
+        kept = [select_rows(it, cfg, 0) for it in items]
+        # rows 0, 2 and 4 repeat their value: never kept; row 1 changed: always; row 3 (no carried
+        # value, target none): the none rule, about half the time
+        assert {j for k in kept for j in k} == {1, 3}
+        assert all(1 in k for k in kept)
+        assert 0.4 < sum(3 in k for k in kept) / len(kept) < 0.6
+        half = TrainConfig(output="x", downsample={"@unchanged": 0.5})
+        share = sum(j in (0, 2, 4) for it in items for j in select_rows(it, half, 0)) / (3 * len(items))
+        assert 0.43 < share < 0.57
+    # a case difference or surrounding space still counts as the same value; no separator: no value
+    assert carried_value("hotel area = North ") == "North " and carried_value("area=north") is None
+    assert carried_value(" = north") is None
 
 
 def test_schedules():

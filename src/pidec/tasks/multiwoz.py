@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from ..data import DataError, Example, Subtask
+from ..layouts import CARRIED_SEPARATOR
 from .base import (
     Task,
     TaskExample,
@@ -642,7 +643,7 @@ class MultiWOZState(MultiWOZ):
         return MultiWOZState(self.last_turns, previous="gold")
 
 
-SLOT_PROMPT_SEPARATOR = " = "
+SLOT_PROMPT_SEPARATOR = CARRIED_SEPARATOR  # the trainer's `--downsample @unchanged` reads it
 
 
 def slot_prompt(prompt: str, previous: str) -> str:

@@ -9,20 +9,31 @@ from __future__ import annotations
 import random
 
 from ..forcing import Part, padded_tokens
-from ..layouts import TrainItem
+from ..layouts import UNCHANGED_ROWS, TrainItem
 from .config import TrainConfig
 
 POOL_BATCHES = 50  # examples are sorted by length within pools of about this many batches
 
 
+def keep_probability(item: TrainItem, j: int, downsample: dict[str, float]) -> float:
+    """Row j's keep probability: its kind's (`@unchanged`: the target repeats the value its prompt
+    carries) when it is of one and the kind is given, else its target value's, else 1."""
+    value = item.values[j].strip().lower()
+    if UNCHANGED_ROWS in downsample and j < len(item.carried):
+        carried = item.carried[j]
+        if carried is not None and carried.strip().lower() == value:
+            return downsample[UNCHANGED_ROWS]
+    return downsample.get(value, 1.0)
+
+
 def select_rows(item: TrainItem, cfg: TrainConfig, epoch: int) -> list[int]:
     """The rows of an item trained on this epoch: every row, or a seeded sample (down-sampling the
-    dominant values first, then at most max_subtasks). Never empty."""
+    dominant values or row kinds first, then at most max_subtasks). Never empty."""
     rows = list(range(len(item.rows)))
     if not cfg.downsample and not cfg.max_subtasks:
         return rows
     rng = random.Random(f"{cfg.seed}/{epoch}/{item.example}")
-    keep = [j for j in rows if rng.random() < cfg.downsample.get(item.values[j].strip().lower(), 1.0)]
+    keep = [j for j in rows if rng.random() < keep_probability(item, j, cfg.downsample)]
     if not keep:
         keep = [rng.choice(rows)]
     if cfg.max_subtasks and len(keep) > cfg.max_subtasks:

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from ..errors import InputError
-from ..layouts import LAYOUTS, TRUNCATE
+from ..layouts import LAYOUTS, TRUNCATE, UNCHANGED_ROWS
 from ..settings import flag_of, setting
 
 OPTIMIZERS = ("adamw", "adafactor")
@@ -89,7 +89,8 @@ class TrainConfig:
     on_bad: str = setting("error", help="error | skip: what an unusable example does (skips are counted)", panel="Data")
     max_subtasks: int | None = setting(None, help="sample at most N subtasks per example per epoch", panel="Data")
     downsample: dict = setting(
-        help="VALUE:KEEP, e.g. none:0.3 keeps 30% of rows whose target is none",
+        help="VALUE:KEEP, e.g. none:0.3 keeps 30% of rows whose target is none; "
+        "@unchanged:0.2 keeps 20% of rows whose target repeats the value the prompt carries (`slot = value`)",
         panel="Data",
         parse=parse_downsample,
         factory=dict,
@@ -308,5 +309,7 @@ def _check_sampling(cfg: TrainConfig) -> None:
             "subtask sampling applies to pid and pie; seq trains on every subtask's answer",
         )
     for value, keep in cfg.downsample.items():
+        if value.startswith("@") and value != UNCHANGED_ROWS:
+            _bad("downsample", f"unknown row kind {value!r}; the one row kind is {UNCHANGED_ROWS}")
         if not 0 <= keep <= 1:
             _bad("downsample", f"keep probability for {value!r} must be in [0, 1], got {keep}")
