@@ -174,6 +174,23 @@ def test_fit_drops_the_oldest_utterances(tok):
     assert TASK.fit([short], tok, 512, report)[0][0] is short
 
 
+def test_fit_counts_the_line_breaks_a_byte_level_bpe_encodes(tmp_path):
+    """A byte-level BPE gives each line break a token of its own (T5's vocabulary reads it as a
+    space): a fitted history must still be inside the limit with its line breaks counted."""
+    from pidec.demo.run import build_tokenizer
+
+    lines = [f"system: the {i} train leaves at 1{i}:15 .\nuser: i need to book {i} tickets ." for i in range(12)]
+    examples = [Example(f"d:{i}", "\n".join(lines[: i + 1]), [Subtask("train day", "none")]) for i in range(12)]
+    bpe = build_tokenizer(examples, tmp_path / "bpe", vocab_size=300)
+    assert len(bpe("a\nb", add_special_tokens=False)["input_ids"]) > len(bpe("ab", add_special_tokens=False)["input_ids"])
+    for limit in (40, 64, 97, 130):
+        report = tasks.TaskReport("x")
+        fitted = [piece for pieces in TASK.fit(examples, bpe, limit, report) for piece in pieces]
+        sizes = [len(bpe(ex.document)["input_ids"]) for ex in fitted]  # with its EOS, as the model reads it
+        assert max(sizes) <= limit and report.truncated > 0, (limit, sizes)
+        assert all(ex.document.endswith(lines[i].split("\n")[-1]) for i, ex in enumerate(fitted))
+
+
 def test_fit_cuts_inside_a_last_utterance_that_is_alone_too_long(tok):
     ex = Example("d:0", "user: " + " ".join(f"w{i}" for i in range(200)), [Subtask("hotel area", "none")])
     report = tasks.TaskReport("x")

@@ -428,9 +428,14 @@ class MultiWOZ(Task):
         lines_of = [ex.document.split("\n") for ex in examples]
         unique = sorted({line for lines in lines_of for line in lines})
         count = dict(zip(unique, (len(ids) for ids in tokenizer(unique, add_special_tokens=False)["input_ids"])))
+        # what a line break costs: nothing where the tokenizer reads it as a space (T5's), a token
+        # of its own in a byte-level BPE; each line but the first is counted with one
+        joined = len(tokenizer("a\nb", add_special_tokens=False)["input_ids"])
+        apart = sum(len(ids) for ids in tokenizer(["a", "b"], add_special_tokens=False)["input_ids"])
+        newline = max(0, joined - apart)
         out = []
         for ex, lines in zip(examples, lines_of):
-            sizes = [count[line] for line in lines]
+            sizes = [count[line] + (newline if i else 0) for i, line in enumerate(lines)]
             if sum(sizes) <= room:
                 out.append([ex])
                 continue
