@@ -182,7 +182,9 @@ def test_fit_counts_the_line_breaks_a_byte_level_bpe_encodes(tmp_path):
     lines = [f"system: the {i} train leaves at 1{i}:15 .\nuser: i need to book {i} tickets ." for i in range(12)]
     examples = [Example(f"d:{i}", "\n".join(lines[: i + 1]), [Subtask("train day", "none")]) for i in range(12)]
     bpe = build_tokenizer(examples, tmp_path / "bpe", vocab_size=300)
-    assert len(bpe("a\nb", add_special_tokens=False)["input_ids"]) > len(bpe("ab", add_special_tokens=False)["input_ids"])
+    assert len(bpe("a\nb", add_special_tokens=False)["input_ids"]) > len(
+        bpe("ab", add_special_tokens=False)["input_ids"]
+    )
     for limit in (40, 64, 97, 130):
         report = tasks.TaskReport("x")
         fitted = [piece for pieces in TASK.fit(examples, bpe, limit, report) for piece in pieces]
