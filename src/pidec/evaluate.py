@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,7 +217,10 @@ def merge(model, task: Task, group: list[Example], answers: list[list[str]], lay
 
 
 def write(result: Evaluation, out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """`{name}.metrics.json` and, beside it, `{name}.predictions.jsonl` (one example a line)."""
+    """`{name}.metrics.json` and, beside it, `{name}.predictions.jsonl` (one example a line).
+    A task's settings in `name` (`multiwoz-slot-state:last_turns=2`) are written with `_` for
+    the colon and commas."""
+    name = re.sub(r"[^A-Za-z0-9_.=+-]", "_", name)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path, predictions_path = out / f"{name}.metrics.json", out / f"{name}.predictions.jsonl"

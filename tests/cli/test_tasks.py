@@ -30,6 +30,21 @@ def test_tasks_lists_every_task():
     for name in ("multiwoz", "aci_bench", "qa", "jsonl"):
         assert f"{name}: " in r.stdout
     assert "splits: train, dev, test; main metric: joint_goal_accuracy" in r.stdout
+    assert "settings (multiwoz-slot-state:key=value): last_turns=1, previous=predicted" in r.stdout
+
+
+def test_eval_a_task_with_settings_reads_them(folder, tmp_path):
+    """`multiwoz-slot-state:last_turns=2`: each document holds the last two turns (the first
+    turn has one), and the output files are named without the colon."""
+    from pidec import tasks
+
+    task = tasks.get("multiwoz-slot-state:last_turns=2")
+    examples = task.load("dev", require(MULTIWOZ), limit=3)
+    assert [ex.document.count("user: ") for ex in examples] == [1, 2, 2]
+    data = ["--split", "dev", "--limit", "3", "--data", str(require(MULTIWOZ)), "--out", str(tmp_path)]
+    out = run_eval(folder, "--task", "multiwoz-slot-state:last_turns=2", *data)
+    assert out["task"] == "multiwoz-slot-state:last_turns=2" and out["metrics"]["turns"] == 3
+    assert (tmp_path / "multiwoz-slot-state_last_turns=2-dev-pid.predictions.jsonl").is_file()
 
 
 def test_eval_multiwoz_writes_metrics_and_predictions(folder, tmp_path):
@@ -86,6 +101,10 @@ def test_eval_jsonl_pie(folder, tmp_path):
         (["--task", "jsonl"], "no default data path"),
         (["--task", "multiwoz", "--layout", "both"], "'both' is not one of 'pid', 'pie', 'seq'"),
         (["--task", "multiwoz", "--limit", "0"], "--limit must be >= 1"),
+        (["--task", "multiwoz-slot-state:turns=3"], "has no setting 'turns'; it takes last_turns, previous"),
+        (["--task", "multiwoz:last_turns=3"], "multiwoz has no setting 'last_turns'; it takes no settings"),
+        (["--task", "multiwoz-state:last_turns=0"], "last_turns must be an integer >= 1, got 0"),
+        (["--task", "multiwoz-state:last_turns"], "expected multiwoz-state:key=value[,key=value]"),
     ],
 )
 def test_eval_bad_input_is_one_line_exit_2(folder, args, message):

@@ -103,12 +103,20 @@ def list_tasks() -> None:
         where = registry.data_root() / t.default_path if t.default_path else "give --data PATH"
         typer.echo(f"{name}: {t.description}")
         typer.echo(f"    splits: {', '.join(t.splits)}; main metric: {t.main_metric}; data: {where}")
+        settings = registry.settings_of(name)
+        if settings:
+            shown = ", ".join(f"{k}={v}" for k, v in settings.items())
+            typer.echo(f"    settings ({name}:key=value): {shown}")
 
 
 @app.command("eval")
 @with_options(runtime_options(templates=False))
 def eval_task(
-    task: str = typer.Option(..., "--task", help="a task from `pidec tasks`"),
+    task: str = typer.Option(
+        ...,
+        "--task",
+        help="a task from `pidec tasks`, with settings after a colon if it takes any (multiwoz-slot-state:last_turns=3)",
+    ),
     model: str = typer.Option(..., "--model", help="checkpoint folder or hub id"),
     layout: Layout = "pid",
     split: str = typer.Option("test", "--split"),

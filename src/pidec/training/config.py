@@ -77,7 +77,11 @@ class TrainConfig:
     # -- data
     layout: str = setting("pid", help="how an example becomes rows: pid | pie | seq", panel="Data")
     train: str | None = setting(None, help="training JSONL file", panel="Data", required="or --task")
-    task: str | None = setting(None, help="a registered task (`pidec tasks`) instead of --train", panel="Data")
+    task: str | None = setting(
+        None,
+        help="a registered task (`pidec tasks`) instead of --train; settings after a colon (multiwoz-slot-state:last_turns=3)",
+        panel="Data",
+    )
     data: str | None = setting(None, help="the task's data folder or file", panel="Data")
     max_input_length: int | None = setting(
         None, help="encoder limit (default: the model's, 512 from scratch)", panel="Data"
