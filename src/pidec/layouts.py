@@ -29,6 +29,7 @@ characters, see `is_blank`) is refused.
 
 from __future__ import annotations
 
+import re
 import unicodedata
 from dataclasses import dataclass, field
 
@@ -398,6 +399,13 @@ class TrainItem:
     truncated: bool = False
     # the value each row's prompt carries (`question = value`), for down-sampling by row kind
     carried: list[str | None] = field(default_factory=list)
+    # `--carried-noise`: row j -> the index of a row of its own, after the real ones, that
+    # carries `none` in its prompt and keeps j's target (j's value is in the document)
+    noisy: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def real_rows(self) -> int:
+        return len(self.rows) - len(self.noisy)
 
 
 # A prompt may carry a value after this separator (`hotel area = north`: multiwoz-slot-state
@@ -413,6 +421,25 @@ def carried_value(prompt: str) -> str | None:
     return value if sep and head.strip() else None
 
 
+NOTHING_CARRIED = "none"
+
+
+def noisy_prompts(document: str, prompts: list[str], targets: list[str]) -> dict[int, str]:
+    """For `--carried-noise`: prompt j -> the same prompt carrying `none`, for each prompt that
+    carries a value other than `none`, that its target repeats, and that the document mentions
+    (a whole-word match, any case): a value a chained model that had missed it could still read."""
+    out = {}
+    for j, (prompt, target) in enumerate(zip(prompts, targets)):
+        value = carried_value(prompt)
+        if value is None or value.strip().lower() in ("", NOTHING_CARRIED):
+            continue
+        if value.strip().lower() != target.strip().lower():
+            continue
+        if re.search(rf"(?<!\w){re.escape(value.strip())}(?!\w)", document, re.IGNORECASE):
+            out[j] = prompt.partition(CARRIED_SEPARATOR)[0] + CARRIED_SEPARATOR + NOTHING_CARRIED
+    return out
+
+
 class TrainTokenizer:
     """Tokenizes training examples for a layout, caching prompts and targets (a task's 30 slot
     prompts and its frequent answers such as "none" are tokenized once, not once per example)."""
@@ -426,8 +453,10 @@ class TrainTokenizer:
         truncate: str | None = None,
         seq_instruction: str | None = None,
         seq_omit: str | None = None,
+        carried_noise: bool = False,
     ):
         self.tok = tokenizer
+        self.carried_noise = carried_noise
         self.layout = check_layout(layout)
         self.limit = max_input_length
         self.start = decoder_start_token_id
@@ -470,6 +499,11 @@ class TrainTokenizer:
             target = self.encode(text) + [self.eos]
             return TrainItem(i, [ids], [(0, [self.start], target)], [text], cut)
         targets_ids = [self.ids(t) + [self.eos] for t in targets]
+        noisy = noisy_prompts(document, prompts, targets) if self.carried_noise else {}
+        variants = list(noisy)  # the real rows that have a noisy variant, in order
+        noisy_index = {j: len(prompts) + k for k, j in enumerate(variants)}
+        carried = [carried_value(p) for p in prompts] + [NOTHING_CARRIED] * len(variants)
+        values = list(targets) + [targets[j] for j in variants]
         if self.layout == "pid":
             ids, cut = fit(
                 self.encode(document),
@@ -479,20 +513,21 @@ class TrainTokenizer:
                 [self.eos],
             )
             rows = [(0, [self.start] + self.ids(p), t) for p, t in zip(prompts, targets_ids)]
-            return TrainItem(i, [ids], rows, list(targets), cut, [carried_value(p) for p in prompts])
+            rows += [(0, [self.start] + self.ids(noisy[j]), targets_ids[j]) for j in variants]
+            return TrainItem(i, [ids], rows, values, cut, carried, noisy_index)
         plan = Plan("pie", [], [], [], [])
         _pie(
             plan,
             self.tok,
             i,
             document,
-            prompts,
-            [self.ids(p) for p in prompts],
-            [1] * len(prompts),
+            prompts + [noisy[j] for j in variants],  # pie: a noisy prompt is an encoder row of its own
+            [self.ids(p) for p in prompts] + [self.ids(noisy[j]) for j in variants],
+            [1] * (len(prompts) + len(variants)),
             self.limit,
             self.start,
             self.truncate,
             self.eos,
         )
-        rows = [(j, [self.start], t) for j, t in enumerate(targets_ids)]
-        return TrainItem(i, plan.docs, rows, list(targets), bool(plan.truncations), [carried_value(p) for p in prompts])
+        rows = [(j, [self.start], t) for j, t in enumerate(targets_ids + [targets_ids[j] for j in variants])]
+        return TrainItem(i, plan.docs, rows, values, bool(plan.truncations), carried, noisy_index)

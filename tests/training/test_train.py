@@ -20,7 +20,7 @@ from pidec import checkpoint
 from pidec.data import Example, Subtask, write_jsonl
 from pidec.errors import InputError
 from pidec.forcing import IGNORE, Part, collate, loss_sum, padded_tokens
-from pidec.layouts import TrainTokenizer, carried_value
+from pidec.layouts import TrainTokenizer, carried_value, noisy_prompts
 from pidec.model import T5, T5Config
 from pidec.training.batching import epoch_batches, select_rows
 from pidec.training.build import lr_lambda, make_optimizer
@@ -215,6 +215,56 @@ def test_downsampling_the_rows_that_repeat_their_prompts_value():
     assert carried_value(" = north") is None
 
 
+def test_carried_noise_trains_rows_with_none_carried_where_the_document_holds_the_value():
+    """`--carried-noise P`: a row whose prompt carries a value that its target repeats and its
+    document mentions trains, with probability P an epoch, with `none` carried and the same
+    target; every other row is never changed."""
+    prompts = [
+        "hotel area = north",
+        "hotel day = none",
+        "hotel name = acorn guest house",
+        "taxi leave at",
+        "hotel stars = 4",
+    ]
+    targets = ["north", "friday", "acorn guest house", "none", "5"]
+    document = "system: the Acorn Guest House is in the north .\nuser: great , book it for friday ."
+    # row 0: north repeated and mentioned; row 2: mentioned in another case; row 4: changed (4 -> 5)
+    assert noisy_prompts(document, prompts, targets) == {0: "hotel area = none", 2: "hotel name = none"}
+    assert noisy_prompts("the northern part", prompts[:1], targets[:1]) == {}  # whole words only
+    assert noisy_prompts("north", ["hotel area = none"], ["none"]) == {}
+    for layout in ("pid", "pie"):
+        plain = TrainTokenizer(TOK, layout, 512, 0).item(0, document, prompts, targets)
+        tok = TrainTokenizer(TOK, layout, 512, 0, carried_noise=True)
+        item = tok.item(0, document, prompts, targets)
+        assert item.real_rows == 5 and item.noisy == {0: 5, 2: 6} and len(item.rows) == 7
+        assert item.rows[:5] == plain.rows and item.values[5:] == ["north", "acorn guest house"]
+        assert item.rows[5][2] == item.rows[0][2] and item.rows[6][2] == item.rows[2][2]  # the same targets
+        if layout == "pid":
+            assert item.rows[5][1] == [0] + tok.ids("hotel area = none")
+        else:  # pie: the noisy prompt is an encoder row of its own
+            assert item.rows[5][0] == 5 and item.enc[5] == tok.encode(f"hotel area = none {document}") + [
+                TOK.eos_token_id
+            ]
+        items = [tok.item(i, document, prompts, targets) for i in range(400)]
+        cfg = TrainConfig(output="x", carried_noise=0.25)
+        chosen = [select_rows(it, cfg, 0) for it in items]
+        assert all(len(k) == 5 and {1, 3, 4} <= set(k) for k in chosen)  # every row, some swapped
+        assert all((0 in k) != (5 in k) and (2 in k) != (6 in k) for k in chosen)
+        share = sum(5 in k for k in chosen) / len(chosen)
+        assert 0.18 < share < 0.32
+        assert chosen == [select_rows(it, cfg, 0) for it in items]  # seeded: a resume rebuilds them
+        assert [select_rows(it, TrainConfig(output="x"), 0) for it in items[:3]] == [[0, 1, 2, 3, 4]] * 3
+        # with down-sampling, a row sampled out stays out whichever prompt it would have carried
+        both = TrainConfig(output="x", carried_noise=0.5, downsample={"@unchanged": 0.0})
+        assert {j for it in items for j in select_rows(it, both, 0)} == {1, 3, 4}
+    with pytest.raises(InputError, match="--carried-noise: must be in"):
+        TrainConfig(output="x", train="t.jsonl", size="tiny", tokenizer="byte", steps=1, carried_noise=1.0).check()
+    with pytest.raises(InputError, match="seq reads no prompts"):
+        TrainConfig(
+            output="x", train="t.jsonl", size="tiny", tokenizer="byte", steps=1, layout="seq", carried_noise=0.2
+        ).check()
+
+
 def test_schedules():
     cfg = TrainConfig(output="x", warmup_steps=10, schedule="linear")
     f = lr_lambda(cfg, 110)
@@ -346,6 +396,29 @@ def test_resume_after_kill_continues_exactly(tmp_path):
     assert train_losses(killed) == whole  # bit-identical losses, every step once
     evals = [json.loads(x) for x in (killed / "log.jsonl").read_text().splitlines() if '"eval"' in x]
     assert [e["step"] for e in evals] == [8, 16]
+
+
+def test_carried_noise_end_to_end_and_data_without_carried_values(tmp_path):
+    """A run with --carried-noise logs how many rows it can swap; on data whose prompts carry no
+    value it stops before training with a message that says why."""
+    carried = [
+        Example(
+            str(i),
+            f"user: a table in the {area} for {n} people",
+            [Subtask(f"area = {area if i % 2 else 'none'}", area), Subtask(f"people = {n}", str(n))],
+        )
+        for i, (area, n) in enumerate((a, n) for a in ("north", "south", "east") for n in range(2, 8))
+    ]
+    write_jsonl(carried, tmp_path / "carried.jsonl")
+    args = ["train", "--train", str(tmp_path / "carried.jsonl"), "--size", "tiny", "--tokenizer", "byte"]
+    args += ["--batch-tokens", "1024", "--steps", "2", "--carried-noise", "0.5"]
+    done = pidec(*args, "--output", str(tmp_path / "run"))
+    assert done.returncode == 0, done.stderr
+    start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["type"] == "start" and start["carried_noise_rows"] == 18 + 9  # every people row, odd area rows
+    train, _ = write_data(tmp_path)
+    bad = pidec(*args[:2], str(train), *args[3:], "--output", str(tmp_path / "bad"))
+    assert bad.returncode == 2 and "--carried-noise: no training row carries a value" in bad.stderr, bad.stderr
 
 
 def test_checkpoint_loads_in_transformers_and_pidec(tmp_path):

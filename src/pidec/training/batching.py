@@ -28,9 +28,10 @@ def keep_probability(item: TrainItem, j: int, downsample: dict[str, float]) -> f
 
 def select_rows(item: TrainItem, cfg: TrainConfig, epoch: int) -> list[int]:
     """The rows of an item trained on this epoch: every row, or a seeded sample (down-sampling the
-    dominant values or row kinds first, then at most max_subtasks). Never empty."""
-    rows = list(range(len(item.rows)))
-    if not cfg.downsample and not cfg.max_subtasks:
+    dominant values or row kinds first, then at most max_subtasks), each kept row that has a
+    noisy variant (`--carried-noise`) swapped for it with that probability. Never empty."""
+    rows = list(range(item.real_rows))
+    if not cfg.downsample and not cfg.max_subtasks and not (cfg.carried_noise and item.noisy):
         return rows
     rng = random.Random(f"{cfg.seed}/{epoch}/{item.example}")
     keep = [j for j in rows if rng.random() < keep_probability(item, j, cfg.downsample)]
@@ -38,6 +39,9 @@ def select_rows(item: TrainItem, cfg: TrainConfig, epoch: int) -> list[int]:
         keep = [rng.choice(rows)]
     if cfg.max_subtasks and len(keep) > cfg.max_subtasks:
         keep = sorted(rng.sample(keep, cfg.max_subtasks))
+    if cfg.carried_noise and item.noisy:
+        # noise on the rows kept: a row sampled down stays out whatever its prompt carries
+        keep = [item.noisy[j] if j in item.noisy and rng.random() < cfg.carried_noise else j for j in keep]
     return keep
 
 

@@ -40,7 +40,8 @@ PANELS = ("Data", "Pre-training", "Model", "Optimisation", "Evaluation", "LoRA",
 OBJECTIVES = ("tasks", "span_corruption")
 # what `pidec pretrain` leaves out of `pidec train`'s options: the settings of subtask examples
 TASK_ONLY = (
-    "layout", "train", "eval", "max_target_tokens", "max_subtasks", "downsample", "seq_instruction", "truncate",
+    "layout", "train", "eval", "max_target_tokens", "max_subtasks", "downsample", "carried_noise", "seq_instruction",
+    "truncate",
     "eval_split", "eval_every", "eval_limit", "eval_max_new_tokens", "best_metric", "on_bad",
 )  # fmt: skip
 
@@ -98,6 +99,13 @@ class TrainConfig:
         panel="Data",
         parse=parse_downsample,
         factory=dict,
+    )
+    carried_noise: float = setting(
+        0.0,
+        help="P: a row whose prompt carries a value (`slot = value`) that its target repeats and its "
+        "document mentions trains with `none` carried instead, with probability P an epoch "
+        "(a model chained on its own answers learns to pick up a value it missed)",
+        panel="Data",
     )
     seq_instruction: str | None = setting(None, help="seq layout: text put before the document", panel="Data")
     # -- pre-training (`pidec pretrain`: T5's span corruption on raw text)
@@ -312,6 +320,10 @@ def _check_sampling(cfg: TrainConfig) -> None:
             "downsample" if cfg.downsample else "max_subtasks",
             "subtask sampling applies to pid and pie; seq trains on every subtask's answer",
         )
+    if not 0 <= cfg.carried_noise < 1:
+        _bad("carried_noise", f"must be in [0, 1), got {cfg.carried_noise}")
+    if cfg.layout == "seq" and cfg.carried_noise:
+        _bad("carried_noise", "applies to pid and pie, whose prompts are rows of their own; seq reads no prompts")
     for value, keep in cfg.downsample.items():
         if value.startswith("@") and value != UNCHANGED_ROWS:
             _bad("downsample", f"unknown row kind {value!r}; the one row kind is {UNCHANGED_ROWS}")

@@ -124,6 +124,7 @@ class Trainer:
             "eval_data": self.eval_report.summary() if self.eval_report else None,
             "best_metric": self.best_rule.describe() if self.best_rule else None,
             "examples_over_budget": self.over_budget,
+            "carried_noise_rows": getattr(self, "noisy_rows", 0),
         }
 
     def _build_model(self) -> None:
@@ -164,9 +165,16 @@ class Trainer:
             cfg.truncate,
             cfg.seq_instruction,
             seq_omit(cfg),
+            carried_noise=cfg.carried_noise > 0,
         )
         examples, self.train_report = load_train_examples(cfg, tok, limit)
         self.items = tokenize(examples, rows, self.train_report, cfg.on_bad)
+        self.noisy_rows = sum(len(item.noisy) for item in self.items)
+        if cfg.carried_noise and not self.noisy_rows:
+            raise InputError(
+                "--carried-noise: no training row carries a value (`prompt = value`) that its target "
+                "repeats and its document mentions, so there is nothing to train with `none` carried"
+            )
         self.eval_examples, self.eval_report = load_eval_examples(cfg, tok)
         self.task = eval_task(cfg)
         self.best_rule = None
