@@ -464,6 +464,8 @@ def test_train_needs_train_file_or_task(tmp_path):
         (["--optimizer", "sgd"], "error: --optimizer: 'sgd' is not one of adamw, adafactor"),
         (["--max-target-tokens", "0"], "error: --max-target-tokens: must be an integer >= 1, got 0"),
         (["--dropout", "1"], "error: --dropout: must be in [0, 1), got 1.0"),
+        (["--label-smoothing", "1"], "error: --label-smoothing: must be in [0, 1), got 1.0"),
+        (["--label-smoothing", "-0.1"], "error: --label-smoothing: must be in [0, 1), got -0.1"),
         (["--max-subtasks", "0"], "error: --max-subtasks: must be >= 1, got 0"),
         (["--downsample", "none:2"], "error: --downsample: keep probability for 'none' must be in [0, 1], got 2.0"),
         (

@@ -122,7 +122,9 @@ def target_logits(model: T5, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     return model.logits(hidden[keep]), batch.labels[keep]
 
 
-def loss_sum(model: T5, batch: Batch) -> torch.Tensor:
-    """Summed cross-entropy over the target tokens of a batch (the caller normalises)."""
+def loss_sum(model: T5, batch: Batch, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy over the target tokens of a batch (the caller normalises); with
+    `label_smoothing` e, against targets of 1 - e on the gold token plus e spread evenly over the
+    vocabulary."""
     logits, labels = target_logits(model, batch)
-    return F.cross_entropy(logits.float(), labels, reduction="sum")
+    return F.cross_entropy(logits.float(), labels, reduction="sum", label_smoothing=label_smoothing)

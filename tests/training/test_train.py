@@ -19,7 +19,7 @@ from transformers import ByT5Tokenizer
 from pidec import checkpoint
 from pidec.data import Example, Subtask, write_jsonl
 from pidec.errors import InputError
-from pidec.forcing import IGNORE, Part, collate, loss_sum, padded_tokens
+from pidec.forcing import IGNORE, Part, collate, loss_sum, padded_tokens, target_logits
 from pidec.layouts import TrainTokenizer, carried_value, noisy_prompts
 from pidec.model import T5, T5Config
 from pidec.training.batching import epoch_batches, select_rows
@@ -135,6 +135,24 @@ def test_loss_matches_transformers(layout, tmp_path):
         logits.reshape(-1, logits.shape[-1]), batch.labels.reshape(-1), ignore_index=IGNORE, reduction="sum"
     )
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-3)
+
+
+def test_label_smoothing_mixes_the_gold_token_with_the_uniform_distribution():
+    """`--label-smoothing e`: each target token's loss is (1 - e) x its cross-entropy plus e x the
+    mean cross-entropy over the whole vocabulary; 0 is the plain loss."""
+    model = tiny_model(3)
+    items = items_for("pid", car_examples(2, seed=3))
+    batch = collate(items, [Part.of(items, i, [0, 1, 2, 3]) for i in range(2)], pad=0)
+    with torch.no_grad():
+        plain = loss_sum(model, batch)
+        smoothed = loss_sum(model, batch, 0.1)
+        torch.testing.assert_close(loss_sum(model, batch, 0.0), plain)
+        logits, labels = target_logits(model, batch)
+        logp = torch.log_softmax(logits.float(), -1)
+    gold = -logp.gather(1, labels[:, None]).sum()
+    uniform = -logp.mean(-1).sum()
+    torch.testing.assert_close(plain, gold, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(smoothed, 0.9 * gold + 0.1 * uniform, rtol=1e-4, atol=1e-3)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():

@@ -167,6 +167,9 @@ class TrainConfig:
     warmup_steps: int | None = setting(None, help="linear warm-up steps (auto: 4% of the steps)", panel="Optimisation")
     schedule: str = setting("cosine", help="after warm-up: linear | cosine | constant", panel="Optimisation")
     max_grad_norm: float = setting(1.0, help="gradient clipping (0: none)", panel="Optimisation")
+    label_smoothing: float = setting(
+        0.0, help="share of each target token's probability spread over the vocabulary (0: none)", panel="Optimisation"
+    )
     seed: int = setting(0, help="seeds the weights, the data order and the sampling", panel="Optimisation")
     # -- evaluation
     eval: str | None = setting(None, help="evaluation JSONL file", panel="Evaluation")
@@ -289,6 +292,8 @@ def _check_numbers(cfg: TrainConfig) -> None:
         _bad("position_init_std", f"must be >= 0, got {cfg.position_init_std}")
     if cfg.max_grad_norm < 0:
         _bad("max_grad_norm", "must be >= 0")
+    if not 0.0 <= cfg.label_smoothing < 1.0:
+        _bad("label_smoothing", f"must be in [0, 1), got {cfg.label_smoothing}")
     if cfg.dropout is not None and not 0 <= cfg.dropout < 1:
         _bad("dropout", f"must be in [0, 1), got {cfg.dropout}")
     if cfg.lora_r and cfg.lora_alpha is not None and cfg.lora_alpha <= 0:

@@ -303,7 +303,7 @@ class Trainer:
         for batch in collated[self.rank :: self.world]:
             batch = batch.to(self.device)
             with self.autocast:
-                loss = loss_sum(self.model, batch)
+                loss = loss_sum(self.model, batch, self.cfg.label_smoothing)
             (loss / total_targets).backward()
             sums += torch.tensor([loss.item(), batch.docs, batch.tokens, batch.target_tokens], dtype=torch.float64)
         params = [p for p in self.model.parameters() if p.requires_grad]
