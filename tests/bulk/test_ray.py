@@ -92,3 +92,9 @@ def test_run_cuts_actor_calls_so_a_small_corpus_reaches_every_actor(tmp_path):
     assert bulk_ray.share_per_call(shards, actors=1, limit=3) == 1
     big = write_jsonl(tmp_path / "big.jsonl", records(5000))
     assert bulk_ray.share_per_call(bulk_ray.find_shards(big, None), actors=2, limit=None) == bulk_ray.MAX_BATCH_SIZE
+
+
+def test_run_reads_and_writes_with_one_task_per_eight_actors():
+    """Each Ray read or write task runs in a worker process of its own: `run` does not start one
+    per input shard (8 shards on 2 actors used to start 8 reader processes on a 2-core machine)."""
+    assert [bulk_ray.readers_for(n) for n in (1, 2, 8, 9, 16, 17)] == [1, 1, 1, 2, 2, 3]

@@ -47,6 +47,9 @@ INSTALL = "pip install 'pidec[ray]'  (Ray Data and pyarrow)"
 TEXT_COLUMN, PATH_COLUMN = "text", "path"
 MAX_BATCH_SIZE = 256  # rows per actor call that `run` picks at most
 CALLS_PER_ACTOR = 8  # `run` cuts each actor's share of a small corpus into about this many calls
+ACTORS_PER_READER = 8  # `run` reads (and writes) with one task at a time per this many actors: each
+# task runs in a Ray worker process of its own, and on a small machine starting one per input
+# shard costs more CPU than the reading it does (a reader keeps up with far more actors)
 NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
 
 
@@ -154,9 +157,10 @@ def extract(
     )
 
 
-def read(shards) -> object:
-    """One Ray Dataset over the input shards, in path order. Reading takes no CPU slot
-    (`num_cpus=0`): it is light I/O, and actors that hold every slot must not starve it."""
+def read(shards, readers: int = 1) -> object:
+    """One Ray Dataset over the input shards, in path order, read by at most `readers` tasks at
+    a time. Reading takes no CPU slot (`num_cpus=0`): it is light I/O, and actors that hold
+    every slot must not starve it."""
     ray = _import_ray()
     formats = {s.format for s in shards}
     if len(formats) > 1:
@@ -164,10 +168,10 @@ def read(shards) -> object:
     (fmt,) = formats
     paths = [str(s.path) for s in shards]
     if fmt == "jsonl":
-        return ray.data.read_text(paths, include_paths=True, drop_empty_lines=True, num_cpus=0)
+        return ray.data.read_text(paths, include_paths=True, drop_empty_lines=True, num_cpus=0, concurrency=readers)
     if fmt == "csv":
-        return ray.data.read_csv(paths, num_cpus=0)
-    return ray.data.read_parquet(paths, num_cpus=0)
+        return ray.data.read_csv(paths, num_cpus=0, concurrency=readers)
+    return ray.data.read_parquet(paths, num_cpus=0, concurrency=readers)
 
 
 def parquet_sink(path: str):
@@ -187,6 +191,11 @@ def parquet_sink(path: str):
             pq.write_table(block.to_arrow(), file)
 
     return OrderedParquetSink(path)
+
+
+def readers_for(actors: int) -> int:
+    """Read (and write) tasks `run` lets Ray run at a time: one per ACTORS_PER_READER actors."""
+    return -(-actors // ACTORS_PER_READER)
 
 
 def share_per_call(shards, actors: int, limit: int | None) -> int:
@@ -244,7 +253,8 @@ def run(
     output = empty_output_folder(output, overwrite)
     with ray_session(ray, address):
         ray.data.DataContext.get_current().execution_options.preserve_order = True
-        ds = read(shards)
+        readers = readers_for(actors)
+        ds = read(shards, readers)
         if limit is not None:
             ds = ds.limit(limit)
         out = extract(
@@ -258,7 +268,7 @@ def run(
             batch_size=batch_size,
             on_error=on_error,
         )
-        write(out, output, out_format)
+        write(out, output, out_format, readers)
     return _run_summary(output, time.perf_counter() - t0, actors, json_summary)
 
 
@@ -299,14 +309,15 @@ def ray_session(ray, address: str | None):
         ray.shutdown()
 
 
-def write(out, output: Path, out_format: str) -> None:
+def write(out, output: Path, out_format: str, readers: int = 1) -> None:
     """Run the dataset `out` into the folder `output` as Parquet (row order kept within a file)
-    or JSON lines; a record's failure under --on-error fail comes back as its RecordError."""
+    or JSON lines, with at most `readers` write tasks at a time; a record's failure under
+    --on-error fail comes back as its RecordError."""
     try:
         if out_format == "parquet":
-            out.write_datasink(parquet_sink(str(output)), ray_remote_args={"num_cpus": 0})
+            out.write_datasink(parquet_sink(str(output)), ray_remote_args={"num_cpus": 0}, concurrency=readers)
         else:
-            out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0})
+            out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0}, concurrency=readers)
     except Exception as e:
         if isinstance(e, RecordError) or "RecordError" in str(e):
             line = next((x for x in str(e).splitlines() if "--on-error fail stops here" in x), str(e))
