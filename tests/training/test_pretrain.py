@@ -79,6 +79,23 @@ def test_examples_have_t5s_exact_shape_and_cover_the_text_in_order(tmp_path):
     assert TOK.decode(stream) == text if not dropped else text.startswith(TOK.decode(stream))
 
 
+def test_a_tasks_documents_are_read_once_each(tmp_path):
+    """`--task`: a dialogue's history at one turn, which the next turn's history extends, and a
+    document repeated are skipped and counted, so each text is pre-trained on once."""
+    docs = ["user: a", "user: a\nsystem: b", "user: a\nsystem: b\nuser: c", "x", "x", "user: a\nsystem: b\nuser: c"]
+    docs += ["user: a", "user: a\nsystem: z", "y"]
+    lines = [
+        json.dumps({"id": str(i), "document": d, "subtasks": [{"prompt": "p", "target": "t"}]})
+        for i, d in enumerate(docs)
+    ]
+    (tmp_path / "train.jsonl").write_text("\n".join(lines) + "\n")
+    report = DataReport("task")
+    texts = list(pretraining.task_texts("jsonl", str(tmp_path / "train.jsonl"), report))
+    assert texts == ["user: a\nsystem: b\nuser: c", "x", "user: a\nsystem: z", "y"]
+    assert (report.read, report.kept) == (9, 4)
+    assert report.skipped == {"history the next document extends": 3, "repeated document": 2}
+
+
 def test_corruption_is_seeded_per_chunk_and_matches_its_settings(tmp_path):
     folder = corpus(tmp_path / "text", n=300)
     a, _ = items_of(folder, inputs_length=128)

@@ -17,6 +17,7 @@ training loop then treats it as any other example: token-budget batches, the sam
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections.abc import Iterator
@@ -116,11 +117,33 @@ def read_texts(path: str | Path, text_field: str, report: DataReport) -> Iterato
 
 
 def task_texts(task: str, data: str | None, report: DataReport) -> Iterator[str]:
-    """The documents of a task's training split."""
+    """The documents of a task's training split, each text once: a document that repeats one
+    given before (a QA article asked many questions), or that the next document extends (a
+    dialogue's history at one turn, which the next turn's history starts with), is skipped and
+    counted, so that a dialogue is pre-trained on once, as its whole history."""
+    given: set[bytes] = set()
+    held: str | None = None
     for ex in tasks.get(task).load("train", data):
         report.read += 1
+        doc = ex.document
+        if held is not None and doc != held and doc.startswith(held):
+            report.skipped["history the next document extends"] += 1
+        elif held is not None:
+            given.add(_digest(held))
+            report.kept += 1
+            yield held
+        if doc == held or _digest(doc) in given:
+            report.skipped["repeated document"] += 1
+            held = None
+        else:
+            held = doc
+    if held is not None:
         report.kept += 1
-        yield ex.document
+        yield held
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def token_chunks(texts, tokenizer, size: int, report: DataReport) -> Iterator[list[int]]:
