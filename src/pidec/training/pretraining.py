@@ -132,7 +132,7 @@ def task_texts(task: str, data: str | None, report: DataReport) -> Iterator[str]
             given.add(_digest(held))
             report.kept += 1
             yield held
-        if doc == held or _digest(doc) in given:
+        if _digest(doc) in given:  # held, just given, included
             report.skipped["repeated document"] += 1
             held = None
         else:
