@@ -498,6 +498,8 @@ def test_slot_state_forget_drops_values_the_document_can_give_back_on_the_train_
     assert 0.46 < sum(draws) / len(draws) < 0.54
     assert draws == [half.forgets(f"D{i}:3", "hotel-area") for i in range(4000)]  # fixed per turn and slot
     assert half.unchained().forget == 0.5
+    state = tasks.get("multiwoz-state:last_turns=2,forget=1").load("train", path)  # the state line forgets too
+    assert state[1].document.startswith("state: none\n") and state[2].document.startswith("state: hotel area = north\n")
     for bad in (-0.1, 1.5, "x", True):
         with pytest.raises(ValueError, match="forget"):
             MultiWOZSlotState(forget=bad)
