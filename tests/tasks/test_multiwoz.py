@@ -473,38 +473,6 @@ def test_slot_state_prompts_carry_the_gold_previous_values_and_documents_the_las
         task.slots_of(Example("x:0", "d", [Subtask("hotel colour = red", "none")]))
 
 
-def test_slot_state_forget_drops_values_the_document_can_give_back_on_the_train_split_only(tmp_path):
-    from pidec.tasks.multiwoz import MultiWOZSlotState
-
-    path = state_tsv(tmp_path, TWO_DIALOGUES)
-    task = tasks.get("multiwoz-slot-state:last_turns=2,forget=1")
-    examples = task.load("train", path)
-    # A:1 reads turns 0-1, so turn 0's hotel area can be read again: forgotten
-    assert "hotel area = none" in examples[1].prompts
-    # A:2 reads turns 1-2: the stay and parking set at turn 1 are forgotten, the area set at turn 0 is kept
-    assert "hotel area = north" in examples[2].prompts
-    assert {"hotel book stay = none", "hotel parking = none"} <= set(examples[2].prompts)
-    assert "train day = none" in examples[4].prompts
-    assert examples.report.changes["previous values forgotten"] == 4
-    assert [e.targets for e in examples] == [e.targets for e in TASK.load("train", path)]  # targets unchanged
-    gold = tasks.get("multiwoz-slot-state:last_turns=2").load("train", path)
-    for split in ("dev", "test"):  # evaluation reads the states as they are
-        assert [e.prompts for e in task.load(split, path)] == [e.prompts for e in gold]
-    # one turn read: no value set before it is in the document, so none is forgotten
-    one = tasks.get("multiwoz-slot-state:forget=1").load("train", path)
-    assert [e.prompts for e in one] == [e.prompts for e in tasks.get("multiwoz-slot-state").load("train", path)]
-    half = MultiWOZSlotState(last_turns=2, forget=0.5)
-    draws = [half.forgets(f"D{i}:3", "hotel-area") for i in range(4000)]
-    assert 0.46 < sum(draws) / len(draws) < 0.54
-    assert draws == [half.forgets(f"D{i}:3", "hotel-area") for i in range(4000)]  # fixed per turn and slot
-    assert half.unchained().forget == 0.5
-    state = tasks.get("multiwoz-state:last_turns=2,forget=1").load("train", path)  # the state line forgets too
-    assert state[1].document.startswith("state: none\n") and state[2].document.startswith("state: hotel area = north\n")
-    for bad in (-0.1, 1.5, "x", True):
-        with pytest.raises(ValueError, match="forget"):
-            MultiWOZSlotState(forget=bad)
-
-
 class PromptScriptedModel(ScriptedModel):
     """ScriptedModel for prompts that carry a value: records the prompts it was given."""
 

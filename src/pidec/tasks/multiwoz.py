@@ -28,7 +28,6 @@ import functools
 import json
 import re
 import zipfile
-import zlib
 from pathlib import Path
 from typing import ClassVar
 
@@ -550,12 +549,7 @@ class MultiWOZState(MultiWOZ):
     would in use. Dialogues are batched with each other, one round per turn index. The first
     turn of a dialogue given starts from the state its document holds (gold; none at turn 0).
     `previous="gold"` evaluates on the gold previous states instead: an oracle, higher than what
-    the model does alone.
-
-    `forget=P` (train split only) shows each previous value as `none` with probability P when the
-    turn that set it is still among the `last_turns` the document holds, the target unchanged: a
-    chained state that lost a value then teaches nothing new, but the model has learned to read
-    the value again from the turns before. Evaluation never forgets."""
+    the model does alone."""
 
     name = "multiwoz-state"
     description = (
@@ -563,19 +557,12 @@ class MultiWOZState(MultiWOZ):
         "evaluated with the model's own predicted states chained turn by turn"
     )
 
-    def __init__(self, last_turns: int = 1, previous: str = "predicted", forget: float = 0.0):
+    def __init__(self, last_turns: int = 1, previous: str = "predicted"):
         if isinstance(last_turns, bool) or not isinstance(last_turns, int) or last_turns < 1:
             raise ValueError(f"last_turns must be an integer >= 1, got {last_turns!r}")
         if previous not in ("predicted", "gold"):
             raise ValueError(f"previous must be 'predicted' or 'gold', got {previous!r}")
-        if isinstance(forget, bool) or not isinstance(forget, (int, float)) or not 0 <= forget <= 1:
-            raise ValueError(f"forget must be a number in [0, 1], got {forget!r}")
-        self.last_turns, self.previous, self.forget = last_turns, previous, float(forget)
-
-    def forgets(self, example_id: str, slot: str) -> bool:
-        """Whether the train split's turn `example_id` forgets `slot`'s previous value (`forget`):
-        a fixed draw per turn and slot, the same on every read."""
-        return zlib.crc32(f"{example_id}|{slot}".encode()) < self.forget * 2**32
+        self.last_turns, self.previous = last_turns, previous
 
     @property
     def chained(self) -> bool:
@@ -583,27 +570,13 @@ class MultiWOZState(MultiWOZ):
 
     def read(self, split: str, path: Path, report: TaskReport) -> list[Example]:
         examples = super().read(split, path, report)
-        forget = self.forget > 0 and split == "train"
         out, previous, current = [], [NONE] * len(SLOTS), None
         for ex in examples:
             dialogue, turn = dialogue_turn(ex.id)
             if dialogue != current or turn == 0:
-                current, previous, position = dialogue, [NONE] * len(SLOTS), 0
-                set_at = [0] * len(SLOTS)  # the position of the turn that set each slot's value
-            given = previous
-            if forget:
-                # a value set by one of the turns the document holds can be read there again
-                given = [
-                    NONE
-                    if value != NONE and set_at[i] > position - self.last_turns and self.forgets(ex.id, SLOTS[i])
-                    else value
-                    for i, value in enumerate(previous)
-                ]
-                report.changes["previous values forgotten"] += sum(a != b for a, b in zip(given, previous))
-            out.append(self.with_previous(ex, recent_turns(ex.document, self.last_turns), given))
-            state = [s.target for s in ex.subtasks]
-            set_at = [position if new != old else at for new, old, at in zip(state, previous, set_at)]
-            previous, position = state, position + 1
+                current, previous = dialogue, [NONE] * len(SLOTS)
+            out.append(self.with_previous(ex, recent_turns(ex.document, self.last_turns), previous))
+            previous = [s.target for s in ex.subtasks]
         return out
 
     def with_previous(self, example: Example, recent: str, previous: list[str]) -> TaskExample:
@@ -672,7 +645,7 @@ class MultiWOZState(MultiWOZ):
 
     def unchained(self) -> MultiWOZState:
         """The same task reading documents as they are, to score one round."""
-        return MultiWOZState(self.last_turns, previous="gold", forget=self.forget)
+        return MultiWOZState(self.last_turns, previous="gold")
 
 
 SLOT_PROMPT_SEPARATOR = CARRIED_SEPARATOR  # the trainer's `--downsample @unchanged` reads it
@@ -729,4 +702,4 @@ class MultiWOZSlotState(MultiWOZState):
         return self.with_previous(example, example.document, state)
 
     def unchained(self) -> MultiWOZSlotState:
-        return MultiWOZSlotState(self.last_turns, previous="gold", forget=self.forget)
+        return MultiWOZSlotState(self.last_turns, previous="gold")
