@@ -476,6 +476,26 @@ def test_checkpoint_loads_in_transformers_and_pidec(tmp_path):
     assert summary["eval"]["subtasks"] == 24
 
 
+def test_tie_embeddings_trains_a_t5_v1_0_head_that_transformers_loads(tmp_path):
+    """--tie-embeddings: the output layer is the embedding matrix and the decoder outputs are scaled
+    as T5 v1.0 scales them; the checkpoint says so and transformers gives the same logits."""
+    from transformers import T5ForConditionalGeneration
+
+    train, evalf = write_data(tmp_path, train=24, test=4)
+    out = tmp_path / "run"
+    done = pidec(*run_args(train, evalf, "--steps", "2", "--tie-embeddings", "--output", str(out)))
+    assert done.returncode == 0, done.stderr
+    config = json.loads((out / "final" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True
+    ours = checkpoint.load_model(out / "final")
+    assert ours.lm_head is None and ours.config.scale_decoder_outputs
+    hf = T5ForConditionalGeneration.from_pretrained(out / "final").eval()
+    ids, dec = torch.tensor([[5, 6, 7, 1]]), torch.tensor([[0, 9, 10]])
+    torch.testing.assert_close(ours(ids, dec), hf(input_ids=ids, decoder_input_ids=dec).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(InputError, match="--tie-embeddings: sets the output layer of a model built from scratch"):
+        TrainConfig(output="x", train="t", model="m", steps=1, tie_embeddings=True).check()
+
+
 def test_two_processes_match_one(tmp_path):
     train, evalf = write_data(tmp_path, train=64, test=4)
     common = run_args(train, evalf, "--steps", "4", "--dropout", "0", "--batch-tokens", "700")
@@ -703,6 +723,7 @@ def test_from_scratch_defaults_are_the_measured_ones():
     assert (cfg.lr, cfg.position_lr_scale, cfg.position_init_std) == (2e-3, 100.0, 1.0)
     shape = scratch_config(cfg, TOK)
     assert (shape.num_heads, shape.d_kv) == (8, 16)
+    assert not shape.tie_word_embeddings and not shape.scale_decoder_outputs  # T5 v1.1: a head of its own
     wide = TrainConfig(output="x", train="t", size="tiny", tokenizer="byte", steps=1, num_heads=2, d_kv=64).resolved()
     assert (scratch_config(wide, TOK).num_heads, scratch_config(wide, TOK).d_kv) == (2, 64)
     tuned = TrainConfig(output="x", train="t", model="m", steps=1).check().resolved()

@@ -40,6 +40,8 @@ def scratch_config(cfg: TrainConfig, tokenizer) -> T5Config:
             fields_[name] = getattr(cfg, name)
     if cfg.num_layers is not None:
         fields_["num_decoder_layers"] = cfg.num_layers
+    if cfg.tie_embeddings:
+        fields_["tie_word_embeddings"] = True  # and the decoder outputs scaled by d_model**-0.5, as T5 does
     fields_.update(cfg.model_overrides)
     return T5Config.from_name(cfg.size, **fields_)
 

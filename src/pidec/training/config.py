@@ -135,6 +135,12 @@ class TrainConfig:
     d_kv: int | None = setting(
         None, help="from scratch: dimensions per head (tiny: 16, else the size's)", panel="Model"
     )
+    tie_embeddings: bool = setting(
+        False,
+        help="from scratch: the output layer is the embedding matrix (T5 v1.0; a token read in the "
+        "input and written in the output share one vector) instead of a layer of its own (T5 v1.1)",
+        panel="Model",
+    )
     model_overrides: dict = setting(
         help="T5Config fields for a from-scratch model", panel="Model", factory=dict, cli=False
     )
@@ -253,6 +259,8 @@ def _check_sources(cfg: TrainConfig) -> None:
     shape = [n for n in SHAPE_FIELDS if getattr(cfg, n) is not None]
     if cfg.model is not None and shape:
         _bad(shape[0], "sets the shape of a model built from scratch (--size); a checkpoint has its own")
+    if cfg.model is not None and cfg.tie_embeddings:
+        _bad("tie_embeddings", "sets the output layer of a model built from scratch (--size); a checkpoint has its own")
     if cfg.objective not in OBJECTIVES:
         _bad("objective", f"{cfg.objective!r} is not one of {', '.join(OBJECTIVES)}")
     if cfg.objective == "span_corruption":
