@@ -46,11 +46,9 @@ def main() -> None:
         print(f"{document:50s}", " ".join(f"{n}={s:.2f}" for n, s in zip(names, scores)))
     spread = [max(column) - min(column) for column in zip(*table)]
     print(f"{'spread across the documents':50s}", " ".join(f"{n}={s:.2f}" for n, s in zip(names, spread)))
-    best = [
-        max(range(len(answers)), key=lambda j: scores[j] if prompts[j].startswith("hotel area") else -1e9)
-        for scores in table
-    ]
-    print("hotel area ranked first:", ", ".join(answers[j] for j in best), "(a reader: none/east, west, north, none)")
+    area = [j for j, prompt in enumerate(prompts) if prompt.startswith("hotel area")]
+    first = [answers[max(area, key=scores.__getitem__)] for scores in table]
+    print("hotel area ranked first:", ", ".join(first), "(a reader: east, west, north, none)")
 
 
 if __name__ == "__main__":

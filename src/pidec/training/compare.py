@@ -42,8 +42,8 @@ from .loop import train
 COMPARE_TRAIN_FIELDS = (
     "output", "task", "data", "model", "size", "tokenizer", *SHAPE_FIELDS, "tie_embeddings", "dropout",
     "position_init_std", "precision", "device", "steps", "batch_tokens", "optimizer", "lr", "position_lr_scale",
-    "warmup_steps", "schedule", "max_grad_norm", "label_smoothing", "seed", "max_input_length", "max_target_tokens", "on_bad",
-    "max_subtasks", "downsample", "carried_noise", "progress", "progress_every",
+    "warmup_steps", "schedule", "max_grad_norm", "label_smoothing", "seed", "max_input_length",
+    "max_target_tokens", "on_bad", "max_subtasks", "downsample", "carried_noise", "progress", "progress_every",
 )  # fmt: skip
 COMPARE_DEFAULTS = {"on_bad": "skip"}
 COMPARE_HELP = {
