@@ -93,3 +93,34 @@ def test_compare_samples_subtasks_for_pid_and_pie_but_not_seq(data, tmp_path):
     seq_cfg = json.loads((out / "seq" / "run_config.json").read_text())
     pid_cfg = json.loads((out / "pid" / "run_config.json").read_text())
     assert seq_cfg["downsample"] == {} and pid_cfg["downsample"] == {"none": 0.0}
+
+
+def test_compare_learning_curves_come_from_the_runs_own_evaluations(data, tmp_path):
+    out = tmp_path / "curve"
+    args = ["compare", "--output", str(out), "--task", "jsonl", "--data", str(data), "--layouts", "pie,pid"]
+    args += ["--size", "tiny", "--tokenizer", "byte", "--steps", "3", "--batch-tokens", "8000", "--lr", "1e-3"]
+    args += ["--max-input-length", "512", "--max-new-tokens", "3", "--device", "cpu"]
+    args += ["--curve-every", "2", "--curve-limit", "2"]
+    r = runner.invoke(app, args)
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "results.json").read_text())
+    assert res["curve"] == {"every": 2, "split": "test", "limit": 2}
+    for layout, x in res["layouts"].items():
+        curve = x["curve"]
+        # every 2 steps, and the final model at step 3
+        assert [p["step"] for p in curve] == [2, 3], curve
+        assert 0 < curve[0]["train_s"] <= curve[1]["train_s"] <= x["train_s"] + 0.1
+        assert 0 < curve[0]["docs"] < curve[1]["docs"] == x["docs"]
+        assert all(p["main"] == p[res["main_metric"]] for p in curve)
+        evals = [json.loads(line) for line in open(out / layout / "log.jsonl") if '"eval"' in line]
+        assert [e["step"] for e in evals] == [2, 3]
+    assert "Learning curves" in r.stdout and "| pid | 3 |" in r.stdout
+
+
+@pytest.mark.parametrize("every, msg", [("3", "only 3 steps"), ("-1", "give a number of steps")])
+def test_compare_refuses_a_curve_it_cannot_draw(data, tmp_path, every, msg):
+    args = ["compare", "-o", str(tmp_path), "--task", "jsonl", "--data", str(data), "--layouts", "pid"]
+    args += ["--size", "tiny", "--tokenizer", "byte", "--steps", "3", "--curve-every", every, "--device", "cpu"]
+    r = runner.invoke(app, args)
+    assert r.exit_code != 0 and msg in r.output, r.output
+    assert not (tmp_path / "pid").exists()

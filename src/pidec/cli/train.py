@@ -114,5 +114,8 @@ def compare(ctx: typer.Context, **options) -> None:
             settings.eval_limit,
             eval_batch_size=settings.eval_batch_size,
             max_new_tokens=settings.max_new_tokens,
+            curve_every=settings.curve_every,
+            curve_split=settings.curve_split,
+            curve_limit=settings.curve_limit,
         )
     typer.echo(format_results(result))

@@ -17,7 +17,9 @@ on the evaluation split:
 - inference: generation seconds per document (the evaluation's `generate_s`, one batch of
   `eval_batch_size` documents at a time), documents per second.
 
-and the pid/pie ratios of both throughputs. `results.json` and `results.md` are written in the
+and the pid/pie ratios of both throughputs. With `--curve-every N` each run is also evaluated every N
+steps (on `--curve-split`, its first `--curve-limit` examples) and the layout's learning curve
+(the main metric against steps and against seconds of training) is reported. `results.json` and `results.md` are written in the
 output folder; each layout's run folder (`<output>/<layout>/`) holds its checkpoints, its log and
 its evaluation's metrics and predictions.
 """
@@ -62,6 +64,15 @@ class CompareSettings:
     eval_limit: int | None = setting(None, help="evaluate on the first N examples", panel="Evaluation")
     eval_batch_size: int = setting(8, help="documents decoded together", panel="Evaluation")
     max_new_tokens: int | None = setting(None, help="tokens per subtask (default: the task's)", panel="Evaluation")
+    curve_every: int = setting(
+        0, help="learning curves: evaluate each run every N steps (0: the final model only)", panel="Evaluation"
+    )
+    curve_split: str | None = setting(
+        None, help="the split the learning curves are evaluated on (default: --eval-split)", panel="Evaluation"
+    )
+    curve_limit: int | None = setting(
+        None, help="learning curves: the first N examples of the split", panel="Evaluation"
+    )
 
 
 def parse_layouts(value: str | list[str]) -> list[str]:
@@ -100,6 +111,23 @@ def training_totals(log_path: Path) -> dict:
     }
 
 
+def learning_curve(log_path: Path, metric: str) -> list[dict]:
+    """The run's evaluations in step order, each with the seconds of training (optimizer steps
+    only) that led to it and the documents seen so far."""
+    curve, seconds, docs = [], 0.0, 0
+    with open(log_path, encoding="utf-8") as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("type") == "train":
+                seconds += rec["seconds"]
+                docs += rec["docs"]
+            elif rec.get("type") == "eval":
+                point = {"step": rec["step"], "train_s": round(seconds, 1), "docs": docs, "main": rec.get(metric)}
+                point.update({k: v for k, v in rec.items() if k not in ("type", "step", "best", "best_metric")})
+                curve.append(point)
+    return curve
+
+
 def run_comparison(
     base: TrainConfig,
     layouts: list[str],
@@ -107,22 +135,42 @@ def run_comparison(
     eval_limit: int | None = None,
     eval_batch_size: int = 8,
     max_new_tokens: int | None = None,
+    curve_every: int = 0,
+    curve_split: str | None = None,
+    curve_limit: int | None = None,
 ) -> dict:
     """Train `base` once per layout (base.output is the parent folder) and evaluate each final
-    model on `eval_split` of base.task. Returns the results (also written to results.json/md)."""
+    model on `eval_split` of base.task; with `curve_every`, each run is evaluated every that many
+    steps on `curve_split` (default `eval_split`, its first `curve_limit` examples) as it trains.
+    Returns the results (also written to results.json/md)."""
 
     if base.task is None:
         raise InputError("compare needs --task (the task's own splits are trained and evaluated)")
     base = base.check().resolved()
     task = tasks.get(base.task)
     eval_split = task.check_split(eval_split)
+    if curve_every < 0:
+        raise InputError(f"--curve-every: give a number of steps (0: no curve), got {curve_every}")
+    if curve_every and curve_every >= base.steps:
+        raise InputError(f"--curve-every {curve_every}: the runs have only {base.steps} steps; give fewer")
+    curve_split = task.check_split(curve_split or eval_split)
     out = Path(base.output)
     out.mkdir(parents=True, exist_ok=True)
     examples = task.load(eval_split, base.data, limit=eval_limit)
     results = {"task": task.name, "main_metric": task.main_metric, "eval_split": eval_split, "layouts": {}}
     results["config"] = {k: v for k, v in base.to_dict().items() if k not in ("output", "layout", "progress")}
+    if curve_every:
+        results["curve"] = {"every": curve_every, "split": curve_split, "limit": curve_limit}
     for layout in layouts:
         cfg = replace(base, output=str(out / layout), layout=layout, log_every=1, eval=None, eval_split=None)
+        if curve_every:
+            cfg = replace(
+                cfg,
+                eval_split=curve_split,
+                eval_every=curve_every,
+                eval_limit=curve_limit,
+                eval_max_new_tokens=max_new_tokens,
+            )
         if layout == "seq":  # subtask sampling is for pid and pie rows; seq trains on the whole target
             cfg = replace(cfg, downsample={}, max_subtasks=None)
         t0 = time.perf_counter()
@@ -143,6 +191,8 @@ def run_comparison(
             "infer_s_per_doc": round(gen_s / ev.speed["examples"], 4),
             "infer_docs_per_s": ev.speed["examples_per_s"],
         }
+        if curve_every:
+            results["layouts"][layout]["curve"] = learning_curve(out / layout / "log.jsonl", task.main_metric)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     got = results["layouts"]
     if "pid" in got and "pie" in got:
@@ -188,4 +238,13 @@ def format_results(r: dict) -> str:
                 f"{v['train_throughput_x']}x, inference throughput {v['inference_throughput_x']}x"
             ),
         ]
+    if r.get("curve"):
+        c = r["curve"]
+        where = f"{c['split']} split" + (f", first {c['limit']} examples" if c["limit"] else "")
+        lines += ["", f"Learning curves ({m} on the {where}; training seconds in optimizer steps):", ""]
+        lines += ["| layout | step | train s | docs trained | " + m + " |", "|---|---:|---:|---:|---:|"]
+        for layout, x in r["layouts"].items():
+            for p in x.get("curve", []):
+                main = "n/a" if p["main"] is None else f"{p['main']:.2f}"
+                lines.append(f"| {layout} | {p['step']} | {p['train_s']:.0f} | {p['docs']} | {main} |")
     return "\n".join(lines)
