@@ -17,10 +17,11 @@ on the evaluation split:
 - inference: generation seconds per document (the evaluation's `generate_s`, one batch of
   `eval_batch_size` documents at a time), documents per second.
 
-and the pid/pie ratios of both throughputs. With `--curve-every N` each run is also evaluated every N
-steps (on `--curve-split`, its first `--curve-limit` examples) and the layout's learning curve
-(the main metric against steps and against seconds of training) is reported. `results.json` and `results.md` are written in the
-output folder; each layout's run folder (`<output>/<layout>/`) holds its checkpoints, its log and
+and the pid/pie ratios of both throughputs. With `--curve-every N` each run is also evaluated
+every N steps as it trains (by the trainer's own evaluation, on `--curve-split`, its first
+`--curve-limit` examples), and each layout's learning curve (the main metric against steps,
+seconds of training and documents seen) is read back from its log. `results.json` and
+`results.md` are written in the output folder; each layout's run folder (`<output>/<layout>/`) holds its checkpoints, its log and
 its evaluation's metrics and predictions.
 """
 
