@@ -88,8 +88,13 @@ def test_run_cuts_actor_calls_so_a_small_corpus_reaches_every_actor(tmp_path):
     for k in range(3):
         write_jsonl(folder / f"part-{k}.jsonl", records(10))
     shards = bulk_ray.find_shards(folder, None)
-    assert bulk_ray.share_per_call(shards, actors=2, limit=None) == 2  # 30 records / (8 x 2 actors), rounded up
-    assert bulk_ray.share_per_call(shards, actors=1, limit=3) == 1
+    # an eighth of each actor's share, but at least a batch's worth (batch_tokens / 512 documents)
+    # unless that is more than the actor's whole share
+    assert bulk_ray.share_per_call(shards, actors=2, limit=None, batch_tokens=512) == 2  # 30 / (8 x 2), rounded up
+    assert bulk_ray.share_per_call(shards, actors=2, limit=None, batch_tokens=4096) == 8  # one batch of 8
+    assert bulk_ray.share_per_call(shards, actors=2, limit=None) == 15  # 16 a batch, 15 each actor's share
+    assert bulk_ray.share_per_call(shards, actors=1, limit=3) == 3
+    assert bulk_ray.share_per_call(shards, actors=1, limit=3, batch_tokens=512) == 1
     big = write_jsonl(tmp_path / "big.jsonl", records(5000))
     assert bulk_ray.share_per_call(bulk_ray.find_shards(big, None), actors=2, limit=None) == bulk_ray.MAX_BATCH_SIZE
 
