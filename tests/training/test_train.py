@@ -713,6 +713,44 @@ def test_resume_passes_over_unreadable_checkpoints_and_stays_exact(saved_run, tm
     assert resumed[-1]["from"] == "checkpoint-2" and len(resumed[-1]["passed_over"]) == 2
 
 
+def test_a_run_in_pieces_pauses_at_stop_after_step_and_resumes_exactly(saved_run, tmp_path):
+    """--stop-after-step N pauses the schedule of --steps at N (checkpoint-N, no final/); --resume
+    goes on to the next pause or the end, and the pieces train what one run trains, bit for bit."""
+    from typer.testing import CliRunner
+
+    from pidec.cli import app
+
+    train, evalf = write_data(tmp_path, train=32, test=4)
+    args = run_args(train, evalf, "--steps", "6", "--save-every", "2", "--keep-checkpoints", "5", "--dropout", "0.1")
+    folder = tmp_path / "run"
+    first = CliRunner().invoke(app, [*args, "--output", str(folder), "--stop-after-step", "3"])
+    assert first.exit_code == 0, (first.output, first.exception)
+    result = json.loads(first.stdout)
+    assert result["paused"] and result["steps"] == 3 and result["total_steps"] == 6
+    assert result["resume"] == f"pidec train --resume {folder}" and result["checkpoint"] == str(folder / "checkpoint-3")
+    assert (folder / "checkpoint-3").is_dir() and not (folder / "final").exists()
+    assert [s for s, _ in train_losses(folder)] == [1, 2, 3]
+    assert json.loads((folder / "log.jsonl").read_text().splitlines()[-1])["type"] == "pause"
+
+    other = CliRunner().invoke(app, ["train", "--resume", str(folder), "--lr", "1e-3"])
+    assert other.exit_code == 2 and "drop --lr" in other.stderr  # only how far this piece goes may change
+    second = CliRunner().invoke(app, ["train", "--resume", str(folder), "--stop-after-step", "5"])
+    assert second.exit_code == 0, (second.output, second.exception)
+    assert json.loads(second.stdout)["steps"] == 5 and not (folder / "final").exists()
+    last = CliRunner().invoke(app, ["train", "--resume", str(folder)])  # the saved pause is not repeated
+    assert last.exit_code == 0, (last.output, last.exception)
+    assert "paused" not in json.loads(last.stdout) and (folder / "final").is_dir()
+    assert train_losses(folder) == saved_run[1]  # the three pieces are the 6-step run, bit for bit
+
+
+def test_stop_after_step_must_be_a_positive_step():
+    from pidec.errors import InputError
+    from pidec.training.config import TrainConfig
+
+    with pytest.raises(InputError, match="--stop-after-step: must be an integer >= 1, got 0"):
+        TrainConfig(output="x", task="booking", size="tiny", tokenizer="byte", steps=4, stop_after_step=0).check()
+
+
 # -- settings: defaults from scratch, declared once for the CLI ------------------------------
 
 

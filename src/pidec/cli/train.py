@@ -49,6 +49,9 @@ PRETRAIN_HELP = {
 }
 
 
+RESUME_MAY_CHANGE = ("resume", "stop_after_step")  # how far this piece goes is the command's, not the run's
+
+
 def train_or_resume(ctx: typer.Context, options: dict, **fixed) -> None:
     """Start a run from the options (with the `fixed` settings), or continue one (--resume)."""
     with input_errors_fail():
@@ -57,11 +60,12 @@ def train_or_resume(ctx: typer.Context, options: dict, **fixed) -> None:
             given = [
                 flags.get(p, p)
                 for p in ctx.params
-                if p != "resume" and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"
+                if p not in RESUME_MAY_CHANGE and getattr(ctx.get_parameter_source(p), "name", "") == "COMMANDLINE"
             ]
             if given:
                 fail(f"--resume continues with the run's saved settings; drop {', '.join(given)}")
-            result = training.resume(options["resume"])
+            changes = {"stop_after_step": options["stop_after_step"]} if options["stop_after_step"] else {}
+            result = training.resume(options["resume"], **changes)
         else:
             if options["output"] is None:
                 fail("--output DIR is required (or --resume DIR)")

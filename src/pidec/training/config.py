@@ -205,6 +205,12 @@ class TrainConfig:
     save_every: int = setting(0, help="steps between checkpoints (0: at the end only)", panel="Output")
     keep_checkpoints: int = setting(2, help="checkpoint-N folders kept (the newest)", panel="Output")
     log_every: int = setting(1, help="steps between log.jsonl records", panel="Output")
+    stop_after_step: int | None = setting(
+        None,
+        help="pause after step N of the --steps schedule: checkpoint-N is written, no final/; "
+        "--resume DIR goes on (to the end, or to a later --stop-after-step)",
+        panel="Output",
+    )
     progress: bool | None = setting(
         None,
         help="progress bar (default: on a terminal; otherwise plain lines)",
@@ -279,7 +285,9 @@ def _check_sources(cfg: TrainConfig) -> None:
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
-    positive = ("steps", "batch_tokens", "grad_accum", "keep_checkpoints", "log_every", "max_target_tokens")
+    positive = (
+        "steps", "batch_tokens", "grad_accum", "keep_checkpoints", "log_every", "max_target_tokens", "stop_after_step",
+    )  # fmt: skip
     for name in positive + SHAPE_FIELDS:
         v = getattr(cfg, name)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):

@@ -372,8 +372,9 @@ class Trainer:
         for note in self.notes:
             progress.note(note)
         t_start, last_eval = time.perf_counter(), None
+        end = min(self.total_steps, cfg.stop_after_step or self.total_steps)
         try:
-            while self.step < self.total_steps:
+            while self.step < end:
                 t0 = time.perf_counter()
                 rec = self.train_step()
                 seconds = time.perf_counter() - t0
@@ -388,6 +389,8 @@ class Trainer:
                     self.save_checkpoint()
         finally:
             progress.close()
+        if self.step < self.total_steps:
+            return self._pause(t_start)
         if self.eval_examples:
             last_eval = self.run_eval(progress)
         self.save_checkpoint()
@@ -404,6 +407,23 @@ class Trainer:
             "final": str(self.out / "final"),
         }
 
+    def _pause(self, t_start: float) -> dict:
+        """Stop before the schedule's end (--stop-after-step): a checkpoint to resume from, no final/."""
+        self.save_checkpoint()
+        if self.main:
+            seconds = round(time.perf_counter() - t_start, 3)
+            self.folder.log({"type": "pause", "step": self.step, "seconds": seconds, "best": self.best})
+        self.processes.barrier()
+        return {
+            "output": str(self.out),
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "paused": True,
+            "checkpoint": str(self.out / f"checkpoint-{self.step}"),
+            "best": self.best,
+            "resume": f"pidec {'pretrain' if self.cfg.objective == 'span_corruption' else 'train'} --resume {self.out}",
+        }
+
 
 def train(cfg: TrainConfig, resume: bool = False) -> dict:
     """Train (or, with resume=True, continue the run in cfg.output from its latest checkpoint)."""
@@ -416,6 +436,7 @@ def resume(folder: str | os.PathLike, **changes) -> dict:
     """Continue a run from its latest readable checkpoint with its saved settings."""
     cfg = load_run_config(folder)
     cfg.output = str(folder)
+    cfg.stop_after_step = None  # a pause belongs to the command that asked for it, not to the run
     for k, v in changes.items():
         setattr(cfg, k, v)
     return train(cfg, resume=True)
