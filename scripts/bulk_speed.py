@@ -15,7 +15,9 @@ Configurations, each a fresh process, measured round-robin (`--rounds` times, be
 - loop:       `Model.generate` one document at a time (model load included, as in the others)
 - hf-pie:     transformers `generate`, prompt in encoder, the 30 rows of one document batched
               (over the first `--hf-docs` documents: it is slow)
+- loop-keep:  the loop, with `pidec.allocator.keep_freed_blocks()` after the load (as `pidec run`)
 - run-w1:     `pidec run --workers 1`
+- run-w1-glibc: `pidec run --workers 1 --malloc default` (glibc's own malloc thresholds)
 - run-w2:     `pidec run --workers 2`
 - ray-a2:     `pidec run --engine ray --actors 2 --actor-cpus C` (a local Ray started by the run)
 
@@ -43,6 +45,9 @@ import json, sys, time
 import pidec
 t0 = time.perf_counter()
 m = pidec.load(sys.argv[1])
+if sys.argv[5:] == ["keep"]:
+    from pidec import allocator
+    allocator.keep_freed_blocks()
 fields = json.load(open(sys.argv[3]))
 prompts = [f["prompt"] for f in fields]
 n = 0
@@ -170,8 +175,10 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     configs = {
         "loop": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens),
+        "loop-keep": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens, "keep"),
         "hf-pie": lambda: script_run(HF, ckpt, corpus, fields, a.max_new_tokens, a.hf_docs),
         "run-w1": lambda: timed_run(common + ["--workers", "1"], out / "o-w1"),
+        "run-w1-glibc": lambda: timed_run(common + ["--workers", "1", "--malloc", "default"], out / "o-w1"),
         "run-w2": lambda: timed_run(common + ["--workers", "2"], out / "o-w2"),
         "ray-a2": lambda: timed_run(
             common + ["--engine", "ray", "--actors", "2", "--actor-cpus", str(max(1, cores // 2))], out / "o-ray"

@@ -236,6 +236,14 @@ def test_limit_and_json_summary(ckpt, tmp_path):
     assert s["records"] == 5 and s["documents_per_s"] > 0 and json.loads(r.stdout) == s
     assert "pidec run: 5 records, 5 answered, 0 errors" in r.stderr
     assert [x["id"] for x in read_output(tmp_path / "o.jsonl")] == [f"doc-{i}" for i in range(5)]
+    # glibc's own malloc thresholds: the same answers; an unknown setting is refused before loading
+    args = ["run", "--model", str(ckpt), "--input", str(path), "--fields", str(tmp_path / "f.json"), "--limit", "5"]
+    r = cli.invoke(app, args + ["--output", str(tmp_path / "d.jsonl"), "--malloc", "default", "--progress", "off"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "d.jsonl").read_bytes() == (tmp_path / "o.jsonl").read_bytes()
+    r = cli.invoke(app, args + ["--output", str(tmp_path / "x.jsonl"), "--malloc", "jemalloc"])
+    assert r.exit_code != 0 and "--malloc 'jemalloc': expected keep or default" in r.output
+    assert not (tmp_path / "x.jsonl").exists()
 
 
 @pytest.mark.slow  # two worker processes each import torch and load the model

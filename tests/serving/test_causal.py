@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import pidec
-from pidec.serving import allocator
+from pidec import allocator
 from pidec.serving.server import describe
 from pidec.serving.settings import ServeSettings
 from tests.causal_tiny import family_for_tests

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 import pidec
-from pidec.serving import allocator
+from pidec import allocator
 from pidec.serving.app import create_app
 from pidec.serving.prometheus import parse, total
 from pidec.serving.server import connection_class, describe

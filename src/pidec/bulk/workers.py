@@ -21,11 +21,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .. import checkpoint, lora
+from .. import allocator, checkpoint, lora
 from ..api import load
 from ..causal import Template, use_template
 from ..errors import InputError
 from .extract import Options, decode
+
+MALLOC = ("keep", "default")
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,11 @@ class ModelSpec:
     pack_weights: bool | None = None
     threads: int | None = None  # torch threads in this worker (None: torch's default)
     template: Template | None = None  # decoder-only checkpoints: how rows are built (None: the default)
+    malloc: str = "keep"  # keep: freed blocks stay for the next batch (`allocator.keep_freed_blocks`) | default
+
+    def __post_init__(self):
+        if self.malloc not in MALLOC:
+            raise InputError(f"--malloc {self.malloc!r}: expected {' or '.join(MALLOC)}")
 
     def load(self):
         if self.threads:
@@ -55,6 +62,8 @@ class ModelSpec:
             pack_weights=self.pack_weights,
         )
         use_template(model, self.template)
+        if self.malloc == "keep" and model.device.type == "cpu":  # after the load: its buffers go back
+            allocator.keep_freed_blocks()
         return model
 
     def load_tokenizer(self):

@@ -58,6 +58,9 @@ class RunOptions:
     batch_tokens: int = setting(8192, help="padded document tokens decoded together", panel="Scale")
     window: int = setting(runner.DEFAULT_WINDOW, help="records read, sorted and batched together", panel="Scale")
     workers: int = setting(1, help="processes on this machine, each with its share of the cores", panel="Scale")
+    malloc: str = setting(
+        "keep", help="keep: freed memory reused by the next batch (faster) | default: glibc's own", panel="Scale"
+    )
     on_error: str = setting("continue", help="continue (count bad records) | fail (stop at the first)", panel="Output")
     resume: bool = setting(False, help="require a progress file to resume from (resuming is automatic)", panel="Output")
     overwrite: bool = setting(False, help="discard an earlier run's output and start again", panel="Output")
@@ -121,7 +124,9 @@ def run_on_engine(o: RunOptions, questions) -> dict:
     """The run on `--engine`: local (--workers processes on this machine, `bulk.runner`) or
     ray (Ray Data actors, `bulk.ray`)."""
     template = template_of(o.prefix_template, o.row_template, o.chat_template)
-    spec = ModelSpec(o.model, o.device, o.dtype, o.quantize, o.tokenizer, o.max_input_length, template=template)
+    spec = ModelSpec(
+        o.model, o.device, o.dtype, o.quantize, o.tokenizer, o.max_input_length, template=template, malloc=o.malloc
+    )
     options = Options(o.layout, o.num_beams, o.max_new_tokens, o.truncate, o.id_field, o.document_field, o.batch_tokens)
     both = dict(
         input_format=o.input_format,

@@ -64,9 +64,10 @@ from fastapi.responses import PlainTextResponse
 from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .. import allocator
 from ..api import Model
 from ..causal import CausalModel
-from . import allocator, causal
+from . import causal
 from .batcher import Batcher, BatchFailed, Cancelled, Job, QueueFull, ShuttingDown
 from .gate import Gate
 from .prometheus import LATENCY_BUCKETS, Registry

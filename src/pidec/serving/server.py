@@ -24,9 +24,10 @@ from collections.abc import Callable
 
 import torch
 
+from .. import allocator
 from ..api import Model
 from ..causal import CausalModel
-from . import allocator, causal
+from . import causal
 from .app import Service, create_app
 from .schema import error_response
 from .settings import ServerSettings, ServeSettings
