@@ -114,7 +114,24 @@ def keep_freed_blocks(
 ) -> tuple[bool, str]:
     """Let freed blocks up to `mmap_threshold` bytes stay in the heap for the next batch, and up
     to `trim_threshold` bytes free at its top (both at most 2 GiB - 1, glibc takes an int).
-    Returns (applied, what was done in words, for the run's log)."""
+    Returns (applied, what was done in words); the words are also this process's
+    `batch_setting()` from then on (the run's summary reports them)."""
+    global _batch_setting
+    applied, said = _keep_freed_blocks(mmap_threshold, trim_threshold)
+    _batch_setting = said
+    return applied, said
+
+
+_batch_setting = "malloc: glibc's own thresholds"
+
+
+def batch_setting() -> str:
+    """What `keep_freed_blocks` did in this process, in words (glibc's own thresholds if it was
+    not called). Malloc's settings belong to the process, so this does too."""
+    return _batch_setting
+
+
+def _keep_freed_blocks(mmap_threshold: int, trim_threshold: int) -> tuple[bool, str]:
     for name, value in (("mmap_threshold", mmap_threshold), ("trim_threshold", trim_threshold)):
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 1 << 31:
             raise ValueError(f"{name} must be an integer in 1 .. 2**31 - 1 bytes, got {value!r}")

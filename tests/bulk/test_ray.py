@@ -66,6 +66,7 @@ def test_ray_engine_matches_the_single_process_run(local_ray, tmp_path):
     assert all(r["error"]["message"].startswith(str(jsonl)) for r in got if "error" in r)
     assert [r.get("id") for r in got] == [r.get("id") for r in want]  # same order
     assert s["records"] == local["records"] == 31 and s["errors_by_kind"] == local["errors_by_kind"]
+    assert s["malloc"] == "--malloc keep, applied in each actor"
 
     pq = write_parquet(tmp_path / "in.parquet", records(12))
     runner.run(spec, pq, tmp_path / "local.parquet", q, opts, display="off", window=8)

@@ -1,11 +1,14 @@
 """`pidec run` on one machine: formats, fields, ids and order, bad input, resuming, refusing."""
 
 import json
+import os
+import platform
 
 import pytest
 from typer.testing import CliRunner
 
 import pidec
+from pidec import allocator
 from pidec.bulk import runner
 from pidec.bulk.extract import Options
 from pidec.bulk.fields import FieldsError, questions
@@ -18,6 +21,7 @@ from ..shared_data import tiny_checkpoint
 from .corpus import FIELDS, records, write_csv, write_fields, write_jsonl, write_parquet
 
 cli = CliRunner()
+GLIBC = platform.libc_ver()[0] == "glibc"
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +238,9 @@ def test_limit_and_json_summary(ckpt, tmp_path):
     assert r.exit_code == 0, r.output
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["records"] == 5 and s["documents_per_s"] > 0 and json.loads(r.stdout) == s
+    assert s["malloc"] == allocator.batch_setting()
+    if GLIBC and not any(os.environ.get(v) for v in allocator.USER_MALLOC_VARIABLES):
+        assert s["malloc"].startswith("malloc: freed blocks kept for reuse (mmap threshold 256 MiB")
     assert "pidec run: 5 records, 5 answered, 0 errors" in r.stderr
     assert [x["id"] for x in read_output(tmp_path / "o.jsonl")] == [f"doc-{i}" for i in range(5)]
     # glibc's own malloc thresholds: the same answers; an unknown setting is refused before loading
@@ -252,6 +259,8 @@ def test_workers_two_match_workers_one(ckpt, tmp_path):
     one = run(ckpt, path, tmp_path / "one.jsonl", window=8, batch_tokens=64)
     two = run(ckpt, path, tmp_path / "two.jsonl", window=8, batch_tokens=64, workers=2)
     assert one["records"] == two["records"] == 40 and two["workers"] == 2
+    if GLIBC and not any(os.environ.get(v) for v in allocator.USER_MALLOC_VARIABLES):  # set in the workers
+        assert two["malloc"].startswith("malloc: freed blocks kept for reuse")
     assert (tmp_path / "one.jsonl").read_bytes() == (tmp_path / "two.jsonl").read_bytes()
 
 

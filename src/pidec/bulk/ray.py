@@ -277,14 +277,15 @@ def run(
             on_error=on_error,
         )
         write(out, output, out_format, readers)
-    return _run_summary(output, time.perf_counter() - t0, actors, json_summary)
+    return _run_summary(output, time.perf_counter() - t0, actors, spec.malloc, json_summary)
 
 
-def _run_summary(output: Path, seconds: float, actors: int, json_summary) -> dict:
+def _run_summary(output: Path, seconds: float, actors: int, malloc: str, json_summary) -> dict:
     """The summary of a finished `run`, counted from its output folder (Ray keeps no counts),
     written to `json_summary` when one is named."""
     counts = count_output(output)
     extra = {"output": str(output), "resumed": False, "actors": actors, "engine": "ray"}
+    extra["malloc"] = f"--malloc {malloc}, applied in each actor"
     return write_summary(summary(counts, seconds, counts["records"], counts["output_tokens"], **extra), json_summary)
 
 

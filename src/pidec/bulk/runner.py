@@ -121,6 +121,7 @@ def run(
         loop.close()
         shown.close()
     extra = {"output": str(output), "resumed": state.resumed, "workers": workers, "engine": "local"}
+    extra["malloc"] = engine.malloc
     result = summary(state.counts, time.perf_counter() - t0, loop.records, loop.tokens, **extra)
     return write_summary(result, json_summary)
 

@@ -93,6 +93,7 @@ class InProcess:
         self.max_input_length = self.model.config.max_input_length
         self.results: deque = deque()
         self.workers = 1
+        self.malloc = allocator.batch_setting()
 
     def submit(self, key, jobs, options: Options) -> None:
         self.results.append((key, decode(self.model, jobs, options)))
@@ -110,7 +111,7 @@ def _worker_main(spec: ModelSpec, tasks, results, parent: int) -> None:
     except Exception as e:  # reported to the parent, which stops the run with it
         results.put(("failed", None, f"{type(e).__name__}: {e}" if not isinstance(e, InputError) else str(e)))
         return
-    results.put(("ready", None, model.config.max_input_length))
+    results.put(("ready", None, (model.config.max_input_length, allocator.batch_setting())))
     while True:
         try:
             task = tasks.get(timeout=1.0)
@@ -143,17 +144,17 @@ class Pool:
         for p in self.procs:
             p.start()
         self.tokenizer = spec.load_tokenizer()
-        limits = []
+        ready = []
         try:
             for _ in self.procs:
                 kind, _, value = self._get()
                 if kind == "failed":
                     raise InputError(f"a worker could not load the model: {value}")
-                limits.append(value)
+                ready.append(value)
         except BaseException:
             self.close()
             raise
-        self.max_input_length = limits[0]
+        self.max_input_length, self.malloc = ready[0]  # (the workers' limits and settings are alike)
 
     def _get(self):
         while True:
