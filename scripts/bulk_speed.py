@@ -20,6 +20,8 @@ Configurations, each a fresh process, measured round-robin (`--rounds` times, be
 - run-w1-glibc: `pidec run --workers 1 --malloc default` (glibc's own malloc thresholds)
 - run-w2:     `pidec run --workers 2`
 - ray-a2:     `pidec run --engine ray --actors 2 --actor-cpus C` (a local Ray started by the run)
+- ray-a2-idle1s: the same with Ray's own idle-worker threshold (1 s) in the environment, in place
+              of the hour `pidec run` gives a local Ray (`pidec.bulk.ray.local_system_config`)
 
 Documents/s is documents over the wall time of the work inside the process (model load, reading,
 decoding, writing; not the Python start-up and imports: `pidec run`'s own `wall_s`). Memory: the peak RSS of `pidec run --workers 1` on
@@ -126,12 +128,12 @@ def build(
     return ckpt, corpus, fields
 
 
-def timed_run(args: list[str], out: Path) -> dict:
+def timed_run(args: list[str], out: Path, extra_env: dict | None = None) -> dict:
     summary = out / "summary.json"
     if out.exists():
         shutil.rmtree(out)
     cmd = [sys.executable, "-m", "pidec", "run", *args, "--output", str(out), "--json-summary", str(summary)]
-    r = subprocess.run(cmd + ["--progress", "off"], env=env(), capture_output=True, text=True)
+    r = subprocess.run(cmd + ["--progress", "off"], env=env() | (extra_env or {}), capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     s = json.loads(summary.read_text())
@@ -173,6 +175,7 @@ def main() -> None:
     common = ["--model", str(ckpt), "--input", str(sharded), "--fields", str(fields), "--truncate", "right"]
     common += ["--max-new-tokens", str(a.max_new_tokens), "--batch-tokens", str(a.batch_tokens)]
     cores = len(os.sched_getaffinity(0))
+    ray_args = common + ["--engine", "ray", "--actors", "2", "--actor-cpus", str(max(1, cores // 2))]
     configs = {
         "loop": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens),
         "loop-keep": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens, "keep"),
@@ -180,8 +183,9 @@ def main() -> None:
         "run-w1": lambda: timed_run(common + ["--workers", "1"], out / "o-w1"),
         "run-w1-glibc": lambda: timed_run(common + ["--workers", "1", "--malloc", "default"], out / "o-w1"),
         "run-w2": lambda: timed_run(common + ["--workers", "2"], out / "o-w2"),
-        "ray-a2": lambda: timed_run(
-            common + ["--engine", "ray", "--actors", "2", "--actor-cpus", str(max(1, cores // 2))], out / "o-ray"
+        "ray-a2": lambda: timed_run(ray_args, out / "o-ray"),
+        "ray-a2-idle1s": lambda: timed_run(
+            ray_args, out / "o-ray", {"RAY_idle_worker_killing_time_threshold_ms": "1000"}
         ),
     }
     names = [c for c in a.configs.split(",") if c]

@@ -52,6 +52,8 @@ ACTORS_PER_READER = 8  # `run` reads (and writes) with one task at a time per th
 # task runs in a Ray worker process of its own, and on a small machine starting one per input
 # shard costs more CPU than the reading it does (a reader keeps up with far more actors)
 NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
+IDLE_KILL = "idle_worker_killing_time_threshold_ms"  # Ray's setting: how long an idle worker may wait
+KEEP_IDLE_WORKERS_MS = 3_600_000  # a local Ray of `run` keeps its idle workers this long (see local_system_config)
 
 
 class RecordError(InputError):
@@ -302,16 +304,33 @@ def empty_output_folder(output, overwrite: bool) -> Path:
     return output
 
 
+def local_system_config() -> dict:
+    """Ray settings for a local Ray that `run` starts (and stops) itself: idle workers are kept
+    for KEEP_IDLE_WORKERS_MS, unless the environment sets that threshold. Ray kills a worker
+    that has been idle for 1 s once the node has more workers than CPUs, and the actors hold
+    every CPU: the worker that ran the read task would go, and each later write task would
+    start a fresh Python worker (importing Ray: 1-3 s of CPU) beside the decoding actors, the
+    last one after they have finished, on the run's critical path."""
+    if os.environ.get(f"RAY_{IDLE_KILL}"):
+        return {}
+    return {IDLE_KILL: KEEP_IDLE_WORKERS_MS}
+
+
 @contextlib.contextmanager
-def ray_session(ray, address: str | None):
+def ray_session(ray, address: str | None, **init_args):
     """Inside the block Ray runs: the one already started, else one started here (joining
-    `address`, or a local one with its workers at nice 0) and shut down after."""
+    `address`, or a local one with its workers at nice 0 and its idle workers kept, see
+    `local_system_config`) and shut down after. init_args go to `ray.init` (tests: num_cpus,
+    the node's address)."""
     if ray.is_initialized():
         yield
         return
     if address is None:  # Ray runs its workers at nice 15; here they do all the work, so run them at 0
         os.environ.setdefault(NICENESS, "0")
-    ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        config = local_system_config()
+        if config:
+            init_args["_system_config"] = config
+    ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_args)
     try:
         yield
     finally:

@@ -1,0 +1,66 @@
+"""The local Ray that `pidec run --engine ray` starts keeps its idle workers: the process that ran
+one task runs the next, even when actors hold every CPU (as the decoding actors do), so a
+write task does not start a fresh Python worker beside them."""
+
+import os
+import time
+
+import pytest
+
+from pidec.bulk import ray as bulk_ray
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+IDLE_WAIT_S = 3.0  # Ray's default kills a worker idle for 1 s (checked every 200 ms) once over its limit
+
+
+def worker_pids_around_an_idle_wait(env_threshold: str | None) -> tuple[int, int]:
+    """The pid of a task's worker before and after it sits idle, on a 2-CPU local Ray started by
+    `ray_session` with both CPUs held by actors; `env_threshold` sets Ray's idle threshold in the
+    environment as a user would."""
+    key = f"RAY_{bulk_ray.IDLE_KILL}"
+    saved = os.environ.pop(key, None)
+    if env_threshold is not None:
+        os.environ[key] = env_threshold
+    try:
+        assert not ray.is_initialized()
+        with bulk_ray.ray_session(ray, None, num_cpus=2, _node_ip_address="127.0.0.1", configure_logging=False):
+
+            @ray.remote(num_cpus=1)
+            class Holder:
+                def pid(self):
+                    return os.getpid()
+
+            @ray.remote(num_cpus=0)
+            def pid():
+                return os.getpid()
+
+            holders = [Holder.remote() for _ in range(2)]
+            actor_pids = set(ray.get([h.pid.remote() for h in holders]))
+            first = ray.get(pid.remote())
+            time.sleep(IDLE_WAIT_S)
+            second = ray.get(pid.remote())
+            assert first not in actor_pids and second not in actor_pids
+            return first, second
+    finally:
+        os.environ.pop(key, None)
+        if saved is not None:
+            os.environ[key] = saved
+
+
+def test_local_ray_keeps_the_idle_worker_for_the_next_task():
+    first, second = worker_pids_around_an_idle_wait(None)
+    assert first == second
+
+
+def test_a_threshold_in_the_environment_wins(monkeypatch):
+    key = f"RAY_{bulk_ray.IDLE_KILL}"
+    monkeypatch.delenv(key, raising=False)
+    assert bulk_ray.local_system_config() == {bulk_ray.IDLE_KILL: bulk_ray.KEEP_IDLE_WORKERS_MS}
+    monkeypatch.setenv(key, "1000")
+    assert bulk_ray.local_system_config() == {}
+    monkeypatch.delenv(key)
+    first, second = worker_pids_around_an_idle_wait("1000")  # Ray's own default: the idle worker goes
+    assert first != second
