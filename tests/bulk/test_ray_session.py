@@ -1,6 +1,7 @@
 """The local Ray that `pidec run --engine ray` starts keeps its idle workers: the process that ran
 one task is still there for the next, even when actors hold every CPU (as the decoding actors
-do), so a write task does not start a fresh Python worker beside them."""
+do), so a write task does not start a fresh Python worker beside them. Without --ray-address,
+a cluster Ray finds by itself (RAY_ADDRESS, `ray start` on this machine) is joined as it is."""
 
 import os
 import time
@@ -9,9 +10,12 @@ import pytest
 
 from pidec.bulk import ray as bulk_ray
 
-ray = pytest.importorskip("ray")
+try:
+    import ray
+except ImportError:  # the fake-Ray tests run without it
+    ray = None
 
-pytestmark = pytest.mark.slow
+needs_ray = pytest.mark.skipif(ray is None, reason="Ray is not installed: pip install '.[ray]'")
 
 IDLE_WAIT_S = 3.0  # Ray's default kills a worker idle for 1 s (checked every 200 ms) once over its limit
 
@@ -61,10 +65,14 @@ def task_worker_survives_an_idle_wait(env_threshold: str | None, patience_s: flo
             os.environ[key] = saved
 
 
+@pytest.mark.slow
+@needs_ray
 def test_local_ray_keeps_the_idle_worker_for_the_next_task():
     assert task_worker_survives_an_idle_wait(None)
 
 
+@pytest.mark.slow
+@needs_ray
 def test_a_threshold_in_the_environment_wins(monkeypatch):
     key = f"RAY_{bulk_ray.IDLE_KILL}"
     monkeypatch.delenv(key, raising=False)
@@ -73,3 +81,47 @@ def test_a_threshold_in_the_environment_wins(monkeypatch):
     assert bulk_ray.local_system_config() == {}
     monkeypatch.delenv(key)
     assert not task_worker_survives_an_idle_wait("1000", patience_s=10)  # Ray's own default: the idle worker goes
+
+
+class FakeRay:
+    """Records `init` calls; joining an existing cluster refuses _system_config as Ray does."""
+
+    def __init__(self, found_cluster: bool, error: str | None = None):
+        self.found_cluster, self.error, self.calls, self.shut = found_cluster, error, [], False
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kw):
+        self.calls.append(kw)
+        if self.error:
+            raise ValueError(self.error)
+        if self.found_cluster and kw.get("_system_config"):
+            raise ValueError("When connecting to an existing cluster, _system_config must not be provided.")
+
+    def shutdown(self):
+        self.shut = True
+
+
+def test_without_an_address_a_cluster_ray_finds_is_joined_as_it_is(monkeypatch):
+    monkeypatch.delenv(f"RAY_{bulk_ray.IDLE_KILL}", raising=False)
+    fake = FakeRay(found_cluster=False)
+    with bulk_ray.ray_session(fake, None):
+        pass
+    assert [c.get("_system_config") for c in fake.calls] == [{bulk_ray.IDLE_KILL: bulk_ray.KEEP_IDLE_WORKERS_MS}]
+    assert fake.shut
+
+    fake = FakeRay(found_cluster=True)
+    with bulk_ray.ray_session(fake, None):
+        pass
+    assert [c.get("_system_config") for c in fake.calls] == [{bulk_ray.IDLE_KILL: bulk_ray.KEEP_IDLE_WORKERS_MS}, None]
+
+    fake = FakeRay(found_cluster=False)
+    with bulk_ray.ray_session(fake, "10.0.0.1:6379"):  # --ray-address: the cluster's own settings
+        pass
+    assert fake.calls == [{"address": "10.0.0.1:6379", "include_dashboard": False, "log_to_driver": False}]
+
+    fake = FakeRay(found_cluster=False, error="Invalid address format: x")
+    with pytest.raises(ValueError, match="Invalid address"), bulk_ray.ray_session(fake, None):
+        pass
+    assert len(fake.calls) == 1

@@ -320,17 +320,26 @@ def local_system_config() -> dict:
 def ray_session(ray, address: str | None, **init_args):
     """Inside the block Ray runs: the one already started, else one started here (joining
     `address`, or a local one with its workers at nice 0 and its idle workers kept, see
-    `local_system_config`) and shut down after. init_args go to `ray.init` (tests: num_cpus,
-    the node's address)."""
+    `local_system_config`; without `address` Ray joins a cluster named by RAY_ADDRESS or started
+    on this machine with `ray start`, as it is) and shut down after. init_args go to `ray.init`
+    (tests: num_cpus, the node's address)."""
     if ray.is_initialized():
         yield
         return
+    init_args.update(address=address, include_dashboard=False, log_to_driver=False)
     if address is None:  # Ray runs its workers at nice 15; here they do all the work, so run them at 0
         os.environ.setdefault(NICENESS, "0")
         config = local_system_config()
-        if config:
-            init_args["_system_config"] = config
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **init_args)
+        try:
+            ray.init(**init_args, **({"_system_config": config} if config else {}))
+        except ValueError as e:
+            # no address, but Ray found one (RAY_ADDRESS, or a `ray start` on this machine) and
+            # joins that cluster, whose settings are its own
+            if not config or "_system_config" not in str(e):
+                raise
+            ray.init(**init_args)
+    else:
+        ray.init(**init_args)
     try:
         yield
     finally:
