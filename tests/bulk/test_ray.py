@@ -58,7 +58,11 @@ def test_ray_engine_matches_the_single_process_run(local_ray, tmp_path):
     want = read_output(tmp_path / "local.jsonl")
 
     s = bulk_ray.run(spec, jsonl, tmp_path / "ray-out", q, opts, actors=2, actor_cpus=1)
+    assert len(list((tmp_path / "ray-out").glob("*.json"))) == 1  # fewer records than FILE_ROWS: one file
     got = read_output(tmp_path / "ray-out")
+    bulk_ray.run(spec, jsonl, tmp_path / "ray-files", q, opts, actors=2, actor_cpus=1, file_rows=8)
+    assert len(list((tmp_path / "ray-files").glob("*.json"))) > 1
+    assert read_output(tmp_path / "ray-files") == got  # the order kept across files
     malformed = [r for r in got if r.get("error", {}).get("kind") == "malformed_line"]
     assert len(malformed) == 1 and malformed[0]["error"]["message"].startswith(f"{jsonl}: invalid JSON")
     # the answers are the same; error messages name the file, but Ray gives no line numbers
@@ -98,6 +102,46 @@ def test_run_cuts_actor_calls_so_a_small_corpus_reaches_every_actor(tmp_path):
     assert bulk_ray.share_per_call(shards, actors=1, limit=3, batch_tokens=512) == 1
     big = write_jsonl(tmp_path / "big.jsonl", records(5000))
     assert bulk_ray.share_per_call(bulk_ray.find_shards(big, None), actors=2, limit=None) == bulk_ray.MAX_BATCH_SIZE
+
+
+def block_rows(table):
+    """A map_batches function that is given whole blocks (batch_size=None): each block's length."""
+    return {"rows": [table.num_rows]}
+
+
+def test_run_reads_a_file_in_blocks_of_about_one_call(local_ray, tmp_path):
+    """An actor takes a whole input block at a time: `run` has Ray read in blocks of about one
+    call's records, so one large file still spreads over every actor in small pieces."""
+    one = write_jsonl(tmp_path / "one.jsonl", records(4000))
+    shards = bulk_ray.find_shards(one, None)
+    rows = bulk_ray.share_per_call(shards, actors=10, limit=None, batch_tokens=512)
+    assert rows == 50  # 4000 / (8 calls x 10 actors)
+    settings = {"target_max_block_size": bulk_ray.block_bytes(shards, 4000, rows)}
+
+    def blocks(**settings) -> list[int]:
+        with bulk_ray.data_context(**settings):
+            ds = bulk_ray.read(shards).map_batches(block_rows, batch_size=None, batch_format="pyarrow", num_cpus=0)
+            return [r["rows"] for r in ds.take_all()]
+
+    ray_own, sized = blocks(), blocks(**settings)
+    assert sum(ray_own) == sum(sized) == 4000
+    assert max(ray_own) > 4 * rows  # Ray's own blocks: far more than a call (the test is not empty)
+    assert max(sized) <= 2 * rows and len(sized) >= 4000 // (2 * rows)
+
+
+def test_data_context_puts_the_settings_back():
+    ctx = ray.data.DataContext.get_current()
+    size, order = ctx.target_max_block_size, ctx.execution_options.preserve_order
+    with bulk_ray.data_context(target_max_block_size=1234, **{"execution_options.preserve_order": not order}):
+        assert ctx.target_max_block_size == 1234 and ctx.execution_options.preserve_order is (not order)
+    assert ctx.target_max_block_size == size and ctx.execution_options.preserve_order == order
+
+
+def test_block_bytes_is_a_call_of_the_input_files_bytes(tmp_path):
+    one = write_jsonl(tmp_path / "one.jsonl", records(100))
+    shards = bulk_ray.find_shards(one, None)
+    assert bulk_ray.block_bytes(shards, 100, 10) == one.stat().st_size // 10
+    assert bulk_ray.block_bytes(shards, 0, 10) is None
 
 
 def test_run_reads_and_writes_with_one_task_per_eight_actors():

@@ -53,6 +53,8 @@ ACTORS_PER_READER = 8  # `run` reads (and writes) with one task at a time per th
 # shard costs more CPU than the reading it does (a reader keeps up with far more actors)
 NICENESS = "RAY_worker_niceness"  # read by each Ray worker process when it starts
 IDLE_KILL = "idle_worker_killing_time_threshold_ms"  # Ray's setting: how long an idle worker may wait
+FILE_ROWS = 1024  # output records `run` writes to a file at least (Ray's hint; the last file may have fewer):
+# its blocks are about one actor call each (see block_bytes), too small to be a file apiece
 KEEP_IDLE_WORKERS_MS = 3_600_000  # a local Ray of `run` keeps its idle workers this long (see local_system_config)
 
 
@@ -128,8 +130,9 @@ def extract(
     fields: a fields file path, or a list of {name, prompt, max_new_tokens, num_beams}.
     options / option_values: `extract.Options` (layout, num_beams, max_new_tokens, truncate,
     id_field, document_field, batch_tokens). batch_size: rows per actor call (small blocks are
-    bundled up to it; a large block is not split, so a corpus spreads over the actors by its
-    blocks: one file of JSONL is one block, a folder of shards many)."""
+    bundled up to it; a larger block goes to one actor whole, cut into calls there, so a corpus
+    spreads over the actors by its blocks: read it in blocks of about one call, as `run` does
+    with `DataContext.target_max_block_size` and `block_bytes`)."""
     ray = _import_ray()
     if questions is None and isinstance(fields, (str, Path)):
         questions = make_questions(fields_file=fields)
@@ -177,7 +180,7 @@ def read(shards, readers: int = 1) -> object:
     return ray.data.read_parquet(paths, num_cpus=0, concurrency=readers)
 
 
-def parquet_sink(path: str):
+def parquet_sink(path: str, min_rows_per_file: int | None = None):
     """A Parquet datasink that keeps row order inside each file. Ray's own `write_parquet`
     hands a write task's blocks to `pyarrow.dataset.write_dataset` with threads and no
     `preserve_order`, which can swap them within a file; this sink writes the task's blocks
@@ -188,7 +191,7 @@ def parquet_sink(path: str):
 
     class OrderedParquetSink(BlockBasedFileDatasink):
         def __init__(self, folder: str):
-            super().__init__(folder, file_format="parquet")
+            super().__init__(folder, file_format="parquet", min_rows_per_file=min_rows_per_file)
 
         def write_block_to_file(self, block, file):
             pq.write_table(block.to_arrow(), file)
@@ -201,7 +204,9 @@ def readers_for(actors: int) -> int:
     return -(-actors // ACTORS_PER_READER)
 
 
-def share_per_call(shards, actors: int, limit: int | None, batch_tokens: int = Options.batch_tokens) -> int:
+def share_per_call(
+    shards, actors: int, limit: int | None, batch_tokens: int = Options.batch_tokens, total: int | None = None
+) -> int:
     """Rows per actor call for `run`: an eighth of each actor's share of the corpus
     (CALLS_PER_ACTOR), at most MAX_BATCH_SIZE, and at least one decoding batch's worth of
     documents (`batch_tokens` over TYPICAL_DOC_TOKENS) unless that is more than an actor's whole
@@ -209,12 +214,46 @@ def share_per_call(shards, actors: int, limit: int | None, batch_tokens: int = O
     shards still reaches every actor, a large one is cut into calls of MAX_BATCH_SIZE, the actors
     end within about one small call of each other, and no call decodes its documents in smaller
     batches than `pidec run --workers` would (4 documents a batch instead of 8 cost 13% at dst's
-    shape)."""
-    total = count_input_records(shards, limit)
+    shape). `total`: the records the run reads, when already counted."""
+    total = count_input_records(shards, limit) if total is None else total
     per = -(-total // (CALLS_PER_ACTOR * actors))
     full_batch = max(1, batch_tokens // TYPICAL_DOC_TOKENS)
     per = max(per, min(full_batch, -(-total // actors)))
     return max(1, min(MAX_BATCH_SIZE, per))
+
+
+def block_bytes(shards, records: int, rows: int) -> int | None:
+    """The input bytes of about `rows` records of `shards` (which hold `records` in all): the
+    block size `run` asks Ray Data to read in, so that a block is about one actor call.
+
+    An actor takes a whole block at a time (`batch_size` only bundles blocks smaller than a
+    call, and cuts a larger one into calls inside the same task), and Ray reads a text file in
+    blocks of its own size: 14 blocks of about 290 records for a 15 MB JSONL file of 4,096
+    (Ray 2.60), so 10 actors would do that corpus in two rounds of 290 records, 6 of them idle
+    in the second, where `run`'s calls of 52 keep all 10 busy to within one call.
+    Compressed input (Parquet) is larger once read: its blocks come out smaller than a call
+    and are bundled back up to one. None for an empty input."""
+    if records < 1:
+        return None
+    size = sum(s.path.stat().st_size for s in shards)
+    return max(1, size * rows // records)
+
+
+@contextlib.contextmanager
+def data_context(**settings):
+    """Ray Data's current DataContext with `settings` (attributes, or `execution_options.NAME`)
+    inside the block, put back as they were after it."""
+    ctx = _import_ray().data.DataContext.get_current()
+    saved = {}
+    for name, value in settings.items():
+        owner, attr = (ctx.execution_options, name.split(".", 1)[1]) if "." in name else (ctx, name)
+        saved[name] = (owner, attr, getattr(owner, attr))
+        setattr(owner, attr, value)
+    try:
+        yield ctx
+    finally:
+        for owner, attr, value in saved.values():
+            setattr(owner, attr, value)
 
 
 def count_output(folder: Path) -> dict:
@@ -252,17 +291,23 @@ def run(
     overwrite: bool = False,
     json_summary=None,
     batch_size: int | None = None,
+    file_rows: int | None = FILE_ROWS,
 ) -> dict:
-    """`pidec run --engine ray`: read -> extract -> write into the folder `output`."""
+    """`pidec run --engine ray`: read -> extract -> write into the folder `output`, about
+    `file_rows` records a file at least."""
     ray = _import_ray()
     t0 = time.perf_counter()
     shards = find_shards(input, input_format)
+    records = count_input_records(shards)
     if batch_size is None:
-        batch_size = share_per_call(shards, actors, limit, options.batch_tokens)
+        total = records if limit is None else min(records, limit)
+        batch_size = share_per_call(shards, actors, limit, options.batch_tokens, total=total)
+    settings = {"execution_options.preserve_order": True}
+    if (block := block_bytes(shards, records, batch_size)) is not None:
+        settings["target_max_block_size"] = block
     out_format = output_format_of(output, output_format)
     output = empty_output_folder(output, overwrite)
-    with ray_session(ray, address):
-        ray.data.DataContext.get_current().execution_options.preserve_order = True
+    with ray_session(ray, address), data_context(**settings):
         readers = readers_for(actors)
         ds = read(shards, readers)
         if limit is not None:
@@ -278,7 +323,7 @@ def run(
             batch_size=batch_size,
             on_error=on_error,
         )
-        write(out, output, out_format, readers)
+        write(out, output, out_format, readers, file_rows)
     return _run_summary(output, time.perf_counter() - t0, actors, spec.malloc, json_summary)
 
 
@@ -346,15 +391,18 @@ def ray_session(ray, address: str | None, **init_args):
         ray.shutdown()
 
 
-def write(out, output: Path, out_format: str, readers: int = 1) -> None:
+def write(out, output: Path, out_format: str, readers: int = 1, file_rows: int | None = None) -> None:
     """Run the dataset `out` into the folder `output` as Parquet (row order kept within a file)
-    or JSON lines, with at most `readers` write tasks at a time; a record's failure under
+    or JSON lines, with at most `readers` write tasks at a time and about `file_rows` records a
+    file at least (None: a file per block, Ray's choice); a record's failure under
     --on-error fail comes back as its RecordError."""
     try:
         if out_format == "parquet":
-            out.write_datasink(parquet_sink(str(output)), ray_remote_args={"num_cpus": 0}, concurrency=readers)
+            sink = parquet_sink(str(output), file_rows)
+            out.write_datasink(sink, ray_remote_args={"num_cpus": 0}, concurrency=readers)
         else:
-            out.write_json(str(output), force_ascii=False, ray_remote_args={"num_cpus": 0}, concurrency=readers)
+            args = dict(force_ascii=False, min_rows_per_file=file_rows, ray_remote_args={"num_cpus": 0})
+            out.write_json(str(output), **args, concurrency=readers)
     except Exception as e:
         if isinstance(e, RecordError) or "RecordError" in str(e):
             line = next((x for x in str(e).splitlines() if "--on-error fail stops here" in x), str(e))
