@@ -16,7 +16,8 @@ record on Ray as with `pidec run`. Rows in, Arrow tables of output records out (
 malformed line is a counted error record, named by file: Ray does not give line numbers),
 `read_csv` (column types inferred by Arrow) or `read_parquet` -> `extract` -> `write_json` or
 a Parquet sink that keeps row order (`parquet_sink`) into an output folder, with the order of
-records kept. It starts a local Ray when none is running and `address` is None, else joins
+records kept, read in blocks of about one actor call (`block_bytes`) and written in files of at
+least FILE_ROWS records. It starts a local Ray when none is running and `address` is None, else joins
 the cluster at `address`. A Ray run is not resumable record by record (Ray Data has no
 checkpoint of a pipeline): a failed run is started again with --overwrite.
 
@@ -341,7 +342,7 @@ def empty_output_folder(output, overwrite: bool) -> Path:
     file name or a folder holding an earlier run's files."""
     output = Path(output)
     if output.suffix.lower() in (".jsonl", ".parquet", ".json"):
-        raise InputError(f"--engine ray: --output {output} must be a folder (Ray writes one file per block)")
+        raise InputError(f"--engine ray: --output {output} must be a folder (Ray writes several files)")
     if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise InputError(f"--output {output} is not empty: write to a new folder, or pass --overwrite")
