@@ -36,9 +36,9 @@ def one_run(ray, path: str, actors: int, blocks: str) -> str:
     shards = pray.find_shards(path, None)
     records = pray.count_input_records(shards)
     rows = pray.share_per_call(shards, actors, None, total=records)
-    settings = {"execution_options.preserve_order": True}
-    if blocks == "call":
-        settings["target_max_block_size"] = pray.block_bytes(shards, records, rows)
+    settings = pray.data_settings(shards, records, rows)  # what `pidec run` reads with
+    if blocks == "ray":
+        del settings["target_max_block_size"]
     compute = ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1)
     with pray.data_context(**settings):
         ds = pray.read(shards).map_batches(

@@ -116,14 +116,14 @@ def test_run_reads_a_file_in_blocks_of_about_one_call(local_ray, tmp_path):
     shards = bulk_ray.find_shards(one, None)
     rows = bulk_ray.share_per_call(shards, actors=10, limit=None, batch_tokens=512)
     assert rows == 50  # 4000 / (8 calls x 10 actors)
-    settings = {"target_max_block_size": bulk_ray.block_bytes(shards, 4000, rows)}
+    settings = bulk_ray.data_settings(shards, 4000, rows)  # what `run` reads with
 
     def blocks(**settings) -> list[int]:
         with bulk_ray.data_context(**settings):
             ds = bulk_ray.read(shards).map_batches(block_rows, batch_size=None, batch_format="pyarrow", num_cpus=0)
             return [r["rows"] for r in ds.take_all()]
 
-    ray_own, sized = blocks(), blocks(**settings)
+    ray_own, sized = blocks(**{"execution_options.preserve_order": True}), blocks(**settings)
     assert sum(ray_own) == sum(sized) == 4000
     assert max(ray_own) > 4 * rows  # Ray's own blocks: far more than a call (the test is not empty)
     assert max(sized) <= 2 * rows and len(sized) >= 4000 // (2 * rows)
@@ -142,6 +142,11 @@ def test_block_bytes_is_a_call_of_the_input_files_bytes(tmp_path):
     shards = bulk_ray.find_shards(one, None)
     assert bulk_ray.block_bytes(shards, 100, 10) == one.stat().st_size // 10
     assert bulk_ray.block_bytes(shards, 0, 10) is None
+    assert bulk_ray.data_settings(shards, 100, 10) == {
+        "execution_options.preserve_order": True,
+        "target_max_block_size": one.stat().st_size // 10,
+    }
+    assert bulk_ray.data_settings(shards, 0, 10) == {"execution_options.preserve_order": True}
 
 
 def test_run_reads_and_writes_with_one_task_per_eight_actors():

@@ -240,6 +240,15 @@ def block_bytes(shards, records: int, rows: int) -> int | None:
     return max(1, size * rows // records)
 
 
+def data_settings(shards, records: int, batch_size: int) -> dict:
+    """The DataContext settings of a `run` (see `data_context`): the records kept in order, and
+    blocks of about one call (`block_bytes`) where the input has records."""
+    settings = {"execution_options.preserve_order": True}
+    if (block := block_bytes(shards, records, batch_size)) is not None:
+        settings["target_max_block_size"] = block
+    return settings
+
+
 @contextlib.contextmanager
 def data_context(**settings):
     """Ray Data's current DataContext with `settings` (attributes, or `execution_options.NAME`)
@@ -303,9 +312,7 @@ def run(
     if batch_size is None:
         total = records if limit is None else min(records, limit)
         batch_size = share_per_call(shards, actors, limit, options.batch_tokens, total=total)
-    settings = {"execution_options.preserve_order": True}
-    if (block := block_bytes(shards, records, batch_size)) is not None:
-        settings["target_max_block_size"] = block
+    settings = data_settings(shards, records, batch_size)
     out_format = output_format_of(output, output_format)
     output = empty_output_folder(output, overwrite)
     with ray_session(ray, address), data_context(**settings):
