@@ -147,6 +147,8 @@ def test_block_bytes_is_a_call_of_the_input_files_bytes(tmp_path):
         "target_max_block_size": one.stat().st_size // 10,
     }
     assert bulk_ray.data_settings(shards, 0, 10) == {"execution_options.preserve_order": True}
+    ray_own = ray.data.DataContext.get_current().target_max_block_size
+    assert bulk_ray.data_settings(shards, 1, ray_own)["target_max_block_size"] == ray_own  # never larger
 
 
 def test_run_reads_and_writes_with_one_task_per_eight_actors():

@@ -242,10 +242,12 @@ def block_bytes(shards, records: int, rows: int) -> int | None:
 
 def data_settings(shards, records: int, batch_size: int) -> dict:
     """The DataContext settings of a `run` (see `data_context`): the records kept in order, and
-    blocks of about one call (`block_bytes`) where the input has records."""
+    blocks of about one call (`block_bytes`) where the input has records, never larger than the
+    blocks Ray would make (128 MiB by default: calls of large documents)."""
     settings = {"execution_options.preserve_order": True}
     if (block := block_bytes(shards, records, batch_size)) is not None:
-        settings["target_max_block_size"] = block
+        ray_own = _import_ray().data.DataContext.get_current().target_max_block_size
+        settings["target_max_block_size"] = min(block, ray_own) if ray_own else block
     return settings
 
 
