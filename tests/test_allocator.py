@@ -18,7 +18,7 @@ GLIBC = platform.libc_ver()[0] == "glibc"
 # every call.
 PATTERN = textwrap.dedent(
     """
-    import resource, sys, torch
+    import resource, sys, threading, torch
     from pidec import allocator
     if sys.argv[1] == "keep":
         applied, said = allocator.keep_freed_blocks()
@@ -28,18 +28,25 @@ PATTERN = textwrap.dedent(
     def layer(x):
         a, b = x @ w, x @ w
         return (torch.nn.functional.gelu(a) * b)[:, :64].contiguous()
-    layer(x), layer(x)
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(10):
-        layer(x)
-    print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 10)
+    def calls():
+        layer(x), layer(x)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(10):
+            layer(x)
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / 10)
+    if sys.argv[2:] == ["thread"]:  # as a Ray actor runs its calls
+        t = threading.Thread(target=calls)
+        t.start(), t.join()
+    else:
+        calls()
     """
 )
 
 
-def faults_per_call(mode: str) -> float:
-    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-c", PATTERN, mode], capture_output=True, text=True, env=env, timeout=120)
+def faults_per_call(mode: str, thread: bool = False, env: dict | None = None) -> float:
+    env = {"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"} | (env or {})
+    args = [sys.executable, "-c", PATTERN, mode] + (["thread"] if thread else [])
+    r = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     return float(r.stdout.split()[-1])
 
@@ -51,6 +58,31 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
     # kept, the next call reuses the same pages
     assert default > 10_000, f"glibc's defaults faulted only {default} pages a call: the check shows nothing"
     assert keep < 20, f"{keep} page faults a call with freed blocks kept"
+
+
+@pytest.mark.skipif(not GLIBC, reason="malloc arenas are glibc's")
+def test_a_thread_keeps_freed_blocks_with_one_heap(monkeypatch):
+    for name in (*allocator.USER_MALLOC_VARIABLES, "MALLOC_ARENA_MAX"):
+        monkeypatch.delenv(name, raising=False)
+    one_heap = allocator.one_heap_environment()
+    assert one_heap == {"MALLOC_ARENA_MAX": "1"}
+    # a thread's own heap is at most 64 MiB: its 64 MiB blocks are mapped afresh whatever the thresholds
+    thread = faults_per_call("keep", thread=True)
+    assert thread > 10_000, f"a thread of its own faulted only {thread} pages a call: the check shows nothing"
+    assert faults_per_call("keep", thread=True, env=one_heap) < 20
+
+
+def test_one_heap_leaves_the_users_malloc_settings(monkeypatch):
+    for name in (*allocator.USER_MALLOC_VARIABLES, "MALLOC_ARENA_MAX"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(allocator, "_libc", lambda: object())
+    assert allocator.one_heap_environment() == {"MALLOC_ARENA_MAX": "1"}
+    for name in (*allocator.USER_MALLOC_VARIABLES, "MALLOC_ARENA_MAX"):
+        monkeypatch.setenv(name, "4")
+        assert allocator.one_heap_environment() == {}, name
+        monkeypatch.delenv(name)
+    monkeypatch.setattr(allocator, "_libc", lambda: None)
+    assert allocator.one_heap_environment() == {}
 
 
 def test_thresholds_are_checked_and_the_users_settings_win(monkeypatch):

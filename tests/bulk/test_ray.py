@@ -155,3 +155,17 @@ def test_run_reads_and_writes_with_one_task_per_eight_actors():
     """Each Ray read or write task runs in a worker process of its own: `run` does not start one
     per input shard (8 shards on 2 actors used to start 8 reader processes on a 2-core machine)."""
     assert [bulk_ray.readers_for(n) for n in (1, 2, 8, 9, 16, 17)] == [1, 1, 1, 2, 2, 3]
+
+
+def test_actors_start_with_one_malloc_heap_unless_their_workers_have_it(monkeypatch):
+    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(bulk_ray.allocator, "_libc", lambda: object())
+    spec = ModelSpec("ckpt")
+    one_heap = {"runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "1"}}}
+    assert bulk_ray.actor_options(spec, 1, None) == {"num_cpus": 1, "num_gpus": None} | one_heap
+    assert bulk_ray.actor_options(spec, 1, None, env={}) == {"num_cpus": 1, "num_gpus": None}
+    assert bulk_ray.actor_env(ModelSpec("ckpt", malloc="default")) == {}
+    assert bulk_ray.actor_env(ModelSpec("ckpt", device="cuda")) == {}
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the user's
+    assert bulk_ray.actor_options(spec, 0, 1) == {"num_cpus": 0, "num_gpus": 1}

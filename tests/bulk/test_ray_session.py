@@ -106,22 +106,84 @@ class FakeRay:
 def test_without_an_address_a_cluster_ray_finds_is_joined_as_it_is(monkeypatch):
     monkeypatch.delenv(f"RAY_{bulk_ray.IDLE_KILL}", raising=False)
     fake = FakeRay(found_cluster=False)
-    with bulk_ray.ray_session(fake, None):
-        pass
+    with bulk_ray.ray_session(fake, None) as workers_have_env:
+        assert workers_have_env  # started here: its workers have the environment given
     assert [c.get("_system_config") for c in fake.calls] == [{bulk_ray.IDLE_KILL: bulk_ray.KEEP_IDLE_WORKERS_MS}]
     assert fake.shut
 
     fake = FakeRay(found_cluster=True)
-    with bulk_ray.ray_session(fake, None):
-        pass
+    with bulk_ray.ray_session(fake, None) as workers_have_env:
+        assert not workers_have_env
     assert [c.get("_system_config") for c in fake.calls] == [{bulk_ray.IDLE_KILL: bulk_ray.KEEP_IDLE_WORKERS_MS}, None]
 
     fake = FakeRay(found_cluster=False)
-    with bulk_ray.ray_session(fake, "10.0.0.1:6379"):  # --ray-address: the cluster's own settings
-        pass
+    with bulk_ray.ray_session(fake, "10.0.0.1:6379") as workers_have_env:  # --ray-address: the cluster's own settings
+        assert not workers_have_env
     assert fake.calls == [{"address": "10.0.0.1:6379", "include_dashboard": False, "log_to_driver": False}]
 
     fake = FakeRay(found_cluster=False, error="Invalid address format: x")
     with pytest.raises(ValueError, match="Invalid address"), bulk_ray.ray_session(fake, None):
         pass
     assert len(fake.calls) == 1
+
+
+def fake_ray_with_monitor(head: bool, process) -> object:
+    """Just what `stop_autoscaler_monitor` reads of Ray: the node this process started (head) or
+    joined, listing `process` as its autoscaler monitor."""
+    from types import SimpleNamespace as NS
+
+    node = NS(head=head, all_processes={"monitor": [NS(process=process)]})
+    return NS(_private=NS(worker=NS(_global_node=node), ray_constants=NS(PROCESS_TYPE_MONITOR="monitor")))
+
+
+def test_the_monitor_is_killed_only_on_a_node_started_here():
+    import subprocess
+    import sys
+
+    for head in (False, True):
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        try:
+            assert bulk_ray.stop_autoscaler_monitor(fake_ray_with_monitor(head, p)) is head
+            assert (p.poll() is not None) is head
+        finally:
+            p.kill()
+            p.wait()
+    assert bulk_ray.stop_autoscaler_monitor(FakeRay(found_cluster=False)) is False  # not Ray's layout: nothing
+
+
+@pytest.mark.slow
+@needs_ray
+def test_local_ray_gives_its_workers_the_env_and_stops_its_monitor_first(monkeypatch):
+    """A local Ray's workers start with `worker_env` (a variable the user set wins), which the
+    driver's environment has only while Ray starts; Ray's own shutdown stops the GCS before the
+    autoscaler monitor, whose handler then waits on it: the monitor goes first."""
+    assert not ray.is_initialized()
+    monkeypatch.delenv("PIDEC_TEST_NEW", raising=False)
+    monkeypatch.setenv("PIDEC_TEST_SET", "user's")
+    seen = {}
+    shutdown = ray.shutdown
+
+    def spy():
+        node = ray._private.worker._global_node
+        (info,) = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_MONITOR]
+        seen["monitor exited"] = info.process.poll() is not None
+        shutdown()
+
+    monkeypatch.setattr(ray, "shutdown", spy)
+    env = {"PIDEC_TEST_NEW": "1", "PIDEC_TEST_SET": "ours"}
+    with bulk_ray.ray_session(
+        ray, None, worker_env=env, num_cpus=1, _node_ip_address="127.0.0.1", configure_logging=False
+    ) as workers_have_env:
+        assert workers_have_env
+
+        @ray.remote(num_cpus=0)
+        def worker_env():
+            return [os.environ.get(k) for k in ("PIDEC_TEST_NEW", "PIDEC_TEST_SET", bulk_ray.NICENESS)]
+
+        assert ray.get(worker_env.remote()) == ["1", "user's", "0"]
+        assert "PIDEC_TEST_NEW" not in os.environ and os.environ["PIDEC_TEST_SET"] == "user's"
+        node = ray._private.worker._global_node
+        (info,) = node.all_processes[ray._private.ray_constants.PROCESS_TYPE_MONITOR]
+        assert info.process.poll() is None  # running until the end
+    assert seen["monitor exited"]
+    assert not ray.is_initialized()

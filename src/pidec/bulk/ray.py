@@ -34,6 +34,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from .. import allocator
 from ..errors import InputError
 from .extract import Job, Options, PromptCounter, batches, decode, prepare
 from .fields import Questions
@@ -122,6 +123,7 @@ def extract(
     actor_gpus: float | None = None,
     batch_size: int = 256,
     on_error: str = "continue",
+    env: dict[str, str] | None = None,
     **option_values,
 ):
     """A Ray Dataset of output records (one per input row, see `pidec.bulk.extract`) for a
@@ -133,7 +135,8 @@ def extract(
     id_field, document_field, batch_tokens). batch_size: rows per actor call (small blocks are
     bundled up to it; a larger block goes to one actor whole, cut into calls there, so a corpus
     spreads over the actors by its blocks: read it in blocks of about one call, as `run` does
-    with `DataContext.target_max_block_size` and `block_bytes`)."""
+    with `DataContext.target_max_block_size` and `block_bytes`). env: environment variables each
+    actor starts with (default `actor_env`; {} for none: a Ray whose workers have them already)."""
     ray = _import_ray()
     if questions is None and isinstance(fields, (str, Path)):
         questions = make_questions(fields_file=fields)
@@ -159,9 +162,28 @@ def extract(
         # one call at a time per actor: a call waiting behind another on a busy actor while
         # the other actor idles would be the run's tail (calls are long: whole batches)
         compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        num_cpus=cpus,
-        num_gpus=actor_gpus or None,
+        **actor_options(spec, cpus, actor_gpus, env),
     )
+
+
+def actor_options(spec: ModelSpec, cpus: float, gpus: float | None, env: dict[str, str] | None = None) -> dict:
+    """Ray's options for each actor of `extract`: its CPUs and GPUs, and `env` (default:
+    `actor_env(spec)`) as the environment it starts with, where there is one."""
+    opts = {"num_cpus": cpus, "num_gpus": gpus or None}
+    env = actor_env(spec) if env is None else env
+    if env:
+        opts["runtime_env"] = {"env_vars": env}
+    return opts
+
+
+def actor_env(spec: ModelSpec) -> dict[str, str]:
+    """The environment an actor needs for `spec`: for `--malloc keep` on the CPU, one malloc heap
+    (`allocator.one_heap_environment`), since Ray Data runs an actor's calls on a thread of its
+    thread pool, not the main thread. It must be there when the process starts: a local Ray that
+    `run` starts passes it to every worker (`ray_session`); elsewhere each actor is given it as
+    a runtime_env, which costs a worker process of its own (about 1.5 s more to start two actors
+    on 2 cores than with Ray's pre-started workers)."""
+    return allocator.one_heap_environment() if spec.malloc == "keep" and spec.device == "cpu" else {}
 
 
 def read(shards, readers: int = 1) -> object:
@@ -317,7 +339,8 @@ def run(
     settings = data_settings(shards, records, batch_size)
     out_format = output_format_of(output, output_format)
     output = empty_output_folder(output, overwrite)
-    with ray_session(ray, address), data_context(**settings):
+    env = actor_env(spec) if address is None else {}
+    with ray_session(ray, address, worker_env=env) as workers_have_env, data_context(**settings):
         readers = readers_for(actors)
         ds = read(shards, readers)
         if limit is not None:
@@ -332,6 +355,7 @@ def run(
             actor_gpus=actor_gpus,
             batch_size=batch_size,
             on_error=on_error,
+            env={} if workers_have_env else None,
         )
         write(out, output, out_format, readers, file_rows)
     return _run_summary(output, time.perf_counter() - t0, actors, spec.malloc, json_summary)
@@ -372,21 +396,28 @@ def local_system_config() -> dict:
 
 
 @contextlib.contextmanager
-def ray_session(ray, address: str | None, **init_args):
+def ray_session(ray, address: str | None, worker_env: dict[str, str] | None = None, **init_args):
     """Inside the block Ray runs: the one already started, else one started here (joining
-    `address`, or a local one with its workers at nice 0 and its idle workers kept, see
-    `local_system_config`; without `address` Ray joins a cluster named by RAY_ADDRESS or started
-    on this machine with `ray start`, as it is) and shut down after. init_args go to `ray.init`
-    (tests: num_cpus, the node's address)."""
+    `address`, or a local one, see below) and shut down after, its autoscaler monitor first
+    (`stop_autoscaler_monitor`). Without `address` Ray joins a cluster named by RAY_ADDRESS or
+    started on this machine with `ray start`, as it is. init_args go to `ray.init` (tests:
+    num_cpus, the node's address).
+
+    A local Ray started here runs its workers at nice 0 (Ray's default is 15; here they do all
+    the work) with `worker_env` in their environment (a variable already set is left as it is),
+    and keeps its idle workers (`local_system_config`). The block is given True when the workers
+    have `worker_env` (a local Ray started here), else False."""
     if ray.is_initialized():
-        yield
+        yield False
         return
     init_args.update(address=address, include_dashboard=False, log_to_driver=False)
-    if address is None:  # Ray runs its workers at nice 15; here they do all the work, so run them at 0
-        os.environ.setdefault(NICENESS, "0")
+    started_here = False
+    if address is None:
         config = local_system_config()
         try:
-            ray.init(**init_args, **({"_system_config": config} if config else {}))
+            with environment({NICENESS: "0", **(worker_env or {})}):  # the raylet passes it to every worker
+                ray.init(**init_args, **({"_system_config": config} if config else {}))
+            started_here = not _joined(ray)
         except ValueError as e:
             # no address, but Ray found one (RAY_ADDRESS, or a `ray start` on this machine) and
             # joins that cluster, whose settings are its own
@@ -396,9 +427,57 @@ def ray_session(ray, address: str | None, **init_args):
     else:
         ray.init(**init_args)
     try:
+        yield started_here
+    finally:
+        stop_autoscaler_monitor(ray)
+        ray.shutdown()
+
+
+def _joined(ray) -> bool:
+    """Whether the running Ray was joined rather than started by this process (Ray's private
+    `_global_node.head`; False where that cannot be read)."""
+    try:
+        return not ray._private.worker._global_node.head
+    except Exception:
+        return False
+
+
+@contextlib.contextmanager
+def environment(variables: dict[str, str]):
+    """`variables` in os.environ inside the block, where not already set; put back after."""
+    added = [name for name in variables if name not in os.environ]
+    for name in added:
+        os.environ[name] = variables[name]
+    try:
         yield
     finally:
-        ray.shutdown()
+        for name in added:
+            os.environ.pop(name, None)
+
+
+def stop_autoscaler_monitor(ray) -> bool:
+    """Kill the autoscaler monitor of a Ray this process started (True if one was killed), just
+    before `ray.shutdown`. Ray's shutdown stops the raylet and GCS first and the monitor after
+    them, whose SIGTERM handler then reports its end to the GCS that is gone: Ray gives it 1 s,
+    then kills it (1.36 s for the whole shutdown against 0.35 s with the monitor gone first; on a
+    node started here there is nothing for it to autoscale). It reaches into Ray's private
+    `_global_node`, and does nothing where that is not as expected or where Ray was joined
+    (a node this process did not start lists no processes of its own)."""
+    try:
+        node = ray._private.worker._global_node
+        kind = ray._private.ray_constants.PROCESS_TYPE_MONITOR
+        infos = list(node.all_processes.get(kind, ())) if node is not None and node.head else []
+    except Exception:  # another Ray version, or not Ray at all
+        return False
+    killed = False
+    for info in infos:
+        process = getattr(info, "process", None)
+        if process is not None and process.poll() is None:
+            process.kill()  # SIGKILL: no handler runs; it keeps nothing that needs saving
+            with contextlib.suppress(Exception):
+                process.wait(timeout=1)
+            killed = True
+    return killed
 
 
 def write(out, output: Path, out_format: str, readers: int = 1, file_rows: int | None = None) -> None:
