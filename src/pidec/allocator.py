@@ -53,9 +53,12 @@ not) and 64 MiB blocks are mapped afresh every time whatever the thresholds. A p
 decodes off its main thread is therefore started with `one_heap_environment()`
 (`MALLOC_ARENA_MAX=1`: every thread allocates from the main heap, where the thresholds hold; a
 Ray actor of `pidec run --engine ray`). Measured on a 2-core AMD EPYC (AVX2, float32, T5 base,
-batches of 8 documents): the first batch made 343,630 page faults on a thread of its own,
-162,011 on a thread with `MALLOC_ARENA_MAX=1`, 164,517 on the main thread (1.5 s of kernel
-time against 0.5 s and 0.7 s). A value the user set (`MALLOC_MMAP_THRESHOLD_`,
+512-token documents with 30 fields): in batches of 8 documents the first batch made 343,630
+page faults on a thread of its own, 162,011 on a thread with `MALLOC_ARENA_MAX=1` and 164,517
+on the main thread, the later ones next to none in all three; in batches of 16 (`--batch-tokens
+8192`, the default), where a feed-forward activation is 96 MiB, every batch on a thread of its
+own made about a million faults (1,010,800 in the second, 3.6 s of kernel time, 43.3 s for the
+batch) against 10,068 with `MALLOC_ARENA_MAX=1` (0.13 s; 40.2 s). A value the user set (`MALLOC_MMAP_THRESHOLD_`,
 `MALLOC_TRIM_THRESHOLD_`, `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES` in the environment) is left as
 it is.
 
