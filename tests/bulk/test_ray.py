@@ -167,5 +167,6 @@ def test_actors_start_with_one_malloc_heap_unless_their_workers_have_it(monkeypa
     assert bulk_ray.actor_options(spec, 1, None, env={}) == {"num_cpus": 1, "num_gpus": None}
     assert bulk_ray.actor_env(ModelSpec("ckpt", malloc="default")) == {}
     assert bulk_ray.actor_env(ModelSpec("ckpt", device="cuda")) == {}
+    assert bulk_ray.actor_env(spec, gpus=1) == {}  # `run` with --actor-gpus: its local Ray's workers
     monkeypatch.setenv("MALLOC_ARENA_MAX", "8")  # the user's
     assert bulk_ray.actor_options(spec, 0, 1) == {"num_cpus": 0, "num_gpus": 1}

@@ -176,14 +176,15 @@ def actor_options(spec: ModelSpec, cpus: float, gpus: float | None, env: dict[st
     return opts
 
 
-def actor_env(spec: ModelSpec) -> dict[str, str]:
-    """The environment an actor needs for `spec`: for `--malloc keep` on the CPU, one malloc heap
-    (`allocator.one_heap_environment`), since Ray Data runs an actor's calls on a thread of its
-    thread pool, not the main thread. It must be there when the process starts: a local Ray that
-    `run` starts passes it to every worker (`ray_session`); elsewhere each actor is given it as
-    a runtime_env, which costs a worker process of its own (about 1.5 s more to start two actors
-    on 2 cores than with Ray's pre-started workers)."""
-    return allocator.one_heap_environment() if spec.malloc == "keep" and spec.device == "cpu" else {}
+def actor_env(spec: ModelSpec, gpus: float | None = None) -> dict[str, str]:
+    """The environment an actor needs for `spec` (with `gpus` GPUs each): for `--malloc keep` on
+    the CPU, one malloc heap (`allocator.one_heap_environment`), since Ray Data runs an actor's
+    calls on a thread of its thread pool, not the main thread. It must be there when the process
+    starts: a local Ray that `run` starts passes it to every worker (`ray_session`); elsewhere
+    each actor is given it as a runtime_env, which costs a worker process of its own (about 1.5 s
+    more to start two actors on 2 cores than with Ray's pre-started workers)."""
+    on_cpu = spec.device == "cpu" and not gpus
+    return allocator.one_heap_environment() if spec.malloc == "keep" and on_cpu else {}
 
 
 def read(shards, readers: int = 1) -> object:
@@ -339,7 +340,7 @@ def run(
     settings = data_settings(shards, records, batch_size)
     out_format = output_format_of(output, output_format)
     output = empty_output_folder(output, overwrite)
-    env = actor_env(spec) if address is None else {}
+    env = actor_env(spec, actor_gpus) if address is None else {}
     with ray_session(ray, address, worker_env=env) as workers_have_env, data_context(**settings):
         readers = readers_for(actors)
         ds = read(shards, readers)
