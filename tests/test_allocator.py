@@ -64,7 +64,7 @@ def test_freed_blocks_are_reused_instead_of_faulted_in_again():
 
 @pytest.mark.skipif(not GLIBC, reason="malloc arenas are glibc's")
 def test_a_thread_keeps_freed_blocks_with_one_heap(monkeypatch):
-    for name in (*allocator.USER_MALLOC_VARIABLES, "MALLOC_ARENA_MAX"):
+    for name in (*allocator.USER_MALLOC_VARIABLES, allocator.ARENA_MAX_VARIABLE):
         monkeypatch.delenv(name, raising=False)
     one_heap = allocator.one_heap_environment()
     assert one_heap == {"MALLOC_ARENA_MAX": "1"}
@@ -75,11 +75,11 @@ def test_a_thread_keeps_freed_blocks_with_one_heap(monkeypatch):
 
 
 def test_one_heap_leaves_the_users_malloc_settings(monkeypatch):
-    for name in (*allocator.USER_MALLOC_VARIABLES, "MALLOC_ARENA_MAX"):
+    for name in (*allocator.USER_MALLOC_VARIABLES, allocator.ARENA_MAX_VARIABLE):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(allocator, "_libc", lambda: object())
     assert allocator.one_heap_environment() == {"MALLOC_ARENA_MAX": "1"}
-    for name in (*allocator.USER_MALLOC_VARIABLES, "MALLOC_ARENA_MAX"):
+    for name in (*allocator.USER_MALLOC_VARIABLES, allocator.ARENA_MAX_VARIABLE):
         monkeypatch.setenv(name, "4")
         assert allocator.one_heap_environment() == {}, name
         monkeypatch.delenv(name)

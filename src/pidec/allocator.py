@@ -121,6 +121,7 @@ BATCH_MMAP_THRESHOLD = 256 << 20
 BATCH_TRIM_THRESHOLD = 1 << 30
 GLIBC_MAX_MMAP_THRESHOLD = 32 << 20  # what older glibc accepts
 USER_MALLOC_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
+ARENA_MAX_VARIABLE = "MALLOC_ARENA_MAX"  # set by `one_heap_environment`; not one that stops `keep_freed_blocks`
 
 
 def keep_freed_blocks(
@@ -151,9 +152,9 @@ def one_heap_environment() -> dict[str, str]:
     `keep_freed_blocks` holds (a thread's own heap is at most 64 MiB, and larger blocks are
     mapped afresh for every tensor). Empty where the user set any malloc variable (this one
     included) or the C library is not glibc."""
-    if any(os.environ.get(name) for name in (*USER_MALLOC_VARIABLES, "MALLOC_ARENA_MAX")) or _libc() is None:
+    if any(os.environ.get(name) for name in (*USER_MALLOC_VARIABLES, ARENA_MAX_VARIABLE)) or _libc() is None:
         return {}
-    return {"MALLOC_ARENA_MAX": "1"}
+    return {ARENA_MAX_VARIABLE: "1"}
 
 
 def _keep_freed_blocks(mmap_threshold: int, trim_threshold: int) -> tuple[bool, str]:

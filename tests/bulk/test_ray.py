@@ -158,7 +158,7 @@ def test_run_reads_and_writes_with_one_task_per_eight_actors():
 
 
 def test_actors_start_with_one_malloc_heap_unless_their_workers_have_it(monkeypatch):
-    for name in ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+    for name in (*bulk_ray.allocator.USER_MALLOC_VARIABLES, bulk_ray.allocator.ARENA_MAX_VARIABLE):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(bulk_ray.allocator, "_libc", lambda: object())
     spec = ModelSpec("ckpt")

@@ -170,7 +170,7 @@ def actor_options(spec: ModelSpec, cpus: float, gpus: float | None, env: dict[st
     """Ray's options for each actor of `extract`: its CPUs and GPUs, and `env` (default:
     `actor_env(spec)`) as the environment it starts with, where there is one."""
     opts = {"num_cpus": cpus, "num_gpus": gpus or None}
-    env = actor_env(spec) if env is None else env
+    env = actor_env(spec, gpus) if env is None else env
     if env:
         opts["runtime_env"] = {"env_vars": env}
     return opts
