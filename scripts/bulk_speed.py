@@ -10,7 +10,8 @@ loop reads the same records from one file): Ray Data spreads a corpus over its a
 blocks, and one file is one block. Every slot has the same budget (`--max-new-tokens`), so that the
 transformers baseline, which takes one budget per call, does the same work.
 
-Configurations, each a fresh process, measured round-robin (`--rounds` times, best kept):
+Configurations, each a fresh process, measured round-robin (`--rounds` times, best kept);
+`--quantize int8` loads pidec's model with int8 linear layers in the loop and the runs alike:
 
 - loop:       `Model.generate` one document at a time (model load included, as in the others)
 - hf-pie:     transformers `generate`, prompt in encoder, the 30 rows of one document batched
@@ -46,8 +47,8 @@ LOOP = """
 import json, sys, time
 import pidec
 t0 = time.perf_counter()
-m = pidec.load(sys.argv[1])
-if sys.argv[5:] == ["keep"]:
+m = pidec.load(sys.argv[1], quantize=None if sys.argv[6] == "-" else sys.argv[6])
+if sys.argv[5] == "keep":
     from pidec import allocator
     allocator.keep_freed_blocks()
 fields = json.load(open(sys.argv[3]))
@@ -163,6 +164,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=4)
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--configs", default="run-w1,loop,run-w2,ray-a2,hf-pie")
+    p.add_argument("--quantize", choices=["int8"], default=None, help="for pidec's configurations (run, loop)")
     p.add_argument("--memory-docs", default="64,4096", help="corpus sizes for the peak-memory check ('' to skip)")
     p.add_argument("--memory-doc-tokens", type=int, default=None, help="document length there (default: dst's)")
     p.add_argument("--memory-subtasks", type=int, default=None, help="fields there (default: dst's)")
@@ -174,11 +176,15 @@ def main() -> None:
     sharded = corpus.parent / f"{corpus.stem}-shards"
     common = ["--model", str(ckpt), "--input", str(sharded), "--fields", str(fields), "--truncate", "right"]
     common += ["--max-new-tokens", str(a.max_new_tokens), "--batch-tokens", str(a.batch_tokens)]
+    if a.quantize:
+        if "hf-pie" in a.configs.split(","):
+            p.error("--quantize applies to pidec's configurations only: leave hf-pie out")
+        common += ["--quantize", a.quantize]
     cores = len(os.sched_getaffinity(0))
     ray_args = common + ["--engine", "ray", "--actors", "2", "--actor-cpus", str(max(1, cores // 2))]
     configs = {
-        "loop": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens),
-        "loop-keep": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens, "keep"),
+        "loop": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens, "-", a.quantize or "-"),
+        "loop-keep": lambda: script_run(LOOP, ckpt, corpus, fields, a.max_new_tokens, "keep", a.quantize or "-"),
         "hf-pie": lambda: script_run(HF, ckpt, corpus, fields, a.max_new_tokens, a.hf_docs),
         "run-w1": lambda: timed_run(common + ["--workers", "1"], out / "o-w1"),
         "run-w1-glibc": lambda: timed_run(common + ["--workers", "1", "--malloc", "default"], out / "o-w1"),
@@ -200,7 +206,7 @@ def main() -> None:
             )
             if name not in best or res["docs_per_s"] > best[name]["docs_per_s"]:
                 best[name] = res
-    result = {"size": a.size, "docs": a.docs, "cores": cores, "configs": best}
+    result = {"size": a.size, "docs": a.docs, "cores": cores, "quantize": a.quantize, "configs": best}
     if "run-w1" in best:
         w1 = best["run-w1"]["docs_per_s"]
         ratios = {}
