@@ -33,7 +33,8 @@ def main() -> None:
     import pidec
     from pidec import allocator
 
-    prompts = [f["prompt"] for f in json.load(open(a.fields))]
+    with open(a.fields) as f:
+        prompts = [field["prompt"] for field in json.load(f)]
     docs = []
     with open(a.corpus) as f:
         for line in f:
