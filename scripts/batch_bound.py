@@ -1,10 +1,12 @@
 """How much batching documents can gain at most, in one process: a loop of `Model.generate` (one
-document at a time) against one `Model.generate_batch` over the same documents, each with
-`--max-new-tokens` and with 1 (the encoder, the cross K/V projection and the prompts' prefill
-only, no decoding step), round-robin.
+document at a time) against one `Model.generate_batch` over the same documents, each with the
+answers' budgets and with 1 new token (the encoder, the cross K/V projection and the prompts'
+prefill only, no decoding step), round-robin. The budgets are the fields file's
+`max_new_tokens` (dst's answer lengths in the file `bulk_speed.py --budgets dst` writes), or
+`--max-new-tokens` for a field without one.
 
     PYTHONPATH=src python scripts/batch_bound.py --model bs64/model-base \
-        --corpus bs64/corpus-64-512.jsonl --fields bs64/fields-30.json [--docs 8] [--quantize int8]
+        --corpus bs64/corpus-64-512.jsonl --fields bs64/fields-30-dst.json [--docs 8] [--quantize int8]
 
 The files are those `scripts/bulk_speed.py` builds. Both sides keep freed blocks
 (`pidec.allocator.keep_freed_blocks`, as `pidec run` does). The bound: a batch whose decoding
@@ -34,7 +36,10 @@ def main() -> None:
     from pidec import allocator
 
     with open(a.fields) as f:
-        prompts = [field["prompt"] for field in json.load(f)]
+        fields = json.load(f)
+    prompts = [field["prompt"] for field in fields]
+    budgets = [field.get("max_new_tokens") or a.max_new_tokens for field in fields]
+    full = "budgets" if any("max_new_tokens" in field for field in fields) else f"{a.max_new_tokens} new"
     docs = []
     with open(a.corpus) as f:
         for line in f:
@@ -45,17 +50,17 @@ def main() -> None:
     allocator.keep_freed_blocks()
     batch = [(d, prompts) for d in docs]
 
-    def loop(n: int) -> None:
+    def loop(n) -> None:
         for d in docs:
             model.generate(d, prompts, max_new_tokens=n, truncate="right")
 
-    def batched(n: int) -> None:
-        model.generate_batch(batch, max_new_tokens=n, truncate="right")
+    def batched(n) -> None:
+        model.generate_batch(batch, max_new_tokens=n if isinstance(n, int) else [n] * len(batch), truncate="right")
 
-    batched(a.max_new_tokens)  # warm-up
+    batched(budgets)  # warm-up
     runs = {
-        f"loop, {a.max_new_tokens} new": lambda: loop(a.max_new_tokens),
-        f"batch, {a.max_new_tokens} new": lambda: batched(a.max_new_tokens),
+        f"loop, {full}": lambda: loop(budgets),
+        f"batch, {full}": lambda: batched(budgets),
         "loop, 1 new": lambda: loop(1),
         "batch, 1 new": lambda: batched(1),
     }
@@ -66,10 +71,11 @@ def main() -> None:
             fn()
             times[name].append(round(time.perf_counter() - t, 2))
     best = {k: min(v) for k, v in times.items()}
-    loop_full, batch_full = best[f"loop, {a.max_new_tokens} new"], best[f"batch, {a.max_new_tokens} new"]
+    loop_full, batch_full = best[f"loop, {full}"], best[f"batch, {full}"]
     result = {
         "docs": len(docs),
         "quantize": a.quantize,
+        "budgets": budgets,
         "seconds": times,
         "batch / loop (best against best)": round(loop_full / batch_full, 3),
         "bound: loop / batch without steps": round(loop_full / best["batch, 1 new"], 3),

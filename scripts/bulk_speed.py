@@ -7,8 +7,14 @@ documents, 30 slots) drawn with `draw_documents` and written as text through the
 (../shared/tokenizers/t5); the model is T5 base with random weights (`build_random_model`),
 saved as a checkpoint folder. `pidec run` reads the corpus as a folder of 8 JSONL shards (the
 loop reads the same records from one file): Ray Data spreads a corpus over its actors by input
-blocks, and one file is one block. Every slot has the same budget (`--max-new-tokens`), so that the
-transformers baseline, which takes one budget per call, does the same work.
+blocks, and one file is one block.
+
+Answer lengths (`--budgets`): random weights do not stop early, so every answer runs to its field's
+budget. `dst` (the default) gives the fields file dst's answer lengths as `max_new_tokens`, drawn as
+the bench draws them (24 of the 30 slots 2 tokens, "none" and EOS; the other 6 3-10 tokens: here 5,
+6, 6, 6, 8 and 9); `uniform` gives every slot `--max-new-tokens`. Every configuration makes the same
+tokens: the loop passes the fields' budgets to `Model.generate`, the transformers baseline makes
+one `generate` call per distinct budget (it takes one budget per call).
 
 Configurations, each a fresh process, measured round-robin (`--rounds` times, best kept);
 `--quantize int8` loads pidec's model with int8 linear layers in the loop and the runs alike:
@@ -53,11 +59,12 @@ if sys.argv[5] == "keep":
     allocator.keep_freed_blocks()
 fields = json.load(open(sys.argv[3]))
 prompts = [f["prompt"] for f in fields]
+budgets = [f.get("max_new_tokens") or int(sys.argv[4]) for f in fields]
 n = 0
 with open(sys.argv[2]) as f:
     for line in f:
         r = json.loads(line)
-        m.generate(r["document"], prompts, max_new_tokens=int(sys.argv[4]), truncate="right")
+        m.generate(r["document"], prompts, max_new_tokens=budgets, truncate="right")
         n += 1
 print(json.dumps({"docs": n, "wall_s": time.perf_counter() - t0}))
 """
@@ -70,15 +77,19 @@ t0 = time.perf_counter()
 tok = checkpoint.load_tokenizer(sys.argv[1])
 hf = transformers.T5ForConditionalGeneration.from_pretrained(sys.argv[1]).eval()
 fields = json.load(open(sys.argv[3]))
+groups = {}  # one generate call per budget, so that every row makes as many tokens as in pidec's runs
+for fl in fields:
+    groups.setdefault(fl.get("max_new_tokens") or int(sys.argv[4]), []).append(fl["prompt"])
 limit, n = int(sys.argv[5]), 0
 with open(sys.argv[2]) as f, torch.inference_mode():
     for line in f:
         if n >= limit:
             break
         r = json.loads(line)
-        enc = tok([fl["prompt"] + " " + r["document"] for fl in fields], return_tensors="pt", padding=True,
-                  truncation=True, max_length=512)
-        hf.generate(**enc, max_new_tokens=int(sys.argv[4]), num_beams=1, do_sample=False)
+        for budget, prompts in groups.items():
+            enc = tok([p + " " + r["document"] for p in prompts], return_tensors="pt", padding=True,
+                      truncation=True, max_length=512)
+            hf.generate(**enc, max_new_tokens=budget, num_beams=1, do_sample=False)
         n += 1
 print(json.dumps({"docs": n, "wall_s": time.perf_counter() - t0}))
 """
@@ -97,10 +108,17 @@ def env() -> dict:
 
 
 def build(
-    out: Path, size: str, docs: int, seed: int = 0, doc_tokens: int | None = None, subtasks: int | None = None
+    out: Path,
+    size: str,
+    docs: int,
+    seed: int = 0,
+    doc_tokens: int | None = None,
+    subtasks: int | None = None,
+    budgets: str = "uniform",
 ) -> tuple[Path, Path, Path]:
     """A random checkpoint of `size`, a dst-shaped corpus of `docs` records and its fields file
-    (doc_tokens, subtasks: another document length or number of fields than dst's)."""
+    (doc_tokens, subtasks: another document length or number of fields than dst's; budgets: "dst"
+    gives each field the answer length the first document's draw has, "uniform" none)."""
     from pidec import checkpoint
     from pidec.bench.harness import WORKLOADS, build_random_model, draw_documents
 
@@ -122,10 +140,12 @@ def build(
     per = -(-len(lines) // SHARDS)
     for k in range(0, len(lines), per):
         (shards / f"part-{k // per:05d}.jsonl").write_text("".join(lines[k : k + per]))
-    fields = out / f"fields-{len(draws[0].prompts)}.json"
-    fields.write_text(
-        json.dumps([{"name": f"slot_{j}", "prompt": tok.decode(p)} for j, p in enumerate(draws[0].prompts)])
-    )
+    fields = out / f"fields-{len(draws[0].prompts)}{'-dst' if budgets == 'dst' else ''}.json"
+    items = [{"name": f"slot_{j}", "prompt": tok.decode(p)} for j, p in enumerate(draws[0].prompts)]
+    if budgets == "dst":
+        for item, n in zip(items, draws[0].out_lens):
+            item["max_new_tokens"] = n
+    fields.write_text(json.dumps(items))
     return ckpt, corpus, fields
 
 
@@ -161,7 +181,8 @@ def main() -> None:
     p.add_argument("--hf-docs", type=int, default=4, help="documents for the transformers baseline (it is slow)")
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--size", default="base")
-    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--budgets", choices=["dst", "uniform"], default="dst", help="answer lengths (see above)")
+    p.add_argument("--max-new-tokens", type=int, default=4, help="every slot's budget with --budgets uniform")
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--configs", default="run-w1,loop,run-w2,ray-a2,hf-pie")
     p.add_argument("--quantize", choices=["int8"], default=None, help="for pidec's configurations (run, loop)")
@@ -172,7 +193,7 @@ def main() -> None:
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    ckpt, corpus, fields = build(out, a.size, a.docs)
+    ckpt, corpus, fields = build(out, a.size, a.docs, budgets=a.budgets)
     sharded = corpus.parent / f"{corpus.stem}-shards"
     common = ["--model", str(ckpt), "--input", str(sharded), "--fields", str(fields), "--truncate", "right"]
     common += ["--max-new-tokens", str(a.max_new_tokens), "--batch-tokens", str(a.batch_tokens)]
@@ -206,7 +227,8 @@ def main() -> None:
             )
             if name not in best or res["docs_per_s"] > best[name]["docs_per_s"]:
                 best[name] = res
-    result = {"size": a.size, "docs": a.docs, "cores": cores, "quantize": a.quantize, "configs": best}
+    result = {"size": a.size, "docs": a.docs, "cores": cores, "quantize": a.quantize, "budgets": a.budgets}
+    result["configs"] = best
     if "run-w1" in best:
         w1 = best["run-w1"]["docs_per_s"]
         ratios = {}
@@ -221,7 +243,7 @@ def main() -> None:
             ratios["ray-a2 / run-w2"] = best["ray-a2"]["docs_per_s"] / best["run-w2"]["docs_per_s"]
         result["ratios"] = ratios
     if a.memory_docs:
-        shape = dict(doc_tokens=a.memory_doc_tokens, subtasks=a.memory_subtasks)
+        shape = dict(doc_tokens=a.memory_doc_tokens, subtasks=a.memory_subtasks, budgets=a.budgets)
         tiny, _, tiny_fields = build(out, "tiny", 1, **shape)
         result["peak_rss_mib"] = {}
         for n in map(int, a.memory_docs.split(",")):
