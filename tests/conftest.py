@@ -45,6 +45,19 @@ except Exception:  # pragma: no cover
 
 # A model small enough to count its FLOPs and bytes on paper (tests/bench: roofline, configs, roofline_floor):
 # 1 encoder and 1 decoder layer, d_model 4, 2 heads of d_kv 2 (inner 4), gated d_ff 8, vocabulary 10
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    """scripts/NAME.py imported as a module (the scripts are not a package), for tests of them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 HAND_COUNTED = T5Config(
     vocab_size=10,
     d_model=4,

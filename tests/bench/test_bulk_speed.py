@@ -4,7 +4,6 @@ those budgets ask for."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from ..conftest import load_script
 from ..shared_data import SHARED, T5_TOKENIZER, require
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,18 +23,11 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=path, PIDEC_SHARED=str(SHARED))
 
 
-def _bulk_speed():
-    spec = importlib.util.spec_from_file_location("bulk_speed", ROOT / "scripts" / "bulk_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_fields_carry_dst_answer_lengths(tmp_path):
     require(T5_TOKENIZER)
     from pidec.bench.workloads import WORKLOADS, draw_documents
 
-    build = _bulk_speed().build
+    build = load_script("bulk_speed").build
     _, corpus, fields = build(tmp_path, "tiny", 3, budgets="dst")
     items = json.loads(fields.read_text())
     lengths = draw_documents(WORKLOADS["dst"], 1, 0)[0].out_lens
