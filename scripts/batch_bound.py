@@ -10,8 +10,8 @@ prefill only, no decoding step), round-robin. The budgets are the fields file's
 
 The files are those `scripts/bulk_speed.py` builds. Both sides keep freed blocks
 (`pidec.allocator.keep_freed_blocks`, as `pidec run` does). The bound: a batch whose decoding
-steps cost nothing would take the batch's time at 1 new token; the loop's time at
-`--max-new-tokens` over that is the most any batching of these documents could gain.
+steps cost nothing would take the batch's time at 1 new token; the loop's time with the
+budgets over that is the most any batching of these documents could gain.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def main() -> None:
     p.add_argument("--corpus", required=True, help="JSONL with a document field")
     p.add_argument("--fields", required=True, help="the fields file (JSON list with prompts)")
     p.add_argument("--docs", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=4)
+    p.add_argument("--max-new-tokens", type=int, default=4, help="the budget of a field without one")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--quantize", choices=["int8"], default=None)
     a = p.parse_args()

@@ -43,8 +43,6 @@ try:  # transformers >= 5 draws progress bars while saving/loading weights
 except Exception:  # pragma: no cover
     pass
 
-# A model small enough to count its FLOPs and bytes on paper (tests/bench: roofline, configs, roofline_floor):
-# 1 encoder and 1 decoder layer, d_model 4, 2 heads of d_kv 2 (inner 4), gated d_ff 8, vocabulary 10
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -58,6 +56,8 @@ def load_script(name: str):
     return module
 
 
+# A model small enough to count its FLOPs and bytes on paper (tests/bench: roofline, configs, roofline_floor):
+# 1 encoder and 1 decoder layer, d_model 4, 2 heads of d_kv 2 (inner 4), gated d_ff 8, vocabulary 10
 HAND_COUNTED = T5Config(
     vocab_size=10,
     d_model=4,

@@ -8,18 +8,15 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from ..conftest import load_script
+from ..conftest import REPO, load_script
 from ..shared_data import SHARED, T5_TOKENIZER, require
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env() -> dict:
-    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    path = os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])
     return dict(os.environ, PYTHONPATH=path, PIDEC_SHARED=str(SHARED))
 
 
@@ -42,7 +39,7 @@ def test_fields_carry_dst_answer_lengths(tmp_path):
 def test_bulk_speed_and_batch_bound_on_tiny(tmp_path):
     require(T5_TOKENIZER)
     out = tmp_path / "bs"
-    cmd = [sys.executable, str(ROOT / "scripts" / "bulk_speed.py"), "--size", "tiny", "--docs", "2"]
+    cmd = [sys.executable, str(REPO / "scripts" / "bulk_speed.py"), "--size", "tiny", "--docs", "2"]
     cmd += ["--configs", "run-w1,loop", "--memory-docs", "", "--out", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -55,7 +52,7 @@ def test_bulk_speed_and_batch_bound_on_tiny(tmp_path):
     assert summary["records"] == 2 and summary["errors"] == 0
     assert summary["output_tokens"] == 2 * sum(budgets)
 
-    cmd = [sys.executable, str(ROOT / "scripts" / "batch_bound.py"), "--model", str(out / "model-tiny")]
+    cmd = [sys.executable, str(REPO / "scripts" / "batch_bound.py"), "--model", str(out / "model-tiny")]
     cmd += ["--corpus", str(out / "corpus-2-512.jsonl"), "--fields", str(out / "fields-30-dst.json")]
     cmd += ["--docs", "2", "--rounds", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(), cwd=tmp_path)
